@@ -1,0 +1,174 @@
+"""Triton backend: generated module lifecycle (try load -> lock -> write -> load) and AOT compile.
+
+Step 5 of the pipeline. A rendered module is written once into the cache directory under a name
+that spells out its specialization plus a content key; concurrent writers take a file lock and
+publish with an atomic rename, so a reader never sees a half-written file. The same source is
+imported twice when needed: natively (CUDA tensors) and under the Triton interpreter (CPU tensors),
+because `@triton.jit` decides between the two when the module is imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import sys
+import threading
+import types
+from pathlib import Path
+
+from ..codegen import GeneratedSource
+from ..errors import BackendError
+
+_IMPORT_LOCK = threading.Lock()
+_LOADED: dict[tuple[str, bool], types.ModuleType] = {}
+
+
+def cache_dir() -> Path:
+    """$DSAGEN_CACHE_DIR, else $XDG_CACHE_HOME/dsagen, else ~/.cache/dsagen."""
+    if os.environ.get("DSAGEN_CACHE_DIR"):
+        return Path(os.environ["DSAGEN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dsagen"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _is_current(path: Path, source: str) -> bool:
+    try:
+        return path.read_text() == source
+    except OSError:
+        return False
+
+
+def materialize(gen: GeneratedSource, directory: Path | None = None) -> Path:
+    """The module's file in the cache, written if missing or different; safe across processes."""
+    directory = directory or cache_dir() / gen.backend
+    path = directory / f"{gen.module_name}.py"
+    if _is_current(path, gen.source):  # cache hit: no lock needed
+        return path
+    with file_lock(directory / f".{gen.module_name}.lock"):
+        if not _is_current(path, gen.source):
+            atomic_write_text(path, gen.source)
+    return path
+
+
+@contextlib.contextmanager
+def _interpret_env(interpret: bool):
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _preimport_lazy_triton_modules() -> None:
+    """Triton imports gluon lazily at the first launch and asserts there that its helpers match the
+    interpret mode triton.language was imported in; import it now, under the environment as it is."""
+    import triton.experimental.gluon  # noqa: F401
+
+
+def load(path: Path, interpret: bool) -> types.ModuleType:
+    """Import a generated module file, natively or for the interpreter (cached per process)."""
+    key = (str(path), interpret)
+    _preimport_lazy_triton_modules()
+    with _IMPORT_LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        name = f"dsagen_generated.{path.stem}{'__interp' if interpret else ''}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise BackendError(f"cannot import generated module {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            with _interpret_env(interpret):
+                spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise BackendError(f"generated module {path} failed to import: {exc}") from exc
+        _LOADED[key] = module
+        return module
+
+
+_INTERPRETED_HELPERS: dict = {}
+
+
+@contextlib.contextmanager
+def _jit_helpers_interpreted():
+    """Let an interpreted kernel call triton.language's own @jit helpers (tl.sum, tl.cdiv, ...).
+
+    They were decorated natively when triton was imported without TRITON_INTERPRET, and a native
+    JITFunction refuses to be called from Python; for the launch, route such calls through an
+    InterpretedFunction of the same source. Without this, CPU tensors could not run on a process
+    that also runs CUDA kernels.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.__call__
+
+    def call_interpreted(self, *args, **kwargs):
+        helper = _INTERPRETED_HELPERS.get(self.fn)
+        if helper is None:
+            helper = _INTERPRETED_HELPERS[self.fn] = InterpretedFunction(self.fn)
+        return helper(*args, **kwargs)
+
+    with _IMPORT_LOCK:
+        JITFunction.__call__ = call_interpreted
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original
+
+
+def launcher(path: Path, name: str, interpret: bool):
+    """The generated module's launcher `name`, ready to call with CPU (interpret) or CUDA tensors."""
+    fn = getattr(load(path, interpret), name)
+    if not interpret:
+        return fn
+
+    def run_interpreted(*args, **kwargs):
+        with _jit_helpers_interpreted():
+            return fn(*args, **kwargs)
+
+    return run_interpreted
+
+
+def compile_for(module: types.ModuleType, arch: int = 90):
+    """Compile the module's kernel for sm_<arch> without a GPU; returns Triton's CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, signature, constexprs, options = module.compile_signature()
+    target = GPUTarget("cuda", arch, 32)
+    return triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)

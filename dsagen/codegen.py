@@ -1,0 +1,57 @@
+"""Rendering: a template context -> Python source of one kernel module, named by a content hash.
+
+Step 4 of the pipeline. Jinja runs with StrictUndefined, so a context missing a number is an error
+at render time, not a silently broken kernel. The key hashes everything the source depends on:
+the context (spec's semantic fields and the schedule), the template text and the dsagen version.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+
+from .__version__ import __version__
+from .resources import data_dir
+
+
+@dataclass(frozen=True)
+class GeneratedSource:
+    backend: str
+    kernel: str
+    module_name: str  # spells out every specialization, then the key
+    key: str
+    source: str
+
+
+@functools.lru_cache(maxsize=None)
+def _environment(backend: str) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(data_dir("templates") / backend)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _template_text(backend: str, names: tuple[str, ...]) -> str:
+    env = _environment(backend)
+    return "".join(env.loader.get_source(env, n)[0] for n in names)  # type: ignore[union-attr]
+
+
+def render(backend: str, context: dict[str, Any]) -> GeneratedSource:
+    kernel = context["kernel"]
+    template_name = f"{kernel}.py.j2"
+    env = _environment(backend)
+    template_text = _template_text(backend, (template_name, "_header.j2"))
+    digest = hashlib.sha256()
+    digest.update(json.dumps(context, sort_keys=True).encode())
+    digest.update(template_text.encode())
+    digest.update(__version__.encode())
+    key = digest.hexdigest()[:16]
+    source = env.get_template(template_name).render(
+        **context, key=key, template=template_name, dsagen_version=__version__)
+    return GeneratedSource(backend, kernel, f"{context['module_stem']}_{key}", key, source)

@@ -1,0 +1,162 @@
+"""Search spaces (schedules/<backend>/<kernel>.toml) and choosing one schedule for a build.
+
+A space lists each knob's allowed values and default, a footprint (shared memory, registers) and
+legality constraints, all as sympy expressions over knobs and problem symbols (dsagen.plan).
+Illegal points are removed before anything is compiled.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import sympy as sp
+
+from .errors import ScheduleError
+from .gpus import GPU
+from .plan import problem_symbols
+from .resources import data_dir
+from .spec import Spec
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[no-redef]
+
+BACKENDS = ("triton",)
+
+# names sympify may see in a schedule file; nothing else is evaluated
+_SYMPY_NAMES = {"Max": sp.Max, "Min": sp.Min, "Mod": sp.Mod, "Eq": sp.Eq, "ceiling": sp.ceiling,
+                "floor": sp.floor, "log": sp.log}
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    values: tuple[int, ...]
+    default: int
+    help: str
+
+
+@dataclass(frozen=True)
+class Space:
+    backend: str
+    kernel: str
+    knobs: dict[str, Knob]
+    footprint: dict[str, sp.Expr]
+    constraints: dict[str, sp.Expr]
+
+    def _env(self, point: Mapping[str, int], problem: Mapping[str, int]) -> dict[sp.Symbol, int]:
+        env = {sp.Symbol(k): v for k, v in {**problem, **point}.items()}
+        for name, expr in self.footprint.items():
+            env[sp.Symbol(name)] = expr.subs(env)
+        return env
+
+    def footprint_of(self, point: Mapping[str, int], problem: Mapping[str, int]) -> dict[str, float]:
+        env = self._env(point, problem)
+        return {name: float(env[sp.Symbol(name)]) for name in self.footprint}
+
+    def violations(self, point: Mapping[str, int], problem: Mapping[str, int]) -> list[str]:
+        """Names (with the expression) of the constraints this point breaks; empty if legal."""
+        env = self._env(point, problem)
+        broken = []
+        for name, expr in self.constraints.items():
+            if not bool(expr.subs(env)):
+                broken.append(f"{name} ({expr})")
+        return broken
+
+    def grid(self) -> list[dict[str, int]]:
+        names = list(self.knobs)
+        return [dict(zip(names, combo)) for combo in itertools.product(*(self.knobs[n].values for n in names))]
+
+    def legal_points(self, problem: Mapping[str, int]) -> list[dict[str, int]]:
+        """Every grid point that satisfies all constraints (vectorised with lambdify)."""
+        names = list(self.knobs)
+        fp = {sp.Symbol(n): e for n, e in self.footprint.items()}
+        exprs = [c.subs(fp).subs({sp.Symbol(k): v for k, v in problem.items()}) for c in self.constraints.values()]
+        fns = [sp.lambdify([sp.Symbol(n) for n in names], e, modules=[{"Max": max, "Min": min}, "math"])
+               for e in exprs]
+        return [p for p in self.grid() if all(bool(f(*p.values())) for f in fns)]
+
+    def default_point(self) -> dict[str, int]:
+        return {n: k.default for n, k in self.knobs.items()}
+
+    def check_names(self, point: Mapping[str, int], where: str) -> None:
+        for name, value in point.items():
+            if name not in self.knobs:
+                raise ScheduleError(
+                    f"{where}.{name} is not a knob of {self.backend}/{self.kernel}: "
+                    f"allowed {', '.join(self.knobs)}")
+            allowed = self.knobs[name].values
+            if value not in allowed:
+                raise ScheduleError(f"{where}.{name}={value!r} is not allowed: choose one of {list(allowed)}")
+
+
+def _parse_expr(text: str, where: str) -> sp.Expr:
+    try:
+        return sp.sympify(text, locals=_SYMPY_NAMES)
+    except (sp.SympifyError, SyntaxError, TypeError) as exc:
+        raise ScheduleError(f"{where}: cannot parse expression {text!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def load_space(backend: str, kernel: str) -> Space:
+    if backend not in BACKENDS:
+        raise ScheduleError(f"backend={backend!r} is not supported: allowed {', '.join(BACKENDS)}")
+    path = data_dir("schedules") / backend / f"{kernel}.toml"
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScheduleError(f"no search space for {backend}/{kernel} at {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScheduleError(f"{path}: not valid TOML: {exc}") from None
+    knobs = {}
+    for name, table in data.get("knobs", {}).items():
+        values = tuple(int(v) for v in table["values"])
+        default = int(table["default"])
+        if default not in values:
+            raise ScheduleError(f"{path}: knobs.{name}.default={default} is not among its values")
+        knobs[name] = Knob(name, values, default, str(table.get("help", "")))
+    footprint = {n: _parse_expr(t, f"{path} footprint.{n}") for n, t in data.get("footprint", {}).items()}
+    constraints = {n: _parse_expr(t, f"{path} constraints.{n}") for n, t in data.get("constraints", {}).items()}
+    return Space(backend, kernel, knobs, footprint, constraints)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The schedule a build uses and where it came from (printed by `dsagen check` / logs)."""
+
+    kernel: str
+    point: dict[str, int]
+    source: str  # "pinned", "pinned+default", "default", "default (nearest legal)"
+
+
+def _distance(a: Mapping[str, int], b: Mapping[str, int]) -> float:
+    return sum(abs(math.log2(max(a[k], 1)) - math.log2(max(b[k], 1))) for k in a)
+
+
+def choose(spec: Spec, kernel: str, gpu: GPU, backend: str = "triton",
+           override: Mapping[str, int] | None = None) -> Choice:
+    """Pinned knobs from the spec (or override), the rest from defaults; always legal or an error.
+
+    A default that is illegal for this spec (say block_h=64 for 3 heads) moves to the nearest legal
+    grid point; pinned knobs never move: an illegal pinned point is an error naming the constraint.
+    """
+    space = load_space(backend, kernel)
+    problem = problem_symbols(spec, kernel, gpu)
+    pinned = dict(override) if override is not None else spec.pinned(kernel)
+    where = "override" if override is not None else f"schedule.{kernel}"
+    space.check_names(pinned, where)
+    point = space.default_point() | pinned
+    broken = space.violations(point, problem)
+    if not broken:
+        source = "pinned" if len(pinned) == len(space.knobs) else ("pinned+default" if pinned else "default")
+        return Choice(kernel, point, source)
+    candidates = [p for p in space.legal_points(problem) if all(p[k] == v for k, v in pinned.items())]
+    if not candidates:
+        raise ScheduleError(
+            f"{where} {pinned} is illegal for this spec on {gpu.name}: breaks {'; '.join(broken)}")
+    best = min(candidates, key=lambda p: _distance(p, point))
+    return Choice(kernel, best, "default (nearest legal)" if not pinned else "pinned+nearest legal")

@@ -1,0 +1,211 @@
+"""The spec DSL: a TOML file (or dataclasses) describing one DSA model's three kernels.
+
+Step 1 of the pipeline (spec -> plan -> schedule -> render -> compile -> run). Everything here is
+validated before it can reach a template: only checked integers, floats and enum strings leave this
+module, so no spec text is ever pasted into generated code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .errors import SpecError
+
+KERNELS = ("indexer", "topk", "sparse_attention")
+
+INDEXER_DTYPES = ("fp8_e4m3", "bf16")
+ATTENTION_DTYPES = ("bf16",)
+
+# What the generated kernels support (each bound is a register-tile limit of the templates).
+MAX_HEADS = 1024
+MAX_INDEXER_HEAD_DIM = 256  # one query head row and one key row are held whole in a tile
+MAX_V_DIM = 512  # the output accumulator [heads, v_dim] lives in registers
+MAX_ROPE_DIM = 128  # qk_dim - v_dim: the extra (rope) part of each query/key row
+MAX_TOPK = 1 << 20
+
+
+@dataclass(frozen=True)
+class IndexerSpec:
+    """Lightning indexer: logits[t,s] = k_scale[s] * sum_j w[t,j] * relu(q[t,j] . k[s])."""
+
+    heads: int = 64
+    head_dim: int = 128
+    dtype: str = "fp8_e4m3"
+
+
+@dataclass(frozen=True)
+class TopKSpec:
+    """Top-k selector: the k largest logits of each row's window, int32, -1 padded."""
+
+    k: int = 2048
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Sparse MLA attention (MQA form): one shared kv row of qk_dim per token, V = its first v_dim."""
+
+    heads: int = 128
+    qk_dim: int = 576
+    v_dim: int = 512
+    dtype: str = "bf16"
+    sm_scale: float | None = None
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_dim - self.v_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """The scale actually used: the spec's, else qk_dim ** -0.5."""
+        return self.sm_scale if self.sm_scale is not None else self.qk_dim ** -0.5
+
+
+@dataclass(frozen=True)
+class Spec:
+    indexer: IndexerSpec = field(default_factory=IndexerSpec)
+    topk: TopKSpec = field(default_factory=TopKSpec)
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    # pinned schedule knobs per kernel: {"sparse_attention": {"block_h": 64, ...}}
+    schedule: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    name: str = "unnamed"
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def section(self, kernel: str) -> IndexerSpec | TopKSpec | AttentionSpec:
+        """The spec section a kernel's semantics depend on."""
+        return {"indexer": self.indexer, "topk": self.topk, "sparse_attention": self.attention}[kernel]
+
+    def semantic_hash(self, kernel: str | None = None) -> str:
+        """Hash of what the math depends on (not the name, not the schedule).
+
+        With a kernel name, only that kernel's section counts, so an indexer tuned for one model is
+        reused by another with the same indexer.
+        """
+        if kernel is None:
+            payload = {k: asdict(self.section(k)) for k in KERNELS}
+        else:
+            payload = {kernel: asdict(self.section(kernel))}
+        text = json.dumps(payload, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def pinned(self, kernel: str) -> dict[str, int]:
+        return dict(self.schedule.get(kernel, {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+def _check_int(where: str, value: Any, lo: int, hi: int, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{where}={value!r} must be an integer ({what or f'{lo}..{hi}'})")
+    if not lo <= value <= hi:
+        raise SpecError(f"{where}={value} is out of range: allowed {what or f'{lo}..{hi}'}")
+
+
+def _check_enum(where: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise SpecError(f"{where}={value!r} is not supported: allowed {', '.join(map(repr, allowed))}")
+
+
+def validate(spec: Spec) -> None:
+    """Raise SpecError naming the key, the value and what is allowed; return None if valid."""
+    ix, tk, at = spec.indexer, spec.topk, spec.attention
+    _check_int("indexer.heads", ix.heads, 1, MAX_HEADS)
+    _check_int("indexer.head_dim", ix.head_dim, 1, MAX_INDEXER_HEAD_DIM)
+    _check_enum("indexer.dtype", ix.dtype, INDEXER_DTYPES)
+    _check_int("topk.k", tk.k, 1, MAX_TOPK)
+    _check_int("attention.heads", at.heads, 1, MAX_HEADS)
+    _check_int("attention.v_dim", at.v_dim, 1, MAX_V_DIM)
+    _check_int("attention.qk_dim", at.qk_dim, 1, MAX_V_DIM + MAX_ROPE_DIM)
+    if at.v_dim > at.qk_dim:
+        raise SpecError(f"attention.v_dim={at.v_dim} must be <= attention.qk_dim={at.qk_dim}")
+    if at.rope_dim > MAX_ROPE_DIM:
+        raise SpecError(
+            f"attention.qk_dim={at.qk_dim} is too large for attention.v_dim={at.v_dim}: "
+            f"qk_dim - v_dim must be <= {MAX_ROPE_DIM}"
+        )
+    _check_enum("attention.dtype", at.dtype, ATTENTION_DTYPES)
+    if at.sm_scale is not None:
+        s = at.sm_scale
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise SpecError(f"attention.sm_scale={s!r} must be a finite number > 0")
+    if not isinstance(spec.name, str) or not spec.name:
+        raise SpecError(f"name={spec.name!r} must be a non-empty string")
+    if not isinstance(spec.schedule, Mapping):
+        raise SpecError("schedule must be a table of [schedule.<kernel>] tables")
+    for kernel, knobs in spec.schedule.items():
+        if kernel not in KERNELS:
+            raise SpecError(f"schedule.{kernel} is not a kernel: allowed {', '.join(KERNELS)}")
+        if not isinstance(knobs, Mapping):
+            raise SpecError(f"schedule.{kernel} must be a table of knob = integer")
+        for knob, value in knobs.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SpecError(f"schedule.{kernel}.{knob}={value!r} must be an integer")
+    # knob names and values are checked against schedules/<backend>/<kernel>.toml by dsagen.schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# TOML
+
+_SECTIONS: dict[str, tuple[type, set[str], set[str]]] = {
+    # section: (dataclass, required keys, optional keys)
+    "indexer": (IndexerSpec, {"heads", "head_dim", "dtype"}, set()),
+    "topk": (TopKSpec, {"k"}, set()),
+    "attention": (AttentionSpec, {"heads", "qk_dim", "v_dim", "dtype"}, {"sm_scale"}),
+}
+_TOP_LEVEL = {"name", "indexer", "topk", "attention", "schedule"}
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> Spec:
+    """Build a Spec from parsed TOML; unknown keys (typos) and missing keys are errors."""
+    if not isinstance(data, Mapping):
+        raise SpecError("a spec must be a TOML table")
+    for key in data:
+        if key not in _TOP_LEVEL:
+            raise SpecError(f"unknown key {key!r}: allowed top-level keys are {', '.join(sorted(_TOP_LEVEL))}")
+    sections = {}
+    for name, (cls, required, optional) in _SECTIONS.items():
+        table = data.get(name)
+        if table is None:
+            raise SpecError(f"missing section [{name}] (keys: {', '.join(sorted(required | optional))})")
+        if not isinstance(table, Mapping):
+            raise SpecError(f"{name} must be a table [{name}]")
+        for key in table:
+            if key not in required | optional:
+                raise SpecError(
+                    f"unknown key {name}.{key}: allowed keys are {', '.join(sorted(required | optional))}"
+                )
+        for key in sorted(required):
+            if key not in table:
+                raise SpecError(f"missing key {name}.{key}")
+        sections[name] = cls(**table)
+    schedule = data.get("schedule", {})
+    name = data.get("name", "unnamed")
+    return Spec(schedule=schedule, name=name, **sections)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a TOML spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file {path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return spec_from_dict(data)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
