@@ -125,10 +125,11 @@ def validate(spec: Spec) -> None:
     _check_enum("indexer.dtype", ix.dtype, INDEXER_DTYPES)
     _check_int("topk.k", tk.k, 1, MAX_TOPK)
     _check_int("attention.heads", at.heads, 1, MAX_HEADS)
-    _check_int("attention.v_dim", at.v_dim, 1, MAX_V_DIM)
     _check_int("attention.qk_dim", at.qk_dim, 1, MAX_V_DIM + MAX_ROPE_DIM)
+    _check_int("attention.v_dim", at.v_dim, 1, MAX_V_DIM + MAX_ROPE_DIM)
     if at.v_dim > at.qk_dim:
         raise SpecError(f"attention.v_dim={at.v_dim} must be <= attention.qk_dim={at.qk_dim}")
+    _check_int("attention.v_dim", at.v_dim, 1, MAX_V_DIM)
     if at.rope_dim > MAX_ROPE_DIM:
         raise SpecError(
             f"attention.qk_dim={at.qk_dim} is too large for attention.v_dim={at.v_dim}: "
