@@ -1,0 +1,70 @@
+"""Checking a kernel's output against the float64 reference: the one place tolerances live.
+
+Used by the tests and by the tuner (a fast but wrong candidate is rejected, never recorded).
+Closeness is the RMS ratio ||got - ref|| / ||ref|| over the finite reference entries; infinities
+must match exactly in place and sign; NaN never passes.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+# RMS-ratio tolerance per output. The indexer multiplies exact fp8/bf16 products into fp32, so only
+# summation order differs; attention rounds P and the output to bf16 (2**-8 relative each).
+TOLERANCES = {
+    "indexer.logits": 1e-5,
+    "sparse_attention.out": 1e-2,
+    "sparse_attention.lse": 1e-4,
+}
+
+
+class Mismatch(AssertionError):
+    """A kernel output disagrees with the reference."""
+
+
+def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Raise Mismatch unless got matches ref within TOLERANCES[what]; returns the RMS ratio."""
+    tol = TOLERANCES[what]
+    got64 = got.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    if got64.shape != ref64.shape:
+        raise Mismatch(f"{what}: shape {tuple(got64.shape)} != reference {tuple(ref64.shape)}")
+    if torch.isnan(got64).any():
+        raise Mismatch(f"{what}: {int(torch.isnan(got64).sum())} NaN values (unwritten or broken)")
+    ref_inf = torch.isinf(ref64)
+    if not torch.equal(torch.isinf(got64), ref_inf) or not torch.equal(got64[ref_inf], ref64[ref_inf]):
+        bad = int((torch.isinf(got64) != ref_inf).sum())
+        raise Mismatch(f"{what}: infinities differ from the reference at {bad} places")
+    fin = ~ref_inf
+    diff = torch.linalg.vector_norm(got64[fin] - ref64[fin]).item()
+    scale = torch.linalg.vector_norm(ref64[fin]).item()
+    ratio = diff / scale if scale > 0 else diff
+    if not ratio <= tol:
+        raise Mismatch(f"{what}: RMS ratio {ratio:.3g} > tolerance {tol:g}")
+    return ratio
+
+
+def assert_topk(indices: torch.Tensor, logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int) -> None:
+    """Exact top-k contract: per row, min(k, window) distinct in-window indices whose values are the
+    k largest of the window (any tie order), then -1 in every remaining slot."""
+    idx = indices.detach().cpu().long()
+    x = logits.detach().cpu()
+    ks_c, ke_c = ks.cpu(), ke.cpu()
+    if tuple(idx.shape) != (x.shape[0], k):
+        raise Mismatch(f"topk: shape {tuple(idx.shape)} != {(x.shape[0], k)}")
+    want = reference.topk_values(x, ks_c, ke_c, k)
+    for t in range(x.shape[0]):
+        lo, hi = reference.window(ks_c, ke_c, x.shape[1], t)
+        n = want[t].numel()
+        head, tail = idx[t, :n], idx[t, n:]
+        if (tail != -1).any():
+            raise Mismatch(f"topk row {t}: slots {n}.. must be -1, got {tail[tail != -1][:5].tolist()}")
+        if ((head < lo) | (head >= hi)).any():
+            raise Mismatch(f"topk row {t}: indices outside the window [{lo}, {hi}): "
+                           f"{head[(head < lo) | (head >= hi)][:5].tolist()}")
+        if torch.unique(head).numel() != n:
+            raise Mismatch(f"topk row {t}: repeated indices")
+        got_vals = torch.sort(x[t, head].double(), descending=True).values
+        if not torch.equal(got_vals, want[t]):
+            raise Mismatch(f"topk row {t}: selected values are not the {n} largest of the window")
