@@ -48,11 +48,10 @@ SWEEP = {
         dict(block_m=2, block_h=64, block_n=256, num_warps=8, num_stages=2),
     ],
     "topk": [
-        dict(block_n=1024, radix_bits=4, num_warps=8),
-        dict(block_n=2048, radix_bits=4, num_warps=16),
-        dict(block_n=4096, radix_bits=2, num_warps=16),
-        dict(block_n=1024, radix_bits=2, num_warps=8),
-        dict(block_n=512, radix_bits=4, num_warps=4),
+        dict(block_n=1024, radix_bits=8, num_warps=8, resident_max=32768, resident_warps=32),
+        dict(block_n=1024, radix_bits=8, num_warps=8, resident_max=32768, resident_warps=16),
+        dict(block_n=1024, radix_bits=8, num_warps=8, resident_max=0),
+        dict(block_n=512, radix_bits=8, num_warps=4, resident_max=0),
     ],
 }
 
@@ -62,6 +61,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--spec", type=Path, default=Path("specs/deepseek_v32.toml"))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--only", choices=list(SHAPES), action="append", help="benchmark only these kernels")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks need a CUDA GPU")
@@ -69,12 +69,17 @@ def main() -> None:
     gpu = get_gpu("nvidia-h200")
     kernels = dsagen.build(spec)
     rows = []
+    selected = args.only or list(SHAPES)
     for name, (S, SKV) in SHAPES.items():
+        if name not in selected:
+            continue
         rows.append(RUNNERS[name](kernels, gpu, S, SKV))
         print(bench.format_table(rows[-1:]).splitlines()[-1], flush=True)
     sweep = []
     if args.sweep:
         for name, points in SWEEP.items():
+            if name not in selected:
+                continue
             for point in points:
                 try:
                     k2 = dsagen.build(spec, schedules={name: point})

@@ -145,7 +145,7 @@ def bench_indexer(kernels: DSAKernels, gpu: GPU, S: int, SKV: int, sample_rows: 
     logits = kernels.indexer(q, k, k_scale, w, ks, ke)
     rows = torch.linspace(0, S - 1, sample_rows).long()
     ref = reference.indexer(q[rows].cpu(), k.cpu(), k_scale.cpu(), w[rows].cpu(), ks[rows].cpu(), ke[rows].cpu())
-    assert_close("indexer.logits", logits[rows], ref)
+    assert_close(f"indexer.logits.{ix.dtype}", logits[rows], ref)
     ms = _median_ms(lambda: kernels.indexer(q, k, k_scale, w, ks, ke))
     naive_ms = _median_ms(lambda: naive_indexer(q, k, k_scale, w, ks, ke))
     sizes = {"S": S, "SKV": SKV, "W": causal_window_mean(S, SKV)}

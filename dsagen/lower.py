@@ -28,7 +28,8 @@ def kernel_context(spec: Spec, kernel: str, point: dict[str, int]) -> dict[str, 
     elif kernel == "topk":
         fields = {"k": spec.topk.k}
         derived = {}
-        name = f"topk_k{spec.topk.k}_fp32_n{point['block_n']}_r{point['radix_bits']}_w{point['num_warps']}"
+        name = (f"topk_k{spec.topk.k}_fp32_n{point['block_n']}_r{point['radix_bits']}_w{point['num_warps']}"
+                f"_res{point['resident_max']}_rw{point['resident_warps']}")
     elif kernel == "sparse_attention":
         at = spec.attention
         dv_pad = next_pow2(at.v_dim, 16)

@@ -12,8 +12,11 @@ from . import reference
 
 # RMS-ratio tolerance per output. The indexer multiplies exact fp8/bf16 products into fp32, so only
 # summation order differs; attention rounds P and the output to bf16 (2**-8 relative each).
+# fp8 on Hopper: wgmma accumulates fp8 products in reduced precision inside one dot (measured on the
+# H200 at D=128: RMS ratio 1.3e-4), so the fp8 indexer gets a looser bound than bf16.
 TOLERANCES = {
-    "indexer.logits": 1e-5,
+    "indexer.logits.bf16": 1e-5,
+    "indexer.logits.fp8_e4m3": 1e-3,
     "sparse_attention.out": 1e-2,
     "sparse_attention.lse": 1e-4,
 }

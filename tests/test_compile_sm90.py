@@ -27,7 +27,7 @@ CASES = [
     ("odd", ODD, "topk", None),
     ("odd", ODD, "sparse_attention", None),
     ("v32", V32, "sparse_attention", {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 3, "v_split": 2}),
-    ("v32", V32, "topk", {"block_n": 4096, "radix_bits": 2, "num_warps": 16}),
+    ("v32", V32, "topk", {"block_n": 4096, "radix_bits": 2, "num_warps": 16, "resident_max": 0}),
     ("v32", V32, "indexer", {"block_m": 64, "block_h": 1, "block_n": 64, "num_warps": 4, "num_stages": 4}),
 ]
 
@@ -37,7 +37,7 @@ CASES = [
 def test_compiles_for_sm90(name, spec, kernel, override):
     src = kernel_source(spec, kernel, "triton", "nvidia-h200", override)
     module = triton_backend.load(triton_backend.materialize(src.generated), interpret=False)
-    compiled = triton_backend.compile_for(module, arch=90)
-    assert compiled.asm.get("cubin"), "no sm_90 machine code produced"
-    assert ".target sm_90" in compiled.asm["ptx"]
-    assert compiled.metadata.shared <= get_gpu("nvidia-h200").smem_per_block
+    for compiled in triton_backend.compile_for(module, arch=90):
+        assert compiled.asm.get("cubin"), "no sm_90 machine code produced"
+        assert ".target sm_90" in compiled.asm["ptx"]
+        assert compiled.metadata.shared <= get_gpu("nvidia-h200").smem_per_block

@@ -123,6 +123,25 @@ _INTERPRETED_HELPERS: dict = {}
 
 
 @contextlib.contextmanager
+def _restored_language_state():
+    """Put triton.language back exactly as it was: the interpreter patches its functions and the
+    tensor class while it runs nested @jit helpers and does not undo those patches, which would
+    break the next native compile in this process."""
+    import triton.language as tl
+
+    objects = [tl, tl.core, tl.math, tl.standard, tl.tensor, tl.dtype, tl.core.tensor_descriptor_base]
+    saved = [(obj, {k: v for k, v in vars(obj).items() if not k.startswith("__")}) for obj in objects]
+    try:
+        yield
+    finally:
+        for obj, before in saved:
+            now = {k: v for k, v in vars(obj).items() if not k.startswith("__")}
+            for name, value in before.items():  # names the interpreter adds are its own: kept
+                if now.get(name) is not value:
+                    setattr(obj, name, value)
+
+
+@contextlib.contextmanager
 def _jit_helpers_interpreted():
     """Let an interpreted kernel call triton.language's own @jit helpers (tl.sum, tl.cdiv, ...).
 
@@ -142,7 +161,7 @@ def _jit_helpers_interpreted():
             helper = _INTERPRETED_HELPERS[self.fn] = InterpretedFunction(self.fn)
         return helper(*args, **kwargs)
 
-    with _IMPORT_LOCK:
+    with _IMPORT_LOCK, _restored_language_state():
         JITFunction.__call__ = call_interpreted
         try:
             yield
@@ -163,12 +182,12 @@ def launcher(path: Path, name: str, interpret: bool):
     return run_interpreted
 
 
-def compile_for(module: types.ModuleType, arch: int = 90):
-    """Compile the module's kernel for sm_<arch> without a GPU; returns Triton's CompiledKernel."""
+def compile_for(module: types.ModuleType, arch: int = 90) -> list:
+    """Compile every kernel of the module for sm_<arch> without a GPU; Triton's CompiledKernels."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, signature, constexprs, options = module.compile_signature()
     target = GPUTarget("cuda", arch, 32)
-    return triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+    return [triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+            for fn, signature, constexprs, options in module.compile_signature()]
