@@ -91,12 +91,18 @@ class Spec:
         With a kernel name, only that kernel's section counts, so an indexer tuned for one model is
         reused by another with the same indexer.
         """
-        if kernel is None:
-            payload = {k: asdict(self.section(k)) for k in KERNELS}
-        else:
-            payload = {kernel: asdict(self.section(kernel))}
+        kernels = KERNELS if kernel is None else (kernel,)
+        payload = {k: self._semantic_fields(k) for k in kernels}
         text = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _semantic_fields(self, kernel: str) -> dict:
+        """The numbers a kernel's math depends on, normalised (the scale actually used, as float)."""
+        fields = asdict(self.section(kernel))
+        if kernel == "sparse_attention":
+            fields["sm_scale"] = float(self.attention.softmax_scale)
+            fields["topk"] = self.topk.k  # the width of the index rows it reads
+        return fields
 
     def pinned(self, kernel: str) -> dict[str, int]:
         return dict(self.schedule.get(kernel, {}))
@@ -199,9 +205,11 @@ def load_spec(path: str | Path) -> Spec:
     """Read and validate a TOML spec file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"cannot read spec file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -311,8 +311,6 @@ def test_unreadable_path(tmp_path, kind):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug in dsagen/spec.py: load_spec lets UnicodeDecodeError escape "
-                                       "instead of a SpecError naming the file")
 def test_non_utf8_file_names_the_file(tmp_path):
     path = tmp_path / "latin1.toml"
     path.write_bytes(V32.read_bytes().replace(b"# DeepSeek", b"# \xe9 DeepSeek"))
@@ -498,3 +496,13 @@ def test_per_kernel_hashes_differ_from_each_other_and_the_whole():
     spec = Spec()
     hashes = {spec.semantic_hash(k) for k in KERNELS} | {spec.semantic_hash()}
     assert len(hashes) == 4
+
+
+def test_attention_hash_covers_topk_width_and_normalises_the_scale():
+    base = Spec()
+    wider = Spec(topk=TopKSpec(k=1024))
+    assert base.semantic_hash("sparse_attention") != wider.semantic_hash("sparse_attention")
+    default = Spec(attention=AttentionSpec(sm_scale=None))
+    explicit = Spec(attention=AttentionSpec(sm_scale=576 ** -0.5))
+    assert default.semantic_hash("sparse_attention") == explicit.semantic_hash("sparse_attention")
+    assert Spec(attention=AttentionSpec(sm_scale=1)).semantic_hash() == Spec(attention=AttentionSpec(sm_scale=1.0)).semantic_hash()
