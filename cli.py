@@ -76,6 +76,7 @@ def check(
 
     spec = _load(spec_path)
     target = get_gpu(gpu)
+    choices = {kernel: choose(spec, kernel, target) for kernel in KERNEL_NAMES}  # fail before printing
     w = causal_window_mean(min(S, SKV), SKV) if window == Window.causal else SKV
     sizes = {"S": S, "SKV": SKV, "W": w}
     typer.echo(f"spec {spec_path}: valid (semantic hash {spec.semantic_hash()})")
@@ -94,7 +95,7 @@ def check(
         typer.echo(f"  FLOPs  = {c.flops}  -> {flops:.4g}")
         typer.echo(f"  bytes >= {c.bytes}  -> {nbytes:.4g}")
         typer.echo(f"  roofline floor on {target.name}: {floor:.4f} ms ({bound}-bound)")
-        choice = choose(spec, kernel, target)
+        choice = choices[kernel]
         space = load_space("triton", kernel)
         problem = problem_symbols(spec, kernel, target)
         fp = space.footprint_of(choice.point, problem)

@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 try:  # Python 3.11+
@@ -75,11 +76,14 @@ class Spec:
     topk: TopKSpec = field(default_factory=TopKSpec)
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     # pinned schedule knobs per kernel: {"sparse_attention": {"block_h": 64, ...}}
-    schedule: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    schedule: Mapping[str, Mapping[str, int]] = field(default_factory=dict, hash=False)
     name: str = "unnamed"
 
     def __post_init__(self) -> None:
         validate(self)
+        # read-only after validation, so a checked spec cannot drift
+        frozen = {k: MappingProxyType(dict(v)) for k, v in self.schedule.items()}
+        object.__setattr__(self, "schedule", MappingProxyType(frozen))
 
     def section(self, kernel: str) -> IndexerSpec | TopKSpec | AttentionSpec:
         """The spec section a kernel's semantics depend on."""

@@ -257,10 +257,8 @@ def test_bad_spec_file_is_one_error_line(tmp_path, command, case):
     path = tmp_path / f"{case}.toml"
     path.write_text(text)
     extra = {"check": [], "generate": ["-o", tmp_path / "out"], "show": ["--kernel", "sparse_attention"]}[command]
-    # `check` prints the spec and costs before it chooses schedules, so it has printed some lines
-    # by the time an illegal pinned schedule fails; everything else fails before any output.
-    stdout_empty = not (command == "check" and case == "illegal-pinned-schedule")
-    line = assert_one_error_line(invoke(command, path, *extra), needle, stdout_empty=stdout_empty)
+    # every command fails before printing anything (check chooses all schedules first)
+    line = assert_one_error_line(invoke(command, path, *extra), needle, stdout_empty=True)
     if case != "illegal-pinned-schedule":
         assert str(path) in line
     if command == "generate":

@@ -506,3 +506,12 @@ def test_attention_hash_covers_topk_width_and_normalises_the_scale():
     explicit = Spec(attention=AttentionSpec(sm_scale=576 ** -0.5))
     assert default.semantic_hash("sparse_attention") == explicit.semantic_hash("sparse_attention")
     assert Spec(attention=AttentionSpec(sm_scale=1)).semantic_hash() == Spec(attention=AttentionSpec(sm_scale=1.0)).semantic_hash()
+
+
+def test_spec_is_hashable_and_its_schedule_read_only():
+    spec = Spec(schedule={"topk": {"block_n": 512}})
+    assert hash(spec) == hash(Spec(schedule={"topk": {"block_n": 1024}}))  # schedule is not semantic
+    with pytest.raises(TypeError):
+        spec.schedule["topk"]["block_n"] = 4096  # type: ignore[index]
+    with pytest.raises(TypeError):
+        spec.schedule["indexer"] = {}  # type: ignore[index]
