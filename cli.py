@@ -8,7 +8,6 @@ import functools
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 

@@ -305,7 +305,7 @@ def test_dsa_composes_the_three_stages(device, gen):
 
 def test_bad_tensors_name_the_argument(device):
     kernels = dsagen.build(make_spec(ix_heads=3, ix_dim=50, k=7, heads=3, qk_dim=80, v_dim=48))
-    bf, f32, i32 = torch.bfloat16, torch.float32, torch.int32
+    bf, i32 = torch.bfloat16, torch.int32
     q = torch.zeros(4, 3, 50, dtype=bf, device=device)
     k = torch.zeros(10, 50, dtype=bf, device=device)
     w = torch.zeros(4, 3, device=device)
