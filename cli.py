@@ -4,12 +4,13 @@ Errors print one line and exit with status 1 (2 for bad command-line usage), nev
 """
 from __future__ import annotations
 
-import functools
 import sys
 from enum import Enum
 from pathlib import Path
 
 import typer
+
+from dsagen.cliutil import friendly_errors
 
 app = typer.Typer(
     add_completion=False,
@@ -29,26 +30,6 @@ class Kernel(str, Enum):
 class Window(str, Enum):
     full = "full"
     causal = "causal"
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
-def friendly_errors(fn):
-    """Turn dsagen's own errors (and unreadable files) into one line on stderr and exit 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from dsagen.errors import DsagenError
-
-        try:
-            return fn(*args, **kwargs)
-        except (DsagenError, ValueError, OSError) as exc:
-            _fail(str(exc))
-
-    return wrapper
 
 
 def _load(spec_path: Path):
@@ -116,7 +97,7 @@ def generate(
     gpu: str = typer.Option("nvidia-h200", "--gpu", help="GPU type the schedules are chosen for"),
 ) -> None:
     """Write the generated Triton module of every kernel of SPEC into --out (each importable alone)."""
-    from dsagen.backends.triton import atomic_write_text
+    from dsagen.fileio import atomic_write_text
     from dsagen.pipeline import all_sources
 
     spec = _load(spec_path)

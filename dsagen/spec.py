@@ -111,6 +111,12 @@ class Spec:
     def pinned(self, kernel: str) -> dict[str, int]:
         return dict(self.schedule.get(kernel, {}))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that spec_from_dict turns back into an equal Spec (sent to worker processes)."""
+        attention = {k: v for k, v in asdict(self.attention).items() if v is not None}
+        return {"name": self.name, "indexer": asdict(self.indexer), "topk": asdict(self.topk),
+                "attention": attention, "schedule": {k: dict(v) for k, v in self.schedule.items()}}
+
 
 # ---------------------------------------------------------------------------------------------
 # validation

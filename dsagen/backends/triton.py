@@ -9,7 +9,6 @@ because `@triton.jit` decides between the two when the module is imported.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import os
 import sys
@@ -18,44 +17,11 @@ import types
 from pathlib import Path
 
 from ..codegen import GeneratedSource
+from ..fileio import atomic_write_text, cache_dir, file_lock
 from ..errors import BackendError
 
 _IMPORT_LOCK = threading.Lock()
 _LOADED: dict[tuple[str, bool], types.ModuleType] = {}
-
-
-def cache_dir() -> Path:
-    """$DSAGEN_CACHE_DIR, else $XDG_CACHE_HOME/dsagen, else ~/.cache/dsagen."""
-    if os.environ.get("DSAGEN_CACHE_DIR"):
-        return Path(os.environ["DSAGEN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dsagen"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _is_current(path: Path, source: str) -> bool:
