@@ -122,6 +122,228 @@ def show(
     typer.echo(kernel_source(spec, kernel.value, "triton", gpu).generated.source, nl=False)
 
 
+# ------------------------------------------------------------------------------------------------
+# tuning, the tuning database, benchmarks
+
+def _shapes(S: list[int] | None, SKV: list[int] | None, shape_set: str | None) -> list[tuple[int, int]]:
+    """--shapes NAME, or every (S, SKV) pair of --S x --SKV with S <= SKV."""
+    from dsagen.tuning.buckets import SHAPE_SETS
+
+    if shape_set is not None:
+        if S or SKV:
+            raise ValueError("give either --shapes or --S/--SKV, not both")
+        if shape_set not in SHAPE_SETS:
+            raise ValueError(f"--shapes {shape_set!r} is not a named set: allowed {', '.join(SHAPE_SETS)}")
+        return list(SHAPE_SETS[shape_set])
+    if not S or not SKV:
+        raise ValueError("give the shapes: --S and --SKV (each repeatable), or --shapes NAME")
+    pairs = [(s, skv) for s in S for skv in SKV if s <= skv]
+    if not pairs:
+        raise ValueError("no shape with S <= SKV among --S x --SKV (the queries are the last S of SKV tokens)")
+    return pairs
+
+
+def _kernels(kernel: list[Kernel] | None) -> list[str]:
+    return [k.value for k in kernel] if kernel else list(KERNEL_NAMES)
+
+
+class Sampler(str, Enum):
+    auto = "auto"
+    grid = "grid"
+    tpe = "tpe"
+
+
+class TuneDevice(str, Enum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+def _spawn_device_workers(devices: str) -> int:
+    """--devices 0,1,...: one `dsagen tune` per GPU (CUDA_VISIBLE_DEVICES), all on the same studies."""
+    import os
+    import subprocess
+
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    if not ids or not all(d.isdigit() for d in ids):
+        raise ValueError(f"--devices {devices!r}: give GPU ordinals separated by commas, e.g. 0,1,2,3")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--devices":
+            skip = True
+            continue
+        if arg.startswith("--devices="):
+            continue
+        argv.append(arg)
+    procs = []
+    for d in ids:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": d}
+        typer.echo(f"starting a tuning worker on GPU {d}", err=True)
+        procs.append(subprocess.Popen([sys.executable, "-m", "cli", *argv], env=env))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        codes = [p.wait() for p in procs]  # each got the Ctrl-C too and stops cleanly
+    return max(codes)
+
+
+@app.command()
+@friendly_errors
+def tune(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="TOML spec file"),
+    kernel: list[Kernel] = typer.Option(None, "--kernel", "-k", help="kernel to tune (repeatable; default all three)"),
+    S: list[int] = typer.Option(None, "--S", min=1, help="query tokens (repeatable)"),
+    SKV: list[int] = typer.Option(None, "--SKV", min=1, help="context tokens (repeatable)"),
+    shapes: str = typer.Option(None, "--shapes", help="a named shape set instead of --S/--SKV: v32 (S 1024, 4096 x "
+                               "SKV 8192, 32768, 131072) or smoke"),
+    trials: int = typer.Option(None, "--trials", min=1, help="candidates per study, all workers together "
+                               "(default: the whole legal grid when it is small, else 30% of it with TPE)"),
+    timeout: float = typer.Option(None, "--timeout", min=1, help="seconds this process spends on one study at most"),
+    trial_timeout: float = typer.Option(180.0, "--trial-timeout", min=1,
+                                        help="seconds one candidate may take (compile + check + time) before it "
+                                        "is killed"),
+    storage: str = typer.Option(None, "--storage", help="Optuna storage: a *.journal file or a database URL "
+                                "(postgresql://user:pw@host/db) shared by many workers; default a journal file "
+                                "in the user cache"),
+    sampler: Sampler = typer.Option(Sampler.auto, "--sampler", help="grid (every legal point), tpe, or auto "
+                                    "(grid when the legal space is small)"),
+    jobs: int = typer.Option(None, "--jobs", "-j", min=1, help="worker processes per GPU: they compile and "
+                             "check in parallel and time one at a time (default 8 on CUDA)"),
+    devices: str = typer.Option(None, "--devices", help="GPU ordinals, e.g. 0,1,2,3: one tuning process per GPU, "
+                                "all adding trials to the same studies"),
+    db: Path = typer.Option(None, "--db", help="tuning-database file to record winners in (default: the user's "
+                            "<cache>/autotune_db/<gpu-type>.json)"),
+    device: TuneDevice = typer.Option(TuneDevice.cuda, "--device", hidden=True,
+                                      help="cpu: run candidates in the Triton interpreter (tests the tuner "
+                                      "itself; the times mean nothing)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
+) -> None:
+    """Tune SPEC's kernels on this GPU: one Optuna study per kernel and shape bucket.
+
+    Every candidate schedule is legal by construction, compiled, checked against the float64
+    reference on fresh inputs and timed with CUDA events in a worker process (a crash or a hang
+    costs one trial). The best of each study goes to the tuning database. Ctrl-C stops cleanly;
+    the same command again resumes.
+    """
+    import time
+
+    import torch
+
+    from dsagen.kernels import detected_gpu
+    from dsagen.tuning.storage import describe, open_storage
+    from dsagen.tuning.study import TuneRequest, tune_kernel
+
+    spec = _load(spec_path)
+    pairs = _shapes(S, SKV, shapes)
+    if device == TuneDevice.cuda and not torch.cuda.is_available():
+        raise ValueError("dsagen tune with the Triton backend needs a CUDA GPU, and torch sees none "
+                         "(CPU tuning comes with the TVM backend)")
+    if devices:
+        raise typer.Exit(_spawn_device_workers(devices))
+    open_storage(storage)  # a bad URL or an unreachable server fails before any work
+    gpu_type = detected_gpu()[0] if device == TuneDevice.cuda else "cpu-triton-interpreter"
+    n_jobs = jobs or (8 if device == TuneDevice.cuda else 1)
+    typer.echo(f"tuning {spec.name} on {gpu_type}: kernels {', '.join(_kernels(kernel))}; shapes "
+               f"{', '.join(f'S={a} SKV={b}' for a, b in pairs)}; storage {describe(storage)}; {n_jobs} worker(s)")
+    t0 = time.monotonic()
+    results = []
+    for s, skv in pairs:
+        for name in _kernels(kernel):
+            req = TuneRequest(spec, name, s, skv, device=device.value, gpu_type=gpu_type, trials=trials,
+                              timeout_s=timeout, trial_timeout_s=trial_timeout, storage=storage,
+                              sampler=sampler.value, db_path=db, jobs=n_jobs)
+            r = tune_kernel(req, progress=not quiet)
+            results.append(r)
+            fails = ", ".join(f"{n} {k}" for k, n in sorted(r.failures.items())) or "none"
+            best = f"best {r.best_ms:.4f} ms {r.best_point}" if r.best_ms is not None else "no passing candidate"
+            typer.echo(f"{name} S={s} SKV={skv}: {best}; {r.evaluated}/{r.budget} trials "
+                       f"({r.sampler}, {r.legal} legal points; {r.evaluated_here} here, failed: {fails}); {r.db_outcome}")
+            if r.interrupted:
+                typer.echo("interrupted: what was measured is kept; run the same command again to resume", err=True)
+                raise typer.Exit(130)
+    typer.echo(f"tuned {len(results)} studies in {time.monotonic() - t0:.0f} s")
+
+
+@app.command()
+@friendly_errors
+def bench(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="TOML spec file"),
+    kernel: list[Kernel] = typer.Option(None, "--kernel", "-k", help="kernel to time (repeatable; default all three)"),
+    S: list[int] = typer.Option(None, "--S", min=1, help="query tokens (repeatable)"),
+    SKV: list[int] = typer.Option(None, "--SKV", min=1, help="context tokens (repeatable)"),
+    shapes: str = typer.Option(None, "--shapes", help="a named shape set instead of --S/--SKV (v32, smoke)"),
+    out: Path = typer.Option(None, "-o", "--out", help="directory for bench-<gpu>-<date>.json and .png"),
+    dense: bool = typer.Option(True, "--dense/--no-dense", help="also time dense attention of the same shape"),
+) -> None:
+    """Time SPEC's kernels (with their tuned schedules) at the given shapes beside naive PyTorch in
+    the same run: a table of ms, TFLOP/s, % of the roofline floor and speed-up; with --out also
+    JSON and a plot of time against context length, DSA against dense attention."""
+    import datetime
+    import json
+
+    import torch
+
+    from dsagen import build
+    from dsagen.bench import format_table, plot, run_bench
+    from dsagen.gpus import GPUS, get_gpu
+    from dsagen.pipeline import DEFAULT_GPU
+
+    spec = _load(spec_path)
+    pairs = _shapes(S, SKV, shapes)
+    if not torch.cuda.is_available():
+        raise ValueError("dsagen bench times CUDA kernels and needs a CUDA GPU; torch sees none")
+    kernels = build(spec)
+    gpu = get_gpu(kernels.gpu_type if kernels.gpu_type in GPUS else DEFAULT_GPU)
+    typer.echo(format_table([]).splitlines()[0])
+    payload = run_bench(kernels, gpu, pairs, _kernels(kernel), dense=dense, progress=typer.echo)
+    if out is not None:
+        from dsagen.fileio import atomic_write_text
+
+        stem = f"bench-{kernels.gpu_type}-{datetime.date.today().isoformat()}"
+        atomic_write_text(out / f"{stem}.json", json.dumps(payload, indent=1))
+        typer.echo(f"wrote {out / (stem + '.json')}")
+        if payload["dsa_vs_dense"]:
+            try:
+                typer.echo(f"wrote {plot(payload, out / (stem + '.png'))}")
+            except ImportError:
+                typer.echo("no plot: matplotlib is missing (pip install 'dsagen[bench]')", err=True)
+
+
+@app.command()
+@friendly_errors
+def explain(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="TOML spec file"),
+    S: int = typer.Option(4096, "--S", min=1, help="query tokens"),
+    SKV: int = typer.Option(32768, "--SKV", min=1, help="context tokens"),
+    gpu: str = typer.Option(None, "--gpu", help="GPU type whose tuning database to consult (default: the GPU "
+                            "torch sees)"),
+) -> None:
+    """Say which schedule each kernel of SPEC would run with at (S, SKV) and where it comes from:
+    the tuning database (exact or nearest shape bucket, or another GPU of the same compute
+    capability), the spec's pinned knobs, or the defaults."""
+    from dsagen import build
+
+    spec = _load(spec_path)
+    kernels = build(spec, gpu=gpu)
+    typer.echo(f"{spec.name} at S={S} SKV={SKV} on {kernels.gpu_type or 'no GPU (defaults and pinned knobs only)'}")
+    for name, info in kernels.explain(S, SKV).items():
+        sched = " ".join(f"{k}={v}" for k, v in info["schedule"].items())
+        typer.echo(f"  {name:<17} {sched}\n  {'':<17} from: {info['source']}")
+        if info["stale"]:
+            typer.echo(f"  {'':<17} stale: {'; '.join(info['stale'])}")
+
+
+def _register_db() -> None:
+    from dsagen.tuning.db_cli import db_app
+
+    app.add_typer(db_app, name="db")
+
+
+_register_db()
+
+
 def main() -> None:
     app()
 

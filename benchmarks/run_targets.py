@@ -26,8 +26,6 @@ SHAPES = {  # from the H200 targets file
     "indexer": (4096, 32768),
     "topk": (4096, 32768),
 }
-RUNNERS = {"sparse_attention": bench.bench_sparse_attention, "indexer": bench.bench_indexer,
-           "topk": bench.bench_topk}
 
 SWEEP = {
     "sparse_attention": [
@@ -73,7 +71,7 @@ def main() -> None:
     for name, (S, SKV) in SHAPES.items():
         if name not in selected:
             continue
-        rows.append(RUNNERS[name](kernels, gpu, S, SKV))
+        rows.append(bench.bench_kernel(kernels, name, gpu, S, SKV))
         print(bench.format_table(rows[-1:]).splitlines()[-1], flush=True)
     sweep = []
     if args.sweep:
@@ -83,7 +81,7 @@ def main() -> None:
             for point in points:
                 try:
                     k2 = dsagen.build(spec, schedules={name: point})
-                    r = RUNNERS[name](k2, gpu, *SHAPES[name])
+                    r = bench.bench_kernel(k2, name, gpu, *SHAPES[name])
                     sweep.append(r)
                     print(f"sweep {name} {point}: {r.ms:.3f} ms ({r.pct_of_roofline:.1f}% of roofline)", flush=True)
                 except Exception as exc:  # a schedule that fails is reported, not fatal

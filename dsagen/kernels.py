@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, NamedTuple
 
 import torch
 
 from .backends import triton as triton_backend
-from .errors import BackendError
-from .gpus import GPU, get_gpu, gpu_type_from_device_name, GPUS
-from .pipeline import DEFAULT_GPU, KernelSource, all_sources
-from .spec import Spec
+from .codegen import render
+from .errors import BackendError, ScheduleError
+from .gpus import GPUS, get_gpu, gpu_type_from_device_name
+from .lower import kernel_context
+from .pipeline import DEFAULT_GPU
+from .plan import problem_symbols
+from .schedule import choose, load_space
+from .spec import KERNELS, Spec
+from .tuning import db as tuning_db
+from .tuning.buckets import bucket_of
 
 log = logging.getLogger("dsagen")
 
@@ -55,27 +64,110 @@ def _check_out(name: str, t, dtype, shape: tuple, device) -> None:
         _check(name, t, dtype, shape, device)
 
 
-class DSAKernels:
-    """The three generated kernels of one spec, plus their composition."""
+@dataclass(frozen=True)
+class Resolved:
+    """The schedule one kernel runs with at one shape bucket, where it came from, and its module."""
 
-    def __init__(self, spec: Spec, sources: Mapping[str, KernelSource], backend: str = "triton"):
+    kernel: str
+    point: dict
+    source: str  # "override", "tuned (exact bucket ...)", ..., "pinned", "default", ...
+    bucket: str | None  # None: not looked up by shape (CPU interpreter, override, no GPU type)
+    module_name: str
+    path: Path
+    stale: tuple[str, ...] = ()
+
+
+class DSAKernels:
+    """The three generated kernels of one spec, plus their composition.
+
+    The schedule of each kernel is resolved per shape bucket at the first call that has it:
+    `schedules=` override -> tuning database (exact bucket -> nearest bucket -> another GPU type of
+    the same compute capability) -> the spec's pinned knobs -> defaults. `explain()` says which.
+    """
+
+    def __init__(self, spec: Spec, backend: str = "triton", gpu_type: str | None = None,
+                 compute_capability: str | None = None,
+                 overrides: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True):
         self.spec = spec
         self.backend = backend
-        self.sources = dict(sources)
-        self._paths = {k: triton_backend.materialize(s.generated) for k, s in self.sources.items()}
-        for kernel, src in self.sources.items():
-            log.info("dsagen: %s uses schedule %s (%s), module %s", kernel, src.choice.point,
-                     src.choice.source, src.generated.module_name)
+        self.gpu_type = gpu_type  # None: no tuning database (no GPU known)
+        self.compute_capability = compute_capability
+        self.plan_gpu = get_gpu(gpu_type) if gpu_type in GPUS else get_gpu(DEFAULT_GPU)
+        self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+        self.use_db = use_db
+        self._resolved: dict[tuple[str, str | None], Resolved] = {}
+        self._lock = threading.Lock()
+        for kernel in self.overrides:  # a bad override fails at build time, naming the knob
+            if kernel not in KERNELS:
+                raise ValueError(f"schedules: unknown kernel {kernel!r}: allowed {', '.join(KERNELS)}")
+            self.resolve(kernel)
 
-    def launcher(self, kernel: str, device: torch.device):
+    def resolve(self, kernel: str, S: int | None = None, SKV: int | None = None,
+                device_type: str = "cuda") -> Resolved:
+        """The schedule and module `kernel` uses for a problem of S queries and SKV keys."""
+        by_shape = (kernel not in self.overrides and self.use_db and self.gpu_type is not None
+                    and device_type == "cuda" and S is not None and SKV is not None and S > 0 and SKV > 0)
+        bucket = bucket_of(S, SKV) if by_shape else None
+        with self._lock:
+            hit = self._resolved.get((kernel, bucket))
+            if hit is None:
+                hit = self._resolved[(kernel, bucket)] = self._resolve(kernel, S, SKV, bucket)
+                log.info("dsagen: %s%s uses %s (%s), module %s", kernel, f" {bucket}" if bucket else "",
+                         hit.point, hit.source, hit.module_name)
+                if hit.stale:
+                    log.warning("dsagen: the tuned schedule of %s %s is stale but used: %s", kernel, bucket,
+                                "; ".join(hit.stale))
+        return hit
+
+    def _resolve(self, kernel: str, S, SKV, bucket: str | None) -> Resolved:
+        stale: tuple[str, ...] = ()
+        if kernel in self.overrides:
+            choice = choose(self.spec, kernel, self.plan_gpu, self.backend, self.overrides[kernel])
+            point, source = choice.point, "override"
+        else:
+            found = self._lookup(kernel, S, SKV) if bucket else None
+            if found is not None:
+                point, source, stale = found.entry.schedule, f"{found.source}, {found.path}", tuple(found.stale)
+            else:
+                choice = choose(self.spec, kernel, self.plan_gpu, self.backend)
+                point, source = choice.point, choice.source
+        generated = render(self.backend, kernel_context(self.spec, kernel, point))
+        return Resolved(kernel, dict(point), source, bucket, generated.module_name,
+                        triton_backend.materialize(generated), stale)
+
+    def _lookup(self, kernel: str, S: int, SKV: int):
+        """A tuning-database entry whose schedule is legal for this spec here, else None (logged)."""
+        found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=self.spec.semantic_hash(kernel),
+                                 S=S, SKV=SKV, gpu_type=self.gpu_type, compute_capability=self.compute_capability)
+        if found is None:
+            return None
+        space = load_space(self.backend, kernel)
+        try:
+            space.check_names(found.entry.schedule, "tuned schedule")
+            broken = space.violations(found.entry.schedule, problem_symbols(self.spec, kernel, self.plan_gpu))
+        except ScheduleError as exc:
+            broken = [str(exc)]
+        if broken or set(found.entry.schedule) != set(space.knobs):
+            log.warning("dsagen: ignoring the tuned schedule of %s in %s: it does not fit today's search space "
+                        "(%s)", kernel, found.path, "; ".join(broken) or "knobs differ")
+            return None
+        return found
+
+    def launcher(self, kernel: str, device: torch.device, S: int | None = None, SKV: int | None = None):
         """The generated launcher for a device: compiled for CUDA, interpreted for CPU."""
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendError("CUDA tensors were given but torch sees no CUDA device")
-        return triton_backend.launcher(self._paths[kernel], kernel, interpret=device.type == "cpu")
+        hit = self.resolve(kernel, S, SKV, device.type)
+        return triton_backend.launcher(hit.path, kernel, interpret=device.type == "cpu")
 
-    def explain(self) -> dict[str, dict]:
-        return {k: {"schedule": s.choice.point, "source": s.choice.source, "module": s.generated.module_name,
-                    "path": str(self._paths[k])} for k, s in self.sources.items()}
+    def explain(self, S: int | None = None, SKV: int | None = None) -> dict[str, dict]:
+        """Per kernel: schedule, where it came from, module and file, for a problem of (S, SKV)."""
+        out = {}
+        for kernel in KERNELS:
+            hit = self.resolve(kernel, S, SKV)
+            out[kernel] = {"schedule": hit.point, "source": hit.source, "bucket": hit.bucket,
+                           "module": hit.module_name, "path": str(hit.path), "stale": list(hit.stale)}
+        return out
 
     # -- stage 1 ---------------------------------------------------------------------------
     def indexer(self, q, k, k_scale, weights, ks, ke, *, out=None):
@@ -93,7 +185,7 @@ class DSAKernels:
         _check("ks", ks, torch.int32, (n_q,), dev)
         _check("ke", ke, torch.int32, (n_q,), dev)
         _check_out("out", out, torch.float32, (n_q, n_kv), dev)
-        return self.launcher("indexer", dev)(q, k, k_scale, weights, ks, ke, out=out)
+        return self.launcher("indexer", dev, n_q, n_kv)(q, k, k_scale, weights, ks, ke, out=out)
 
     # -- stage 2 ---------------------------------------------------------------------------
     def topk(self, logits, ks, ke, *, out=None):
@@ -104,7 +196,7 @@ class DSAKernels:
         _check("ks", ks, torch.int32, (n_q,), dev)
         _check("ke", ke, torch.int32, (n_q,), dev)
         _check_out("out", out, torch.int32, (n_q, self.spec.topk.k), dev)
-        return self.launcher("topk", dev)(logits, ks, ke, out=out)
+        return self.launcher("topk", dev, n_q, logits.shape[1])(logits, ks, ke, out=out)
 
     # -- stage 3 ---------------------------------------------------------------------------
     def sparse_attention(self, q, kv, indices, sm_scale: float | None = None, *, out=None, lse=None):
@@ -124,7 +216,7 @@ class DSAKernels:
         _check_out("lse", lse, torch.float32, (n_q, at.heads), dev)
         if kv.shape[0] >= 2**31 - 1:
             raise ValueError(f"kv has {kv.shape[0]} rows: int32 indices address at most 2**31 - 2")
-        return self.launcher("sparse_attention", dev)(
+        return self.launcher("sparse_attention", dev, n_q, kv.shape[0])(
             q, kv, indices, sm_scale=sm_scale, out=out, lse=lse)
 
     # -- all three -------------------------------------------------------------------------
@@ -141,23 +233,34 @@ class DSAKernels:
         return DSAOutput(out, lse, indices)
 
 
-def current_gpu() -> GPU:
-    """The GPU type of cuda:0 when it is one dsagen knows, else the planning default."""
-    if torch.cuda.is_available():
-        name = gpu_type_from_device_name(torch.cuda.get_device_name(0))
-        if name in GPUS:
-            return get_gpu(name)
-        log.warning("dsagen: GPU %r is not in dsagen's table; planning for %s", name, DEFAULT_GPU)
-    return get_gpu(DEFAULT_GPU)
+def detected_gpu() -> tuple[str, str] | None:
+    """(GPU type, compute capability) of cuda:0, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return gpu_type_from_device_name(torch.cuda.get_device_name(0)), f"{major}.{minor}"
 
 
 def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
-          schedules: Mapping[str, Mapping[str, int]] | None = None) -> DSAKernels:
-    """Generate (or fetch from the cache) the three kernels of `spec` for `backend`.
+          schedules: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True) -> DSAKernels:
+    """The three kernels of `spec` for `backend`, generated (or fetched from the cache) on first use.
 
-    schedules: optional {kernel: {knob: value}} overriding the spec's pinned knobs.
+    gpu: the GPU type whose tuning database and limits to use (default: the one torch sees).
+    schedules: optional {kernel: {knob: value}} overriding the tuning database and the spec's pins.
+    use_db: False ignores the tuning database (pinned knobs and defaults only).
     """
     if backend != "triton":
         raise ValueError(f"backend={backend!r} is not supported yet: allowed 'triton'")
-    target = get_gpu(gpu) if gpu else current_gpu()
-    return DSAKernels(spec, all_sources(spec, backend, target, schedules), backend)
+    detected = detected_gpu()
+    if gpu is not None:
+        get_gpu(gpu)  # a named GPU type must be one dsagen knows
+        cc = detected[1] if detected and detected[0] == gpu else None
+        gpu_type, capability = gpu, cc
+    elif detected is not None:
+        gpu_type, capability = detected
+        if gpu_type not in GPUS:
+            log.warning("dsagen: GPU %r is not in dsagen's table; limits of %s are used for legality",
+                        gpu_type, DEFAULT_GPU)
+    else:
+        gpu_type, capability = None, None
+    return DSAKernels(spec, backend, gpu_type, capability, schedules, use_db)

@@ -86,7 +86,7 @@ INDEXER_SCHEDULES = [
 def test_indexer_schedules_agree(device, gen, schedule):
     spec = make_spec(ix_heads=16, ix_dim=128, ix_dtype="fp8_e4m3")
     kernels = dsagen.build(spec, schedules={"indexer": schedule})
-    assert kernels.sources["indexer"].choice.point == schedule
+    assert kernels.resolve("indexer").point == schedule
     S, SKV = 19, 333
     q = quantize(rand(gen, S, 16, 128), "fp8_e4m3").to(device)
     k = quantize(rand(gen, SKV, 128), "fp8_e4m3").to(device)

@@ -1,0 +1,1 @@
+"""Autotuning: shape buckets, the per-GPU tuning database, Optuna studies."""

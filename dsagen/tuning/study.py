@@ -1,0 +1,356 @@
+"""One Optuna study per (kernel, spec semantic hash, shape bucket, GPU type, backend).
+
+Small legal spaces are searched exhaustively (each legal point once, in a random order per worker so
+that several workers rarely collide); large ones with TPE. Illegal points never reach a compiler:
+they are told to Optuna as pruned. Every candidate is compiled, checked against the float64
+reference and timed in a worker process (dsagen.tuning.worker); a wrong, crashing or hanging
+candidate is one failed trial. The study lives in the storage, so running the same command again
+resumes it, and several processes or hosts can add trials to it at once.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..gpus import GPUS, get_gpu
+from ..pipeline import DEFAULT_GPU
+from ..plan import problem_symbols
+from ..schedule import load_space
+from ..spec import Spec
+from .buckets import bucket_of
+from .storage import open_storage
+from .worker import Job, Outcome, Worker
+
+SAMPLERS = ("auto", "grid", "tpe")
+GRID_MAX = 48  # legal spaces up to this size are searched exhaustively by default
+TPE_FRACTION = 0.3  # default TPE budget: this share of the legal space (at least TPE_MIN trials)
+TPE_MIN = 12
+
+
+@dataclass
+class TuneRequest:
+    spec: Spec
+    kernel: str
+    S: int
+    SKV: int
+    device: str = "cuda"  # "cpu" runs the Triton interpreter: for testing the tuner, timings are not real
+    gpu_type: str = DEFAULT_GPU  # the tuning database file and the study name
+    trials: int | None = None  # evaluated candidates per study, all workers together
+    timeout_s: float | None = None  # wall-clock limit of this process on this study
+    trial_timeout_s: float = 180.0
+    storage: str | None = None
+    sampler: str = "auto"
+    db_path: Path | None = None
+    backend: str = "triton"
+    seed: int = 0
+    timing: dict = field(default_factory=lambda: {"warmup": 25, "rep": 100})
+    jobs: int = 1  # worker processes on this device: they compile in parallel and time one at a time
+
+
+@dataclass
+class TuneResult:
+    study: str
+    sampler: str
+    legal: int
+    budget: int
+    evaluated: int  # counted trials in the study (all workers)
+    evaluated_here: int
+    failures: dict[str, int]
+    best_point: dict | None
+    best_ms: float | None
+    db_outcome: str
+    interrupted: bool = False
+
+
+def study_name(spec: Spec, kernel: str, backend: str, gpu_type: str, bucket: str, sampler: str) -> str:
+    return f"dsagen.{kernel}.{backend}.{gpu_type}.{spec.semantic_hash(kernel)}.{bucket}.{sampler}"
+
+
+def _plan_gpu(gpu_type: str) -> str:
+    return gpu_type if gpu_type in GPUS else DEFAULT_GPU
+
+
+def _point_key(point: dict) -> str:
+    return json.dumps({k: int(v) for k, v in sorted(point.items())})
+
+
+def _counted(trials) -> list:
+    return [t for t in trials if t.user_attrs.get("counted") and t.state.is_finished()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail_abandoned(study, trial_timeout_s: float) -> int:
+    """RUNNING trials whose worker is gone (a dead pid on this host, or older than any candidate may
+    run) become FAIL, so an exhaustive study re-runs their points."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    now = datetime.datetime.now()
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = t.user_attrs
+        dead_here = attrs.get("host") == host and "pid" in attrs and not _pid_alive(int(attrs["pid"]))
+        too_old = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > 2 * trial_timeout_s + 120
+        if dead_here or too_old:
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, "error", "abandoned: its worker stopped")
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                n += 1
+            except Exception:  # another worker got there first
+                pass
+    return n
+
+
+class Progress:
+    """One status line per study on stderr: trials, last result, best so far, ETA."""
+
+    def __init__(self, label: str, budget: int, stream=None, enabled: bool = True):
+        self.label, self.budget, self.enabled = label, budget, enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.monotonic()
+        self.done_here = 0
+
+    def update(self, done: int, last: str, best_ms: float | None) -> None:
+        if not self.enabled:
+            return
+        self.done_here += 1
+        rate = (time.monotonic() - self.t0) / self.done_here
+        left = max(self.budget - done, 0) * rate
+        eta = time.strftime("%M:%S", time.gmtime(left)) if left < 3600 else f"{left / 3600:.1f} h"
+        best = f"{best_ms:.4f} ms" if best_ms is not None else "-"
+        line = f"{self.label}  trial {done}/{self.budget}  last: {last}  best: {best}  ETA {eta}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.ok:
+        return f"{outcome.ms:.4f} ms"
+    return f"{outcome.status}: {outcome.reason[:120]}"
+
+
+class _StudyRun:
+    """The trial loop one or more threads run, each driving its own worker process."""
+
+    def __init__(self, req, study, space, legal, sampler_kind, budget, plan_gpu):
+        self.req, self.study, self.space = req, study, space
+        self.legal_keys = {_point_key(p): p for p in legal}
+        self.order = list(self.legal_keys)
+        random.Random(os.getpid()).shuffle(self.order)  # workers of one grid study start apart
+        self.sampler_kind, self.budget, self.plan_gpu = sampler_kind, budget, plan_gpu
+        self.deadline = time.monotonic() + req.timeout_s if req.timeout_s else None
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.failures: dict[str, int] = {}
+        self.errors: list[BaseException] = []
+        self.evaluated_here = 0
+        self.skipped = 0
+        self.interrupted = False
+
+    def _next_trial(self):
+        """Under the lock: a new trial with a legal, untried point, or None when the study is done."""
+        from optuna.trial import TrialState
+
+        study = self.study
+        while not self.stop.is_set():
+            _fail_abandoned(study, self.req.trial_timeout_s)
+            trials = study.get_trials(deepcopy=False)
+            counted = _counted(trials)
+            if len(counted) >= self.budget or (self.deadline and time.monotonic() > self.deadline):
+                return None
+            tried = {t.user_attrs.get("point") for t in counted}
+            running = {t.user_attrs.get("point") for t in trials if t.state == TrialState.RUNNING}
+            if len(counted) + len(running) >= self.budget:
+                return "wait"
+            if self.sampler_kind == "grid":
+                pending = [k for k in self.order if k not in tried and k not in running]
+                if not pending:
+                    return "wait" if running else None
+                study.enqueue_trial(self.legal_keys[pending[0]], skip_if_exists=False)
+            trial = study.ask()
+            point = {n: trial.suggest_categorical(n, list(k.values)) for n, k in self.space.knobs.items()}
+            key = _point_key(point)
+            if key not in self.legal_keys or key in tried or key in running:
+                trial.set_user_attr("skipped", "illegal" if key not in self.legal_keys else "already tried")
+                study.tell(trial, state=TrialState.PRUNED)
+                self.skipped += 1
+                if self.skipped > 50 * self.budget:  # TPE keeps proposing what was tried: converged
+                    return None
+                continue
+            trial.set_user_attr("point", key)
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+            return trial, point
+        return None
+
+    def loop(self, worker: Worker, bar: Progress) -> None:
+        try:
+            self._loop(worker, bar)
+        except BaseException as exc:  # surfaced by tune_kernel in the main thread
+            self.errors.append(exc)
+            self.stop.set()
+
+    def _loop(self, worker: Worker, bar: Progress) -> None:
+        from optuna.trial import TrialState
+
+        req, study = self.req, self.study
+        while not self.stop.is_set():
+            with self.lock:
+                nxt = self._next_trial()
+            if nxt is None:
+                return
+            if nxt == "wait":  # the last points are with other workers
+                time.sleep(1)
+                continue
+            trial, point = nxt
+            job = Job(req.spec.to_dict(), req.kernel, point, req.S, req.SKV, req.device,
+                      seed=req.seed * 100003 + trial.number, plan_gpu=self.plan_gpu, backend=req.backend,
+                      timing=dict(req.timing))
+            outcome = worker.run(job, req.trial_timeout_s)
+            with self.lock:
+                if self.stop.is_set() and not outcome.ok:  # killed by Ctrl-C: not a verdict
+                    trial.set_user_attr("error", "interrupted (Ctrl-C)")
+                    study.tell(trial, state=TrialState.FAIL)
+                    return
+                trial.set_user_attr("counted", True)
+                trial.set_user_attr("status", outcome.status)
+                self.evaluated_here += 1
+                if outcome.ok:
+                    trial.set_user_attr("check", outcome.check)
+                    study.tell(trial, outcome.ms)
+                else:
+                    self.failures[outcome.status] = self.failures.get(outcome.status, 0) + 1
+                    trial.set_user_attr("error", outcome.reason[:1000])
+                    study.tell(trial, state=TrialState.FAIL)
+                done = len(_counted(study.get_trials(deepcopy=False)))
+                bar.update(done, _describe(outcome), _best_ms(study))
+
+
+def tune_kernel(req: TuneRequest, progress: bool = True) -> TuneResult:
+    """Run (or resume) the study of one kernel at one shape; record its best in the tuning DB."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if req.sampler not in SAMPLERS:
+        raise ValueError(f"sampler={req.sampler!r}: allowed {', '.join(SAMPLERS)}")
+    if req.trials is not None and req.trials < 1:
+        raise ValueError(f"trials={req.trials}: must be >= 1")
+    plan_gpu = _plan_gpu(req.gpu_type)
+    space = load_space(req.backend, req.kernel)
+    legal = space.legal_points(problem_symbols(req.spec, req.kernel, get_gpu(plan_gpu)))
+    if not legal:
+        raise ValueError(f"{req.kernel}: no legal schedule in schedules/{req.backend}/{req.kernel}.toml "
+                         f"for this spec on {plan_gpu}")
+    sampler_kind = req.sampler if req.sampler != "auto" else ("grid" if len(legal) <= GRID_MAX else "tpe")
+    default_budget = len(legal) if sampler_kind == "grid" else max(TPE_MIN, math.ceil(TPE_FRACTION * len(legal)))
+    budget = min(req.trials or default_budget, len(legal))
+    bucket = bucket_of(req.S, req.SKV)
+    name = study_name(req.spec, req.kernel, req.backend, req.gpu_type, bucket, sampler_kind)
+    sampler = (optuna.samplers.TPESampler(seed=None, n_startup_trials=min(8, budget), multivariate=True)
+               if sampler_kind == "tpe" else optuna.samplers.RandomSampler())
+    study = optuna.create_study(study_name=name, storage=open_storage(req.storage), sampler=sampler,
+                                direction="minimize", load_if_exists=True)
+    study.set_user_attr("kernel", req.kernel)
+    study.set_user_attr("shape", {"S": req.S, "SKV": req.SKV})
+    study.set_user_attr("spec", req.spec.to_dict())
+    study.set_user_attr("legal_points", len(legal))
+
+    run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu)
+    bar = Progress(f"[{req.kernel} {bucket} {sampler_kind}]", budget, enabled=progress)
+    workers = [Worker() for _ in range(max(1, req.jobs))]
+    threads = [threading.Thread(target=run.loop, args=(w, bar), daemon=True) for w in workers]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except KeyboardInterrupt:
+        run.stop.set()
+        run.interrupted = True
+        for w in workers:
+            w.kill()
+        for t in threads:
+            t.join(30)
+    finally:
+        bar.close()
+        for w in workers:
+            w.close()
+    if run.errors:
+        raise run.errors[0]
+    failures, evaluated_here, interrupted = run.failures, run.evaluated_here, run.interrupted
+
+    best = _best_trial(study)
+    db_outcome = "nothing recorded: no candidate passed its check" if best is None else \
+        _record(req, name, sampler_kind, best, len(_counted(study.get_trials(deepcopy=False))))
+    return TuneResult(name, sampler_kind, len(legal), budget, len(_counted(study.get_trials(deepcopy=False))),
+                      evaluated_here, failures, json.loads(best.user_attrs["point"]) if best else None,
+                      best.value if best else None, db_outcome, interrupted)
+
+
+def _best_trial(study):
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return min(done, key=lambda t: t.value) if done else None
+
+
+def _best_ms(study) -> float | None:
+    best = _best_trial(study)
+    return best.value if best else None
+
+
+def _device_facts(device: str) -> tuple[str, str]:
+    import torch
+
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability(0)
+        return torch.cuda.get_device_name(0), f"{major}.{minor}"
+    return "cpu (Triton interpreter)", "cpu"
+
+
+def _record(req: TuneRequest, name: str, sampler_kind: str, best, evaluated: int) -> str:
+    from ..workloads import WORKLOADS
+    from . import db as tuning_db
+
+    ms = float(best.value)
+    rates = WORKLOADS[req.kernel].rates(req.spec, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
+    device_name, cc = _device_facts(req.device)
+    entry = tuning_db.Entry(
+        kernel=req.kernel, backend=req.backend, spec_hash=req.spec.semantic_hash(req.kernel),
+        bucket=bucket_of(req.S, req.SKV), shape={"S": req.S, "SKV": req.SKV},
+        schedule=json.loads(best.user_attrs["point"]), ms=ms, tflops=rates["tflops"], gbps=rates["gbps"],
+        pct_of_roofline=rates["pct_of_roofline"], gpu_type=req.gpu_type, device_name=device_name,
+        compute_capability=cc, date=datetime.date.today().isoformat(), versions=tuning_db.running_versions(),
+        trials=evaluated, sampler=sampler_kind, study=name)
+    path = req.db_path or tuning_db.db_path(req.gpu_type)
+    return f"{path}: {tuning_db.record(path, entry)}"

@@ -1,0 +1,244 @@
+"""Evaluating one candidate schedule in a worker process: render, compile, check, time.
+
+A candidate may crash its process (an illegal memory access poisons the CUDA context; a segfault
+kills it) or hang. Each worker is a separate spawned process that evaluates candidates one after
+another, keeping Triton's compile cache warm; the parent gives every candidate a time limit, and a
+crash or a timeout costs that one trial: the worker is killed and a fresh one starts for the next.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+_CUDA_FATAL = ("illegal memory access", "CUDA error", "unspecified launch failure", "misaligned address",
+               "device-side assert", "an illegal instruction")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs, as plain data (it crosses a process boundary)."""
+
+    spec: dict
+    kernel: str
+    point: dict
+    S: int
+    SKV: int
+    device: str  # "cuda" (compiled) or "cpu" (Triton interpreter: for testing the tuner)
+    seed: int  # fresh inputs per trial
+    plan_gpu: str  # GPU type whose limits the schedule was checked against
+    backend: str = "triton"
+    check_rows: int = 6
+    timing: dict = field(default_factory=lambda: {"warmup": 25, "rep": 100})
+
+
+@dataclass
+class Outcome:
+    status: str  # "ok", "wrong" (checked and rejected), "error" (compile/launch), "crashed", "timeout"
+    ms: float | None = None
+    reason: str = ""
+    check: str = ""
+    compile_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _median_interpreted_ms(fn, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def evaluate(job: Job) -> Outcome:
+    """Run one candidate in this process. Wrong results and Python-level errors become Outcomes."""
+    import torch
+
+    from ..backends import triton as triton_backend
+    from ..pipeline import kernel_source
+    from ..spec import spec_from_dict
+    from ..verify import Mismatch
+    from ..workloads import WORKLOADS, check, poisoned_outputs, sample_rows
+
+    spec = spec_from_dict(job.spec)
+    t0 = time.perf_counter()
+    try:
+        src = kernel_source(spec, job.kernel, job.backend, job.plan_gpu, override=job.point)
+        path = triton_backend.materialize(src.generated)
+        fn = triton_backend.launcher(path, job.kernel, interpret=job.device == "cpu")
+        inputs = WORKLOADS[job.kernel].make_inputs(spec, job.S, job.SKV, job.device, job.seed)
+        outs = poisoned_outputs(spec, job.kernel, inputs)
+        result = fn(*inputs, **outs)  # the first call compiles
+        if job.device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as exc:  # compile errors, out of resources, launch failures
+        return Outcome("error", reason=f"{type(exc).__name__}: {_first_line(exc)}")
+    compile_s = time.perf_counter() - t0
+    try:
+        checked = check(spec, job.kernel, inputs, result, sample_rows(job.S, job.check_rows, job.seed))
+    except Mismatch as exc:
+        return Outcome("wrong", reason=f"rejected, wrong result: {exc}", compile_s=compile_s)
+
+    def run():
+        return fn(*inputs, **outs)
+
+    if job.device == "cuda":
+        import triton.testing
+
+        with _timing_lock():  # workers compile and check concurrently but time one at a time
+            ms = float(triton.testing.do_bench(run, return_mode="median", **job.timing))
+    else:
+        ms = _median_interpreted_ms(run)
+    return Outcome("ok", ms=ms, check=checked, compile_s=compile_s)
+
+
+def _timing_lock():
+    """One lock per visible GPU, shared by every worker process of this host."""
+    from ..fileio import cache_dir, file_lock
+
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "_") or "none"
+    return file_lock(cache_dir() / "tuning" / f"timing-gpu-{device}.lock")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or repr(exc)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if len(lines) > 3 else " ".join(lines))[:400]
+
+
+def _serve(recv: Connection, send: Connection) -> None:
+    """Worker main loop: receive Jobs, send Outcomes; exit after a CUDA error (the context is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    while True:
+        try:
+            job = recv.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        try:
+            outcome = evaluate(job)
+        except Exception as exc:  # a bug outside the candidate's own code path
+            outcome = Outcome("error", reason=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+        send.send(asdict(outcome))
+        if outcome.status == "error" and any(s in outcome.reason for s in _CUDA_FATAL):
+            return
+
+
+class Worker:
+    """An evaluation process (`python -m dsagen.tuning.worker`), restarted after a crash or a timeout.
+
+    A plain subprocess rather than multiprocessing's spawn, so that nothing of the caller's main
+    module is re-imported; jobs and outcomes travel as pickles over a pair of pipes, and the child's
+    own output goes to a log whose tail explains a crash.
+    """
+
+    def __init__(self, env: dict[str, str] | None = None, log_dir: Path | None = None):
+        self.env = env or {}
+        self.log_dir = log_dir
+        self._proc: subprocess.Popen | None = None
+        self._send = self._recv = None
+        self._log = None
+        self.restarts = 0
+
+    def _start(self) -> None:
+        from ..fileio import cache_dir
+
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = {**os.environ, **self.env}
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        log_dir = self.log_dir or cache_dir() / "tuning" / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._log = log_dir / f"worker-{os.getpid()}-{self.restarts}.log"
+        with open(self._log, "w") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "dsagen.tuning.worker", str(to_child_r), str(from_child_w)],
+                pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=env, start_new_session=True)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._send = Connection(to_child_w, readable=False)
+        self._recv = Connection(from_child_r, writable=False)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def run(self, job: Job, timeout_s: float) -> Outcome:
+        if not self.alive():
+            if self._proc is not None:
+                self.restarts += 1
+                self.kill()
+            self._start()
+        try:
+            self._send.send(job)
+            if not self._recv.poll(timeout_s):
+                self.kill()
+                return Outcome("timeout", reason=f"no result within {timeout_s:g} s: killed (a hang costs one trial)")
+            outcome = Outcome(**self._recv.recv())
+            if outcome.status == "error" and any(s in outcome.reason for s in _CUDA_FATAL):
+                self.kill()  # it exits by itself; make sure the next job goes to a fresh one
+            return outcome
+        except (EOFError, OSError, ValueError, AttributeError):  # died, or killed by another thread
+            proc = self._proc
+            if proc is None:
+                return Outcome("crashed", reason="worker stopped")
+            try:
+                code = proc.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
+            tail = self._log_tail()
+            self.kill()
+            return Outcome("crashed", reason=f"worker process died ({_describe_exit(code)}){tail}")
+
+    def _log_tail(self) -> str:
+        try:
+            lines = [ln for ln in self._log.read_text(errors="replace").splitlines() if ln.strip()]
+        except (OSError, AttributeError):
+            return ""
+        return f": {lines[-1][:300]}" if lines else ""
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(10)
+        for conn in (self._send, self._recv):
+            if conn is not None:
+                conn.close()
+        self._proc = self._send = self._recv = None
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                self._send.send(None)
+                self._proc.wait(10)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))

@@ -1,0 +1,578 @@
+"""The per-GPU tuning database (dsagen.tuning.db), its shape buckets and `dsagen db`.
+
+Everything runs on files under tmp_path; DSAGEN_CACHE_DIR points into tmp_path too, so the user's
+real tuning database is never read or written.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from dsagen.tuning import db
+from dsagen.tuning.buckets import SHAPE_SETS, bucket_distance, bucket_of, parse_bucket
+from dsagen.tuning.db_cli import db_app
+
+HASH = "0123456789abcdef"
+OTHER_HASH = "fedcba9876543210"
+
+
+@pytest.fixture(autouse=True)
+def _private_user_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSAGEN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def make_entry(**changes) -> db.Entry:
+    """A valid entry tuned with the running versions; S/SKV set shape and bucket together."""
+    S, SKV = changes.pop("S", 4096), changes.pop("SKV", 32768)
+    fields = dict(
+        kernel="sparse_attention", backend="triton", spec_hash=HASH, bucket=bucket_of(S, SKV),
+        shape={"S": S, "SKV": SKV}, schedule={"block_h": 64, "num_warps": 4}, ms=1.5, tflops=120.0,
+        gbps=None, pct_of_roofline=61.5, gpu_type="nvidia-h200", device_name="NVIDIA H200",
+        compute_capability="9.0", date="2026-11-28", versions=db.running_versions(), trials=12,
+        sampler="grid", study="v32-sparse_attention",
+    )
+    fields.update(changes)
+    return db.Entry(**fields)
+
+
+def write_db(path: Path, *entries: db.Entry) -> Path:
+    db.save(db.TuningDB(path, path.stem, {e.key: e for e in entries}))
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(db.TuningDBError) as info:
+        db.load(path)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# buckets
+
+
+@pytest.mark.parametrize("S, SKV, bucket", [
+    (1, 1, "S1-SKV1"), (4096, 32768, "S4096-SKV32768"), (4097, 32767, "S8192-SKV32768"),
+    (3, 5000, "S4-SKV8192"),
+], ids=["ones", "powers-of-two-stay", "round-up-each", "small"])
+def test_bucket_of_rounds_up_to_powers_of_two(S, SKV, bucket):
+    assert bucket_of(S, SKV) == bucket
+    assert parse_bucket(bucket) == tuple(int(n) for n in re.findall(r"\d+", bucket))
+
+
+@pytest.mark.parametrize("S, SKV, name", [(0, 8, "S"), (8, -1, "SKV"), (2.0, 8, "S"), (True, 8, "S")],
+                         ids=["S-zero", "SKV-negative", "S-float", "S-bool"])
+def test_bucket_of_rejects_bad_sizes(S, SKV, name):
+    with pytest.raises(ValueError, match=f"^{name} must be an integer >= 1"):
+        bucket_of(S, SKV)
+
+
+@pytest.mark.parametrize("text", ["S4096", "S3000-SKV8192", "S4096-SKV0", "s4096-skv8192", "S04096-SKV8192",
+                                  "S4096-SKV8192 ", ""],
+                         ids=["no-SKV", "not-pow2", "zero", "lowercase", "leading-zero", "trailing-space", "empty"])
+def test_parse_bucket_rejects_bad_text(text):
+    with pytest.raises(ValueError, match=r"S<pow2>-SKV<pow2>") as info:
+        parse_bucket(text)
+    assert repr(text) in str(info.value)
+
+
+def test_bucket_distance():
+    assert bucket_distance("S4096-SKV32768", "S4096-SKV32768") == 0
+    assert bucket_distance("S1024-SKV8192", "S4096-SKV32768") == 4
+    assert bucket_distance("S4096-SKV8192", "S2048-SKV16384") == 2
+
+
+def test_shape_sets():
+    assert SHAPE_SETS["v32"] == [(1024, 8192), (1024, 32768), (1024, 131072),
+                                 (4096, 8192), (4096, 32768), (4096, 131072)]
+    assert SHAPE_SETS["smoke"] == [(256, 4096)]
+
+
+# ------------------------------------------------------------------------------------------------
+# file format
+
+
+def test_round_trip_and_one_entry_per_line(tmp_path):
+    entries = [make_entry(), make_entry(S=1024, SKV=8192, ms=0.25),
+               make_entry(kernel="indexer", schedule={"block_n": 128}, tflops=None, pct_of_roofline=None)]
+    path = write_db(tmp_path / "nvidia-h200.json", *entries)
+    text = path.read_text()
+    data = json.loads(text)
+    assert data["format"] == "dsagen-autotune-db" and data["version"] == 1 and data["gpu_type"] == "nvidia-h200"
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(entries) + 1  # header, '"entries": [', one line each, ' ]}'
+    assert [json.loads(line.strip().rstrip(",")) for line in lines[2:-1]] == data["entries"]
+    keys = [(e["kernel"], e["bucket"]) for e in data["entries"]]
+    assert keys == [("indexer", "S4096-SKV32768"), ("sparse_attention", "S1024-SKV8192"),
+                    ("sparse_attention", "S4096-SKV32768")]  # sorted by key
+    loaded = db.load(path)
+    assert loaded.gpu_type == "nvidia-h200"
+    assert loaded.entries == {e.key: e for e in entries}
+    assert db.dump(loaded) == text
+
+
+def test_missing_file_is_an_empty_db(tmp_path):
+    loaded = db.load(tmp_path / "nvidia-a100.json")
+    assert (loaded.gpu_type, loaded.entries) == ("nvidia-a100", {})
+    assert json.loads(db.dump(loaded))["entries"] == []
+
+
+@pytest.mark.parametrize("gpu_type", ["../etc", "NVIDIA H200", "", "-x", "a/b"],
+                         ids=["dotdot", "spaces-upper", "empty", "leading-dash", "slash"])
+def test_db_path_rejects_gpu_types_that_are_not_file_names(gpu_type, tmp_path):
+    with pytest.raises(ValueError, match="bad GPU type"):
+        db.db_path(gpu_type, tmp_path)
+
+
+def test_db_path_default_is_the_user_dir(tmp_path):
+    assert db.db_path("nvidia-h200") == tmp_path / "cache" / "autotune_db" / "nvidia-h200.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# validation errors name file:line
+
+
+def _three_entry_file(tmp_path) -> tuple[Path, list[str]]:
+    path = write_db(tmp_path / "nvidia-h200.json", make_entry(S=1024), make_entry(S=2048), make_entry(S=4096))
+    return path, path.read_text().splitlines()
+
+
+def _set_entry_line(path: Path, lines: list[str], number: int, change) -> None:
+    """Apply change(dict) to the entry written on line `number` (1-based)."""
+    raw = lines[number - 1]
+    comma = raw.endswith(",")
+    entry = json.loads(raw.strip().rstrip(","))
+    change(entry)
+    lines[number - 1] = "  " + json.dumps(entry) + ("," if comma else "")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: e.update(ms="fast"), """entry field 'ms' must be a number > 0, got "fast\""""),
+    (lambda e: e.update(ms=0), "entry field 'ms' must be a number > 0, got 0"),
+    (lambda e: e.update(trials=1.5), "entry field 'trials' must be an integer >= 0, got 1.5"),
+    (lambda e: e.update(schedule={"block_h": "64"}), "entry field 'schedule' must be an object of knob -> integer"),
+    (lambda e: e.pop("date"), "entry is missing field 'date'"),
+    (lambda e: e.update(kernel="flash"), """entry field 'kernel' must be one of indexer, topk, sparse_attention, got "flash\""""),
+    (lambda e: e.update(spec_hash="abc"), "entry field 'spec_hash' must be 16 lowercase hex characters"),
+    (lambda e: e.update(bucket="S4000-SKV8192"), "entry field 'bucket' must be a bucket"),
+    (lambda e: e.update(bucket="S1024-SKV8192"), "entry field 'bucket' is \"S1024-SKV8192\" but shape S=2048"),
+    (lambda e: e.update(date="yesterday"), "entry field 'date' must be an ISO date string"),
+    (lambda e: e["versions"].pop("cuda"), "entry field 'versions' must be an object with exactly the keys"),
+    (lambda e: e.update(speedup=2), "entry has unknown field 'speedup'"),
+    (lambda e: e.update(gpu_type="nvidia-h100"), "entry field 'gpu_type' is \"nvidia-h100\" but this is the file of"),
+], ids=["ms-string", "ms-zero", "trials-float", "schedule-value-string", "missing-date", "unknown-kernel",
+        "short-spec-hash", "bucket-not-pow2", "bucket-not-the-shapes", "bad-date", "versions-missing-cuda",
+        "unknown-field", "entry-of-another-gpu"])
+def test_bad_entry_names_file_and_line(tmp_path, change, message):
+    path, lines = _three_entry_file(tmp_path)
+    _set_entry_line(path, lines, 4, change)  # line 4: the second entry
+    assert error_of(path).startswith(f"{path}:4: {message}")
+
+
+def test_bad_json_names_the_line(tmp_path):
+    path, lines = _three_entry_file(tmp_path)
+    lines[3] = lines[3].replace('"ms": 1.5', '"ms": 1.5,,')
+    path.write_text("\n".join(lines) + "\n")
+    assert re.match(rf"{re.escape(str(path))}:4: invalid JSON: ", error_of(path))
+
+
+def test_duplicate_key_names_both_lines(tmp_path):
+    path, lines = _three_entry_file(tmp_path)
+    lines[4] = lines[2].rstrip(",")  # the third entry becomes a copy of the first
+    path.write_text("\n".join(lines) + "\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}:5: duplicate entry (kernel=sparse_attention")
+    assert "lines 3 and 5" in message
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ('[1, 2]\n', 1, "the top level must be a JSON object"),
+    ('\n\n"x"\n', 3, "the top level must be a JSON object"),
+    ('{"format": "something-else", "version": 1,\n "gpu_type": "nvidia-h200", "entries": []}', 1,
+     "'format' must be \"dsagen-autotune-db\""),
+    ('{"format": "dsagen-autotune-db",\n "version": 2,\n "gpu_type": "nvidia-h200", "entries": []}', 2,
+     "unsupported 'version' 2"),
+    ('{"format": "dsagen-autotune-db", "version": 1,\n "gpu_type": "nvidia-h100",\n "entries": []}', 2,
+     "'gpu_type' is \"nvidia-h100\" but the file is named nvidia-h200.json"),
+    ('{"format": "dsagen-autotune-db", "version": 1, "gpu_type": "nvidia-h200"}', 1,
+     "missing top-level key 'entries'"),
+    ('{"format": "dsagen-autotune-db", "version": 1, "gpu_type": "nvidia-h200",\n "entries": {}}', 2,
+     "'entries' must be a JSON array"),
+    ('{"format": "dsagen-autotune-db", "version": 1, "gpu_type": "nvidia-h200",\n "entries": [],\n "x": 1}', 3,
+     "unknown top-level key 'x'"),
+], ids=["array", "string-after-blank-lines", "wrong-format", "version-2", "gpu-type-mismatch", "no-entries",
+        "entries-not-array", "unknown-top-key"])
+def test_bad_top_level_names_file_and_line(tmp_path, text, line, message):
+    path = tmp_path / "nvidia-h200.json"
+    path.write_text(text)
+    assert error_of(path).startswith(f"{path}:{line}: {message}")
+
+
+def test_hand_reformatted_file_names_the_entry_start_line(tmp_path):
+    path, _ = _three_entry_file(tmp_path)
+    data = json.loads(path.read_text())
+    data["entries"][2]["ms"] = -1
+    text = json.dumps(data, indent=2)  # every field on its own line now
+    path.write_text(text)
+    lines = text.splitlines()
+    starts = [i + 1 for i, line in enumerate(lines) if line == "    {"]
+    assert len(starts) == 3 and starts[2] > 50
+    assert error_of(path).startswith(f"{path}:{starts[2]}: entry field 'ms' must be a number > 0, got -1")
+
+
+def test_odd_spacing_with_brackets_inside_strings(tmp_path):
+    """Entry lines are found by walking the JSON, not by looking for braces or newlines."""
+    good = make_entry(S=1024, study="a [tricky] {name},\n").to_json()
+    bad = dict(make_entry().to_json(), sampler="")
+    text = ('{\n"entries"\n:\n[ ' + json.dumps(good) + '\n,\n\n\t' + json.dumps(bad) + ' ] ,"gpu_type":"nvidia-h200",'
+            '\n"format":"dsagen-autotune-db","version":1}')
+    path = tmp_path / "nvidia-h200.json"
+    path.write_text(text)
+    assert error_of(path).startswith(f"{path}:7: entry field 'sampler' must be a non-empty string")
+
+
+# ------------------------------------------------------------------------------------------------
+# record
+
+
+def test_record_add_replace_keep(tmp_path):
+    path = tmp_path / "nvidia-h200.json"
+    first = make_entry(ms=2.0)
+    assert db.record(path, first) == "added"
+    assert db.record(path, make_entry(ms=1.0, schedule={"block_h": 32})) == "replaced"  # faster
+    assert db.record(path, make_entry(ms=3.0, schedule={"block_h": 16})) == "kept: existing entry is faster (1 ms)"
+    assert db.load(path).entries[first.key].schedule == {"block_h": 32}
+    # the same schedule measured again replaces, even when slower (the newer measurement counts)
+    assert db.record(path, make_entry(ms=1.2, schedule={"block_h": 32})) == "replaced"
+    assert db.load(path).entries[first.key].ms == 1.2
+    assert db.record(path, make_entry(S=1024)) == "added"  # another bucket
+    assert len(db.load(path).entries) == 2
+
+
+def test_record_replaces_a_stale_entry_even_if_it_was_faster(tmp_path):
+    path = tmp_path / "nvidia-h200.json"
+    old_versions = dict(db.running_versions(), torch="2.11.0")
+    db.record(path, make_entry(ms=0.5, versions=old_versions))
+    new = make_entry(ms=0.9, schedule={"block_h": 16})
+    assert db.record(path, new) == "replaced"
+    assert db.load(path).entries[new.key] == new
+
+
+def test_record_refuses_an_entry_of_another_gpu_type(tmp_path):
+    with pytest.raises(db.TuningDBError, match="nvidia-h100"):
+        db.record(tmp_path / "nvidia-h200.json", make_entry(gpu_type="nvidia-h100"))
+
+
+def test_record_validates_the_entry_before_writing(tmp_path):
+    path = tmp_path / "nvidia-h200.json"
+    with pytest.raises(db.TuningDBError, match="entry field 'ms' must be a number > 0"):
+        db.record(path, make_entry(ms=float("nan")))
+    assert not path.exists()
+
+
+def test_record_never_writes_over_a_corrupt_file(tmp_path):
+    path = write_db(tmp_path / "nvidia-h200.json", make_entry(S=1024), make_entry(S=2048))
+    corrupt = path.read_bytes().replace(b'"ms": 1.5', b'"ms": "x"', 1)
+    path.write_bytes(corrupt)
+    with pytest.raises(db.TuningDBError, match=rf"^{re.escape(str(path))}:3: entry field 'ms'"):
+        db.record(path, make_entry(S=8192))
+    assert path.read_bytes() == corrupt
+
+
+def test_a_crash_mid_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = write_db(tmp_path / "db" / "nvidia-h200.json", make_entry(S=1024))
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        db.record(path, make_entry(S=2048))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [".nvidia-h200.json.lock", "nvidia-h200.json"]
+
+
+def _record_five(path: str, worker: int, start) -> None:
+    start.wait()
+    for i in range(5):
+        entry = make_entry(spec_hash=f"{worker:08x}{i:08x}")
+        assert db.record(Path(path), entry) == "added"
+
+
+def test_concurrent_record_from_eight_processes_keeps_every_entry(tmp_path):
+    path = tmp_path / "nvidia-h200.json"
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    workers = [context.Process(target=_record_five, args=(str(path), w, start)) for w in range(8)]
+    for p in workers:
+        p.start()
+    start.set()
+    for p in workers:
+        p.join(60)
+    assert [p.exitcode for p in workers] == [0] * 8
+    assert len(db.load(path).entries) == 40
+
+
+# ------------------------------------------------------------------------------------------------
+# merge
+
+
+def test_merge_counts_and_faster_wins(tmp_path):
+    a = write_db(tmp_path / "a" / "nvidia-h200.json",
+                 make_entry(S=1024, ms=1.0), make_entry(S=2048, ms=2.0), make_entry(S=4096, ms=3.0, date="2026-01-01"))
+    b = write_db(tmp_path / "b" / "nvidia-h200.json",
+                 make_entry(S=1024, ms=1.5, schedule={"block_h": 8}),  # slower: kept
+                 make_entry(S=2048, ms=1.0, schedule={"block_h": 8}),  # faster: replaced
+                 make_entry(S=4096, ms=3.0, date="2026-02-01", schedule={"block_h": 8}),  # tie, later: replaced
+                 make_entry(S=8192))  # new: added
+    assert db.merge(a, b) == {"added": 1, "replaced": 2, "kept": 1, "total": 4}
+    merged = {e.bucket: e for e in db.load(a).entries.values()}
+    assert merged["S1024-SKV32768"].ms == 1.0
+    assert merged["S2048-SKV32768"].schedule == {"block_h": 8}
+    assert merged["S4096-SKV32768"].date == "2026-02-01"
+
+
+def test_merge_into_out_leaves_a_alone(tmp_path):
+    a = write_db(tmp_path / "a" / "nvidia-h200.json", make_entry(S=1024))
+    b = write_db(tmp_path / "b" / "nvidia-h200.json", make_entry(S=2048))
+    before = a.read_bytes()
+    out = tmp_path / "out" / "nvidia-h200.json"
+    assert db.merge(a, b, out)["total"] == 2
+    assert a.read_bytes() == before and len(db.load(out).entries) == 2
+
+
+def test_merge_refuses_different_gpu_types(tmp_path):
+    a = write_db(tmp_path / "nvidia-h200.json", make_entry())
+    b = write_db(tmp_path / "nvidia-h100.json", make_entry(gpu_type="nvidia-h100"))
+    with pytest.raises(db.TuningDBError) as info:
+        db.merge(a, b)
+    assert str(a) in str(info.value) and str(b) in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# lookup
+
+
+def _lookup(dirs, S=4096, SKV=32768, gpu_type="nvidia-h200", compute_capability="9.0", spec_hash=HASH):
+    return db.lookup(kernel="sparse_attention", backend="triton", spec_hash=spec_hash, S=S, SKV=SKV,
+                     gpu_type=gpu_type, compute_capability=compute_capability, dirs=dirs)
+
+
+def test_lookup_order_exact_nearest_same_cc_none(tmp_path):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    write_db(user / "nvidia-h200.json", make_entry(S=4096, SKV=32768), make_entry(S=4096, SKV=8192))
+    write_db(shipped / "nvidia-h100.json", make_entry(S=1024, SKV=8192, gpu_type="nvidia-h100", ms=0.7))
+    write_db(shipped / "nvidia-a100.json", make_entry(S=2048, SKV=8192, gpu_type="nvidia-a100",
+                                                    compute_capability="8.0"))
+    dirs = [user, shipped, tmp_path / "missing"]
+
+    found = _lookup(dirs, S=3000, SKV=20000)
+    assert found.source == "tuned (exact bucket S4096-SKV32768)" and found.path == user / "nvidia-h200.json"
+
+    found = _lookup(dirs, S=2048, SKV=8192)
+    assert found.source == "tuned (nearest bucket S4096-SKV8192 for S2048-SKV8192)"
+
+    found = _lookup(dirs, S=2048, SKV=16384)  # S4096-SKV8192 and S4096-SKV32768 tie: the larger wins
+    assert found.entry.bucket == "S4096-SKV32768"
+
+    found = _lookup(dirs, S=1024, SKV=8192, gpu_type="nvidia-h20", compute_capability="9.0")
+    assert found.source == "tuned on nvidia-h100 (same compute capability 9.0, bucket S1024-SKV8192)"
+    assert found.entry.ms == 0.7
+
+    found = _lookup(dirs, S=256, SKV=4096, gpu_type="nvidia-h20", compute_capability="9.0")
+    assert found.source.startswith("tuned on nvidia-h") and "nearest bucket" in found.source
+
+    found = _lookup(dirs, S=2048, SKV=8192, gpu_type="nvidia-a10g", compute_capability="8.0")
+    assert found.source == "tuned on nvidia-a100 (same compute capability 8.0, bucket S2048-SKV8192)"
+
+    assert _lookup(dirs, gpu_type="nvidia-b200", compute_capability="10.0") is None
+    assert _lookup(dirs, gpu_type="nvidia-b200", compute_capability=None) is None
+    assert _lookup(dirs, spec_hash=OTHER_HASH) is None
+    assert _lookup([tmp_path / "nowhere"]) is None
+
+
+def test_lookup_takes_a_known_gpus_compute_capability_from_dsagen_gpus(tmp_path):
+    write_db(tmp_path / "nvidia-h200.json", make_entry())
+    found = _lookup([tmp_path], gpu_type="nvidia-h100", compute_capability=None)
+    assert found.source == "tuned on nvidia-h200 (same compute capability 9.0, bucket S4096-SKV32768)"
+
+
+def test_lookup_user_entry_beats_shipped_entry(tmp_path):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    write_db(user / "nvidia-h200.json", make_entry(ms=2.0, schedule={"block_h": 32}))
+    write_db(shipped / "nvidia-h200.json", make_entry(ms=1.0, schedule={"block_h": 64}))
+    found = _lookup([user, shipped])
+    assert found.entry.schedule == {"block_h": 32} and found.path == user / "nvidia-h200.json"
+    assert _lookup([shipped, user]).entry.schedule == {"block_h": 64}
+
+
+def test_lookup_defaults_to_the_user_dir(tmp_path):
+    db.record(db.db_path("nvidia-h200"), make_entry())
+    assert _lookup(None).path == tmp_path / "cache" / "autotune_db" / "nvidia-h200.json"
+
+
+def test_lookup_returns_stale_entries_with_their_stale_fields(tmp_path):
+    write_db(tmp_path / "nvidia-h200.json", make_entry(versions=dict(db.running_versions(), torch="2.11.0")))
+    found = _lookup([tmp_path])
+    assert found.stale == [f"torch 2.11.0 != {db.running_versions()['torch']}"]
+    assert _lookup([tmp_path]).entry.versions["torch"] == "2.11.0"
+
+
+def test_lookup_raises_on_a_corrupt_file(tmp_path):
+    path = tmp_path / "nvidia-h200.json"
+    path.write_text('{"format": "dsagen-autotune-db",\n "version": 1\n')
+    with pytest.raises(db.TuningDBError, match=rf"^{re.escape(str(path))}:3: invalid JSON"):
+        _lookup([tmp_path])
+
+
+def test_running_versions_and_stale_fields():
+    running = db.running_versions()
+    assert set(running) == {"dsagen", "torch", "triton", "cuda"} and running["dsagen"] == db.__version__
+    assert db.stale_fields(make_entry()) == []
+    entry = make_entry(versions=dict(running, dsagen="0.0.1", cuda="12.8"))
+    assert db.stale_fields(entry, dict(running, cuda="12.9")) == [
+        f"dsagen 0.0.1 != {running['dsagen']}", "cuda 12.8 != 12.9"]
+
+
+def test_effective_entries_user_over_shipped(tmp_path):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    write_db(user / "nvidia-h200.json", make_entry(S=1024, study="mine"))
+    write_db(shipped / "nvidia-h200.json", make_entry(S=1024, study="theirs"), make_entry(S=2048, study="theirs"))
+    effective = db.effective_entries("nvidia-h200", [user, shipped])
+    assert sorted((e.bucket, e.study) for e in effective.entries.values()) == [
+        ("S1024-SKV32768", "mine"), ("S2048-SKV32768", "theirs")]
+
+
+# ------------------------------------------------------------------------------------------------
+# dsagen db
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.add_typer(db_app, name="db")
+
+    @app.callback()
+    def main() -> None:
+        """dsagen (test harness)."""
+
+    return app
+
+
+def invoke(*args):
+    return CliRunner().invoke(_app(), ["db", *[str(a) for a in args]], env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+@pytest.fixture
+def two_dirs(tmp_path):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    write_db(user / "nvidia-h200.json", make_entry(S=1024, ms=0.25),
+             make_entry(kernel="indexer", schedule={"block_n": 128}, versions=dict(db.running_versions(),
+                                                                                   torch="2.11.0")))
+    write_db(shipped / "nvidia-h200.json", make_entry(S=1024, ms=0.5), make_entry(S=2048))
+    write_db(shipped / "nvidia-h100.json", make_entry(gpu_type="nvidia-h100"))
+    return user, shipped
+
+
+def test_cli_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("list", "show", "merge", "export"):
+        assert command in result.output
+
+
+def test_cli_list(two_dirs):
+    user, shipped = two_dirs
+    result = invoke("list", "--dir", user, "--dir", shipped)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["FILE", "GPU", "KERNEL", "BUCKET", "SPEC", "MS", "%ROOF", "DATE", "STALE", "SCHEDULE"]
+    assert len(lines) == 1 + 5
+    indexer = next(line for line in lines if " indexer " in line)
+    assert indexer.split()[-2:] == ["stale", "block_n=128"]
+    assert str(user / "nvidia-h200.json") in indexer
+    first = next(line for line in lines if "0.25" in line)
+    assert first.split()[1:8] == ["nvidia-h200", "sparse_attention", "S1024-SKV32768", HASH[:8], "0.25", "61.5",
+                                  "2026-11-28"]
+    assert first.endswith("block_h=64 num_warps=4")
+
+    result = invoke("list", "--dir", user, "--dir", shipped, "--gpu", "nvidia-h100")
+    assert len(result.output.splitlines()) == 2
+    result = invoke("list", "--dir", user, "--dir", shipped, "--kernel", "topk")
+    assert result.output.strip() == "no tuned entries"
+
+
+def test_cli_list_labels_the_user_folder(tmp_path):
+    db.record(db.db_path("nvidia-h200"), make_entry())
+    result = invoke("list")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1].startswith("user ")
+    assert json.loads(invoke("show").output)[0]["folder"] == "user"
+
+
+def test_cli_show(two_dirs):
+    user, shipped = two_dirs
+    result = invoke("show", "--dir", user, "--dir", shipped, "--bucket", "S1024-SKV32768", "--spec-hash", HASH[:8])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert [(s["file"], s["entry"]["ms"]) for s in shown] == [
+        (str(user / "nvidia-h200.json"), 0.25), (str(shipped / "nvidia-h200.json"), 0.5)]
+    assert shown[0]["entry"] == make_entry(S=1024, ms=0.25).to_json()
+    assert shown[0]["folder"] == "--dir" and shown[0]["stale"] == []
+    assert invoke("show", "--dir", user, "--kernel", "topk").output.strip() == "no tuned entries match"
+    bad = invoke("show", "--dir", user, "--bucket", "4096x32768")
+    assert bad.exit_code == 1 and "S<pow2>-SKV<pow2>" in bad.output
+
+
+def test_cli_merge(two_dirs, tmp_path):
+    user, shipped = two_dirs
+    out = tmp_path / "out" / "nvidia-h200.json"
+    result = invoke("merge", user / "nvidia-h200.json", shipped / "nvidia-h200.json", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "1 added, 0 replaced, 1 kept, 3 entries in total" in result.output
+    assert len(db.load(out).entries) == 3
+    result = invoke("merge", user / "nvidia-h200.json", shipped / "nvidia-h100.json")
+    assert result.exit_code == 1 and result.output.startswith("error: cannot merge")
+
+
+def test_cli_export(two_dirs, tmp_path):
+    user, shipped = two_dirs
+    result = invoke("export", "--gpu", "nvidia-h200", "--dir", user, "--dir", shipped)
+    assert result.exit_code == 0, result.output
+    exported = tmp_path / "exported" / "nvidia-h200.json"
+    exported.parent.mkdir()
+    exported.write_text(result.stdout)
+    entries = db.load(exported).entries
+    assert sorted((e.kernel, e.bucket, e.ms) for e in entries.values()) == [
+        ("indexer", "S4096-SKV32768", 1.5), ("sparse_attention", "S1024-SKV32768", 0.25),
+        ("sparse_attention", "S2048-SKV32768", 1.5)]
+    assert db.dump(db.load(exported)) == result.stdout
+
+    target = tmp_path / "repo" / "autotune_db" / "nvidia-h200.json"
+    result = invoke("export", "--gpu", "nvidia-h200", "--dir", user, "--dir", shipped, "-o", target)
+    assert result.exit_code == 0, result.output
+    assert target.read_text() == exported.read_text()
+    result = invoke("export", "--gpu", "nvidia-h200", "--dir", user, "-o", tmp_path / "tuned.json")
+    assert result.exit_code == 1 and "must be written to a file named nvidia-h200.json" in result.output
+
+
+def test_cli_corrupt_file_is_one_error_line(two_dirs):
+    user, shipped = two_dirs
+    path = user / "nvidia-h200.json"
+    text = path.read_text()
+    assert text.splitlines()[2].startswith('  {"kernel": "indexer"')
+    path.write_text(text.replace('"kernel": "indexer"', '"kernel": "indexr"'))
+    for args in (["list", "--dir", user], ["show", "--dir", user], ["export", "--gpu", "nvidia-h200", "--dir", user],
+                 ["merge", shipped / "nvidia-h200.json", path]):
+        result = invoke(*args)
+        assert result.exit_code == 1, args
+        assert result.output.count("\n") == 1 and "Traceback" not in result.output
+        assert result.output.startswith(f"error: {path}:3: entry field 'kernel' must be one of"), result.output
