@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +29,22 @@ class GeneratedSource:
     source: str
 
 
-@functools.lru_cache(maxsize=None)
+TEMPLATE_PATH_ENV = "DSAGEN_TEMPLATE_PATH"
+
+
 def _environment(backend: str) -> jinja2.Environment:
+    return _environment_for(backend, os.environ.get(TEMPLATE_PATH_ENV, ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _environment_for(backend: str, template_path: str) -> jinja2.Environment:
+    """Templates come from the folders of $DSAGEN_TEMPLATE_PATH (each holding <backend>/<kernel>.py.j2)
+    before dsagen's own; an override may include the original as "dsagen/<backend>/<name>"."""
+    builtin = data_dir("templates")
+    extra = [jinja2.FileSystemLoader(str(Path(d) / backend)) for d in template_path.split(os.pathsep) if d]
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(data_dir("templates") / backend)),
+        loader=jinja2.ChoiceLoader([*extra, jinja2.FileSystemLoader(str(builtin / backend)),
+                                    jinja2.PrefixLoader({"dsagen": jinja2.FileSystemLoader(str(builtin))})]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,

@@ -288,7 +288,7 @@ def test_unknown_kernel_is_a_usage_error():
     pytest.param(["check", str(V32), "--window", "sliding"], id="bad-window"),
     pytest.param(["generate", str(V32)], id="generate-without-out"),
     pytest.param(["show", str(V32)], id="show-without-kernel"),
-    pytest.param(["tune", str(V32)], id="unknown-command"),
+    pytest.param(["frobnicate", str(V32)], id="unknown-command"),
 ])
 def test_bad_usage_exits_2(args):
     result = invoke(*args)

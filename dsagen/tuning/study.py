@@ -266,15 +266,20 @@ def tune_kernel(req: TuneRequest, progress: bool = True) -> TuneResult:
         raise ValueError(f"trials={req.trials}: must be >= 1")
     plan_gpu = _plan_gpu(req.gpu_type)
     space = load_space(req.backend, req.kernel)
-    legal = space.legal_points(problem_symbols(req.spec, req.kernel, get_gpu(plan_gpu)))
+    pinned = req.spec.pinned(req.kernel)
+    space.check_names(pinned, f"schedule.{req.kernel}")
+    legal = [p for p in space.legal_points(problem_symbols(req.spec, req.kernel, get_gpu(plan_gpu)))
+             if all(p[k] == v for k, v in pinned.items())]  # the spec's pinned knobs stay fixed
     if not legal:
         raise ValueError(f"{req.kernel}: no legal schedule in schedules/{req.backend}/{req.kernel}.toml "
-                         f"for this spec on {plan_gpu}")
+                         f"for this spec on {plan_gpu}" + (f" with the pinned knobs {pinned}" if pinned else ""))
     sampler_kind = req.sampler if req.sampler != "auto" else ("grid" if len(legal) <= GRID_MAX else "tpe")
     default_budget = len(legal) if sampler_kind == "grid" else max(TPE_MIN, math.ceil(TPE_FRACTION * len(legal)))
     budget = min(req.trials or default_budget, len(legal))
     bucket = bucket_of(req.S, req.SKV)
     name = study_name(req.spec, req.kernel, req.backend, req.gpu_type, bucket, sampler_kind)
+    if pinned:  # a smaller space is a different study
+        name += ".pinned-" + "-".join(f"{k}{v}" for k, v in sorted(pinned.items()))
     sampler = (optuna.samplers.TPESampler(seed=None, n_startup_trials=min(8, budget), multivariate=True)
                if sampler_kind == "tpe" else optuna.samplers.RandomSampler())
     study = optuna.create_study(study_name=name, storage=open_storage(req.storage), sampler=sampler,
