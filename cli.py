@@ -233,7 +233,7 @@ def tune(
 
     from dsagen.kernels import detected_gpu
     from dsagen.tuning.storage import describe, open_storage
-    from dsagen.tuning.study import TuneRequest, tune_kernel
+    from dsagen.tuning.worker import Worker
 
     spec = _load(spec_path)
     pairs = _shapes(S, SKV, shapes)
@@ -249,12 +249,24 @@ def tune(
                f"{', '.join(f'S={a} SKV={b}' for a, b in pairs)}; storage {describe(storage)}; {n_jobs} worker(s)")
     t0 = time.monotonic()
     results = []
+    pool = [Worker() for _ in range(n_jobs)]  # warm worker processes shared by every study
+    try:
+        common = dict(device=device.value, gpu_type=gpu_type, trials=trials, timeout_s=timeout,
+                      trial_timeout_s=trial_timeout, storage=storage, sampler=sampler.value, db_path=db, jobs=n_jobs)
+        _tune_all(spec, pairs, _kernels(kernel), common, pool, quiet, results)
+    finally:
+        for w in pool:
+            w.close()
+    typer.echo(f"tuned {len(results)} studies in {time.monotonic() - t0:.0f} s")
+
+
+def _tune_all(spec, pairs, kernels: list[str], common: dict, pool, quiet: bool, results: list) -> None:
+    """One study per (shape, kernel), in order, on a shared pool of worker processes; stop on Ctrl-C."""
+    from dsagen.tuning.study import TuneRequest, tune_kernel
+
     for s, skv in pairs:
-        for name in _kernels(kernel):
-            req = TuneRequest(spec, name, s, skv, device=device.value, gpu_type=gpu_type, trials=trials,
-                              timeout_s=timeout, trial_timeout_s=trial_timeout, storage=storage,
-                              sampler=sampler.value, db_path=db, jobs=n_jobs)
-            r = tune_kernel(req, progress=not quiet)
+        for name in kernels:
+            r = tune_kernel(TuneRequest(spec, name, s, skv, **common), progress=not quiet, workers=pool)
             results.append(r)
             fails = ", ".join(f"{n} {k}" for k, n in sorted(r.failures.items())) or "none"
             best = f"best {r.best_ms:.4f} ms {r.best_point}" if r.best_ms is not None else "no passing candidate"
@@ -263,7 +275,6 @@ def tune(
             if r.interrupted:
                 typer.echo("interrupted: what was measured is kept; run the same command again to resume", err=True)
                 raise typer.Exit(130)
-    typer.echo(f"tuned {len(results)} studies in {time.monotonic() - t0:.0f} s")
 
 
 @app.command()

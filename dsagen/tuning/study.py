@@ -254,8 +254,11 @@ class _StudyRun:
                 bar.update(done, _describe(outcome), _best_ms(study))
 
 
-def tune_kernel(req: TuneRequest, progress: bool = True) -> TuneResult:
-    """Run (or resume) the study of one kernel at one shape; record its best in the tuning DB."""
+def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] | None = None) -> TuneResult:
+    """Run (or resume) the study of one kernel at one shape; record its best in the tuning DB.
+
+    workers: a pool to reuse across studies (their processes stay warm); default req.jobs new ones.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -291,7 +294,8 @@ def tune_kernel(req: TuneRequest, progress: bool = True) -> TuneResult:
 
     run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu)
     bar = Progress(f"[{req.kernel} {bucket} {sampler_kind}]", budget, enabled=progress)
-    workers = [Worker() for _ in range(max(1, req.jobs))]
+    own_workers = workers is None
+    workers = workers if workers is not None else [Worker() for _ in range(max(1, req.jobs))]
     threads = [threading.Thread(target=run.loop, args=(w, bar), daemon=True) for w in workers]
     try:
         for t in threads:
@@ -308,8 +312,9 @@ def tune_kernel(req: TuneRequest, progress: bool = True) -> TuneResult:
             t.join(30)
     finally:
         bar.close()
-        for w in workers:
-            w.close()
+        if own_workers or run.interrupted:
+            for w in workers:
+                w.close()
     if run.errors:
         raise run.errors[0]
     failures, evaluated_here, interrupted = run.failures, run.evaluated_here, run.interrupted

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The H200 tuning of the DeepSeek-V3.2 spec, in phases that each fit one device session call.
+#   benchmarks/h200_tune_v32.sh quality OUT   exhaustive grid vs TPE on sparse attention (docs/tuning.md)
+#   benchmarks/h200_tune_v32.sh tune OUT      every kernel at S {1024,4096} x SKV {8192,32768,131072}
+#   benchmarks/h200_tune_v32.sh bench OUT     dsagen bench at those shapes (table, JSON, PNG)
+# Studies go to benchmarks/results/h200-tuning.journal (resumable: run a phase again), winners to
+# autotune_db/nvidia-h200.json (the shipped database); both are also copied to OUT at the end.
+set -euo pipefail
+phase=${1:?phase: quality, tune or bench}
+out=${2:?output directory}
+mkdir -p "$out"
+spec=specs/deepseek_v32.toml
+journal=benchmarks/results/h200-tuning.journal
+db=autotune_db/nvidia-h200.json
+trap 'cp -f "$journal" "$db" "$out/" 2>/dev/null || true' EXIT
+common=(--storage "$journal" --db "$db" --jobs "${JOBS:-12}")
+case "$phase" in
+  quality)
+    python3 cli.py tune "$spec" -k sparse_attention --S 4096 --SKV 8192 --sampler grid "${common[@]}" \
+      --timeout "${GRID_TIMEOUT:-330}" 2>&1 | tee "$out/quality-grid.log" | tail -3
+    python3 cli.py tune "$spec" -k sparse_attention --S 4096 --SKV 8192 --sampler tpe --trials "${TPE_TRIALS:-49}" \
+      "${common[@]}" --timeout 200 2>&1 | tee "$out/quality-tpe.log" | tail -3 ;;
+  tune)
+    python3 cli.py tune "$spec" --shapes v32 --sampler tpe --trials "${TRIALS:-16}" --timeout "${STUDY_TIMEOUT:-45}" \
+      "${common[@]}" 2>&1 | tee "$out/tune.log" | grep -v "trial " ;;
+  bench)
+    python3 cli.py bench "$spec" --shapes v32 --out "$out" 2>&1 | tee "$out/bench.log" ;;
+  *) echo "unknown phase $phase: quality, tune or bench" >&2; exit 2 ;;
+esac
