@@ -2,6 +2,7 @@
 # The H200 tuning of the DeepSeek-V3.2 spec, in phases that each fit one device session call.
 #   benchmarks/h200_tune_v32.sh quality OUT   exhaustive grid vs TPE on sparse attention (docs/tuning.md)
 #   benchmarks/h200_tune_v32.sh tune OUT      every kernel at S {1024,4096} x SKV {8192,32768,131072}
+#                                              (TPE, TRIALS=16 per study, seeded by the default schedule)
 #   benchmarks/h200_tune_v32.sh bench OUT     dsagen bench at those shapes (table, JSON, PNG)
 # Studies go to benchmarks/results/h200-tuning.journal (resumable: run a phase again), winners to
 # autotune_db/nvidia-h200.json (the shipped database); both are also copied to OUT at the end.
@@ -21,7 +22,9 @@ case "$phase" in
     python3 cli.py tune "$spec" -k sparse_attention --S 4096 --SKV 8192 --sampler tpe --trials "${TPE_TRIALS:-49}" \
       "${common[@]}" --timeout 200 2>&1 | tee "$out/quality-tpe.log" | tail -3 ;;
   tune)
-    python3 cli.py tune "$spec" --shapes v32 --sampler tpe --trials "${TRIALS:-16}" --timeout "${STUDY_TIMEOUT:-45}" \
+    # shapes: the v32 set, or SHAPE_ARGS="--S 1024 --SKV 8192 --SKV 32768 --SKV 131072" for part of it
+    # shellcheck disable=SC2086
+    python3 cli.py tune "$spec" ${SHAPE_ARGS:---shapes v32} --sampler tpe --trials "${TRIALS:-16}" --timeout "${STUDY_TIMEOUT:-45}" \
       "${common[@]}" 2>&1 | tee "$out/tune.log" | grep -v "trial " ;;
   bench)
     python3 cli.py bench "$spec" --shapes v32 --out "$out" 2>&1 | tee "$out/bench.log" ;;

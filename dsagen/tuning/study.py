@@ -29,7 +29,7 @@ from ..schedule import load_space
 from ..spec import Spec
 from .buckets import bucket_of
 from .storage import open_storage
-from .worker import Job, Outcome, Worker
+from .worker import EVENTS_TIMING, GRAPH_TIMING, Job, Outcome, Worker
 
 SAMPLERS = ("auto", "grid", "tpe")
 GRID_MAX = 48  # legal spaces up to this size are searched exhaustively by default
@@ -53,7 +53,8 @@ class TuneRequest:
     db_path: Path | None = None
     backend: str = "triton"
     seed: int = 0
-    timing: dict = field(default_factory=lambda: {"warmup": 25, "rep": 100})
+    timing: dict = field(default_factory=lambda: dict(GRAPH_TIMING))
+    confirm_top: int = 3  # re-time this many best points alone with CUDA events before recording
     jobs: int = 1  # worker processes on this device: they compile in parallel and time one at a time
 
 
@@ -292,39 +293,98 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     study.set_user_attr("spec", req.spec.to_dict())
     study.set_user_attr("legal_points", len(legal))
 
+    if sampler_kind == "tpe" and not _counted(study.get_trials(deepcopy=False)):
+        for point in _seed_points(req, space, legal, plan_gpu):
+            study.enqueue_trial(point, skip_if_exists=True)
     run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu)
     bar = Progress(f"[{req.kernel} {bucket} {sampler_kind}]", budget, enabled=progress)
     own_workers = workers is None
     workers = workers if workers is not None else [Worker() for _ in range(max(1, req.jobs))]
     threads = [threading.Thread(target=run.loop, args=(w, bar), daemon=True) for w in workers]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)
-    except KeyboardInterrupt:
-        run.stop.set()
-        run.interrupted = True
-        for w in workers:
-            w.kill()
-        for t in threads:
-            t.join(30)
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            run.stop.set()
+            run.interrupted = True
+            for w in workers:
+                w.kill()
+            for t in threads:
+                t.join(30)
+        if run.errors:
+            raise run.errors[0]
+        failures, evaluated_here, interrupted = run.failures, run.evaluated_here, run.interrupted
+        best_point, best_ms = _confirm(req, study, workers[0], plan_gpu, interrupted)
     finally:
         bar.close()
         if own_workers or run.interrupted:
             for w in workers:
                 w.close()
-    if run.errors:
-        raise run.errors[0]
-    failures, evaluated_here, interrupted = run.failures, run.evaluated_here, run.interrupted
+    evaluated = len(_counted(study.get_trials(deepcopy=False)))
+    db_outcome = "nothing recorded: no candidate passed its check" if best_point is None else \
+        _record(req, name, sampler_kind, best_point, best_ms, evaluated)
+    return TuneResult(name, sampler_kind, len(legal), budget, evaluated, evaluated_here, failures, best_point,
+                      best_ms, db_outcome, interrupted)
 
-    best = _best_trial(study)
-    db_outcome = "nothing recorded: no candidate passed its check" if best is None else \
-        _record(req, name, sampler_kind, best, len(_counted(study.get_trials(deepcopy=False))))
-    return TuneResult(name, sampler_kind, len(legal), budget, len(_counted(study.get_trials(deepcopy=False))),
-                      evaluated_here, failures, json.loads(best.user_attrs["point"]) if best else None,
-                      best.value if best else None, db_outcome, interrupted)
+
+def _seed_points(req: TuneRequest, space, legal: list[dict], plan_gpu: str) -> list[dict]:
+    """Where TPE starts: the schedule a build would use untuned, then the winners of this kernel at
+    other shape buckets on this GPU type (a good schedule at one shape is a good guess at the next)."""
+    from ..schedule import choose
+    from . import db as tuning_db
+
+    legal_keys = {_point_key(p) for p in legal}
+    seeds = [choose(req.spec, req.kernel, get_gpu(plan_gpu), req.backend).point]
+    path = req.db_path or tuning_db.db_path(req.gpu_type)
+    try:
+        entries = tuning_db.load(path).entries.values()
+    except tuning_db.TuningDBError:
+        entries = []
+    spec_hash = req.spec.semantic_hash(req.kernel)
+    seeds += [e.schedule for e in sorted(entries, key=lambda e: e.ms)
+              if (e.kernel, e.backend, e.spec_hash) == (req.kernel, req.backend, spec_hash)]
+    out, seen = [], set()
+    for p in seeds:
+        key = _point_key(p)
+        if key in legal_keys and key not in seen:
+            seen.add(key)
+            out.append({k: int(v) for k, v in p.items()})
+    return out[:4]
+
+
+def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted: bool):
+    """(point, ms): the study's best, re-timed alone with CUDA events (fresh inputs, checked
+    again) among its top `confirm_top` points on CUDA; the search's own best on the CPU."""
+    from optuna.trial import TrialState
+
+    done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None),
+                  key=lambda t: t.value)
+    if not done:
+        return None, None
+    if req.device != "cuda" or interrupted or req.confirm_top < 1:
+        return json.loads(done[0].user_attrs["point"]), float(done[0].value)
+    top, seen = [], set()
+    for t in done:
+        if t.user_attrs["point"] not in seen:
+            seen.add(t.user_attrs["point"])
+            top.append(json.loads(t.user_attrs["point"]))
+        if len(top) == req.confirm_top:
+            break
+    timed = []
+    for i, point in enumerate(top):
+        job = Job(req.spec.to_dict(), req.kernel, point, req.S, req.SKV, req.device, seed=req.seed * 100003 + 7919 + i,
+                  plan_gpu=plan_gpu, backend=req.backend, timing=dict(EVENTS_TIMING))
+        outcome = worker.run(job, req.trial_timeout_s)
+        if outcome.ok:
+            timed.append((outcome.ms, point))
+    if not timed:
+        return json.loads(done[0].user_attrs["point"]), float(done[0].value)
+    ms, point = min(timed, key=lambda x: x[0])
+    return point, ms
 
 
 def _best_trial(study):
@@ -348,17 +408,16 @@ def _device_facts(device: str) -> tuple[str, str]:
     return "cpu (Triton interpreter)", "cpu"
 
 
-def _record(req: TuneRequest, name: str, sampler_kind: str, best, evaluated: int) -> str:
+def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: float, evaluated: int) -> str:
     from ..workloads import WORKLOADS
     from . import db as tuning_db
 
-    ms = float(best.value)
     rates = WORKLOADS[req.kernel].rates(req.spec, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
     device_name, cc = _device_facts(req.device)
     entry = tuning_db.Entry(
         kernel=req.kernel, backend=req.backend, spec_hash=req.spec.semantic_hash(req.kernel),
         bucket=bucket_of(req.S, req.SKV), shape={"S": req.S, "SKV": req.SKV},
-        schedule=json.loads(best.user_attrs["point"]), ms=ms, tflops=rates["tflops"], gbps=rates["gbps"],
+        schedule=point, ms=ms, tflops=rates["tflops"], gbps=rates["gbps"],
         pct_of_roofline=rates["pct_of_roofline"], gpu_type=req.gpu_type, device_name=device_name,
         compute_capability=cc, date=datetime.date.today().isoformat(), versions=tuning_db.running_versions(),
         trials=evaluated, sampler=sampler_kind, study=name)
