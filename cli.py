@@ -233,6 +233,7 @@ def tune(
 
     from dsagen.kernels import detected_gpu
     from dsagen.tuning.storage import describe, open_storage
+    from dsagen.backends.triton import interpreter_problem
     from dsagen.tuning.worker import Worker
 
     spec = _load(spec_path)
@@ -251,9 +252,14 @@ def tune(
     results = []
     pool = [Worker() for _ in range(n_jobs)]  # warm worker processes shared by every study
     try:
+        if device == TuneDevice.cpu and (problem := interpreter_problem()):
+            raise ValueError(problem)
         common = dict(device=device.value, gpu_type=gpu_type, trials=trials, timeout_s=timeout,
                       trial_timeout_s=trial_timeout, storage=storage, sampler=sampler.value, db_path=db, jobs=n_jobs)
         _tune_all(spec, pairs, _kernels(kernel), common, pool, quiet, results)
+    except KeyboardInterrupt:  # between studies or while one starts: nothing measured is lost
+        typer.echo("interrupted: what was measured is kept; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
     finally:
         for w in pool:
             w.close()

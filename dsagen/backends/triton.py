@@ -135,8 +135,25 @@ def _jit_helpers_interpreted():
             JITFunction.__call__ = original
 
 
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run dsagen's kernels here, or None.
+
+    numpy 2.4 makes the interpreter fail on loops with a runtime bound ("only 0-dimensional arrays
+    can be converted to Python scalars"); dsagen pins numpy<2.4, but an existing environment may not.
+    """
+    import numpy
+
+    major, minor = (int(x) for x in numpy.__version__.split(".")[:2])
+    if (major, minor) >= (2, 4):
+        return (f"the Triton interpreter (CPU tensors) needs numpy < 2.4, found numpy {numpy.__version__}: "
+                "pip install 'numpy<2.4'")
+    return None
+
+
 def launcher(path: Path, name: str, interpret: bool):
     """The generated module's launcher `name`, ready to call with CPU (interpret) or CUDA tensors."""
+    if interpret and (problem := interpreter_problem()):
+        raise BackendError(problem)
     fn = getattr(load(path, interpret), name)
     if not interpret:
         return fn
