@@ -48,8 +48,11 @@ def check(
     window: Window = typer.Option(Window.causal, "--window",
                                   help="indexer key windows: 'full' rows or 'causal' (queries are the last S keys)"),
 ) -> None:
-    """Validate SPEC and print, per kernel, FLOPs and bytes (symbolic and at --S/--SKV), the roofline
-    floor on --gpu, the schedule a build would use, its footprint and its legality constraints."""
+    """Validate SPEC and print each kernel's cost, roofline floor and schedule.
+
+    Per kernel: FLOPs and bytes (symbolic and at --S/--SKV), the roofline floor on --gpu, the
+    schedule a build would use, its footprint and its legality constraints.
+    """
     from dsagen.gpus import get_gpu
     from dsagen.plan import causal_window_mean, cost, problem_symbols
     from dsagen.schedule import choose, load_space
@@ -294,9 +297,11 @@ def bench(
     out: Path = typer.Option(None, "-o", "--out", help="directory for bench-<gpu>-<date>.json and .png"),
     dense: bool = typer.Option(True, "--dense/--no-dense", help="also time dense attention of the same shape"),
 ) -> None:
-    """Time SPEC's kernels (with their tuned schedules) at the given shapes beside naive PyTorch in
-    the same run: a table of ms, TFLOP/s, % of the roofline floor and speed-up; with --out also
-    JSON and a plot of time against context length, DSA against dense attention."""
+    """Time SPEC's kernels (tuned schedules) beside naive PyTorch and dense attention.
+
+    A table of ms, TFLOP/s, % of the roofline floor and speed-up, each kernel checked against the
+    float64 reference first; with --out also JSON and a PNG of time against context length.
+    """
     import datetime
     import json
 
@@ -337,9 +342,11 @@ def explain(
     gpu: str = typer.Option(None, "--gpu", help="GPU type whose tuning database to consult (default: the GPU "
                             "torch sees)"),
 ) -> None:
-    """Say which schedule each kernel of SPEC would run with at (S, SKV) and where it comes from:
-    the tuning database (exact or nearest shape bucket, or another GPU of the same compute
-    capability), the spec's pinned knobs, or the defaults."""
+    """Say which schedule each kernel of SPEC uses at (S, SKV), and where it comes from.
+
+    Sources, in order: the tuning database (exact or nearest shape bucket, or another GPU type of
+    the same compute capability), the spec's pinned knobs, the search space's defaults.
+    """
     from dsagen import build
 
     spec = _load(spec_path)

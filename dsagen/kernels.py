@@ -141,6 +141,11 @@ class DSAKernels:
                                  S=S, SKV=SKV, gpu_type=self.gpu_type, compute_capability=self.compute_capability)
         if found is None:
             return None
+        pinned = self.spec.pinned(kernel)
+        if any(found.entry.schedule.get(k) != v for k, v in pinned.items()):
+            log.info("dsagen: the tuned schedule of %s in %s disagrees with the spec's pinned knobs %s: not used",
+                     kernel, found.path, pinned)
+            return None
         space = load_space(self.backend, kernel)
         try:
             space.check_names(found.entry.schedule, "tuned schedule")

@@ -199,6 +199,8 @@ def test_tuned_entries_drive_the_build_lookup_chain(home, caplog):
     pinned = {"block_n": 512, "radix_bits": 8, "num_warps": 4, "resident_max": 0, "resident_warps": 32}
     assert dsagen.build(spec, gpu="nvidia-h200", schedules={"topk": pinned}).explain(4096, 32768)["topk"]["source"] == "override"
     assert dsagen.build(spec, gpu="nvidia-h200", use_db=False).explain(4096, 32768)["topk"]["source"] == "default"
+    pins_other = dsagen.spec_from_dict({**_small_dict(), "schedule": {"topk": {"block_n": 512}}})
+    assert dsagen.build(pins_other, gpu="nvidia-h200").explain(4096, 32768)["topk"]["source"] == "pinned+default"
     out = runner.invoke(cli.app, ["explain", str(write_spec(home)), "--gpu", "nvidia-h200"], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "tuned (exact bucket S4096-SKV32768)" in out.output and "stale" in out.output
 
