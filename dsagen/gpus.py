@@ -46,3 +46,11 @@ def gpu_type_from_device_name(device_name: str) -> str:
             return f"nvidia-{token}"
     slug = "-".join(part for part in text.replace("_", " ").split() if part.isalnum())
     return f"nvidia-{slug or 'unknown'}"
+
+
+def cpu_type() -> str:
+    """The tuning-database name of this CPU type for CPU backends: cpu-<machine>, e.g. cpu-x86_64."""
+    import platform
+
+    machine = (platform.machine() or "unknown").lower().replace("_", "-").replace("amd64", "x86-64")
+    return f"cpu-{machine}"

@@ -15,10 +15,12 @@ from typing import Mapping, NamedTuple
 
 import torch
 
+from . import backends
 from .backends import triton as triton_backend
+from .backends import tvm as tvm_backend
 from .codegen import render
 from .errors import BackendError, ScheduleError
-from .gpus import GPUS, get_gpu, gpu_type_from_device_name
+from .gpus import GPUS, cpu_type, get_gpu, gpu_type_from_device_name
 from .lower import kernel_context
 from .pipeline import DEFAULT_GPU
 from .plan import problem_symbols
@@ -105,13 +107,14 @@ class DSAKernels:
     def resolve(self, kernel: str, S: int | None = None, SKV: int | None = None,
                 device_type: str = "cuda") -> Resolved:
         """The schedule and module `kernel` uses for a problem of S queries and SKV keys."""
-        by_shape = (kernel not in self.overrides and self.use_db and self.gpu_type is not None
-                    and device_type == "cuda" and S is not None and SKV is not None and S > 0 and SKV > 0)
+        db_type = self._db_type(device_type)
+        by_shape = (kernel not in self.overrides and self.use_db and db_type is not None
+                    and S is not None and SKV is not None and S > 0 and SKV > 0)
         bucket = bucket_of(S, SKV) if by_shape else None
         with self._lock:
-            hit = self._resolved.get((kernel, bucket))
+            hit = self._resolved.get((kernel, bucket, db_type))
             if hit is None:
-                hit = self._resolved[(kernel, bucket)] = self._resolve(kernel, S, SKV, bucket)
+                hit = self._resolved[(kernel, bucket, db_type)] = self._resolve(kernel, S, SKV, bucket, db_type)
                 log.info("dsagen: %s%s uses %s (%s), module %s", kernel, f" {bucket}" if bucket else "",
                          hit.point, hit.source, hit.module_name)
                 if hit.stale:
@@ -119,26 +122,34 @@ class DSAKernels:
                                 "; ".join(hit.stale))
         return hit
 
-    def _resolve(self, kernel: str, S, SKV, bucket: str | None) -> Resolved:
+    def _db_type(self, device_type: str) -> str | None:
+        """Whose tuning database applies: the GPU type on CUDA; the CPU type for TVM on the CPU;
+        none for the Triton interpreter (its timings mean nothing)."""
+        if device_type == "cuda":
+            return self.gpu_type
+        return cpu_type() if self.backend == "tvm" else None
+
+    def _resolve(self, kernel: str, S, SKV, bucket: str | None, db_type: str | None) -> Resolved:
         stale: tuple[str, ...] = ()
         if kernel in self.overrides:
             choice = choose(self.spec, kernel, self.plan_gpu, self.backend, self.overrides[kernel])
             point, source = choice.point, "override"
         else:
-            found = self._lookup(kernel, S, SKV) if bucket else None
+            found = self._lookup(kernel, S, SKV, db_type) if bucket else None
             if found is not None:
                 point, source, stale = found.entry.schedule, f"{found.source}, {found.path}", tuple(found.stale)
             else:
                 choice = choose(self.spec, kernel, self.plan_gpu, self.backend)
                 point, source = choice.point, choice.source
-        generated = render(self.backend, kernel_context(self.spec, kernel, point))
+        generated = render(self.backend, kernel_context(self.spec, kernel, point, self.backend))
         return Resolved(kernel, dict(point), source, bucket, generated.module_name,
                         triton_backend.materialize(generated), stale)
 
-    def _lookup(self, kernel: str, S: int, SKV: int):
+    def _lookup(self, kernel: str, S: int, SKV: int, db_type: str):
         """A tuning-database entry whose schedule is legal for this spec here, else None (logged)."""
+        cc = self.compute_capability if db_type == self.gpu_type else "cpu"
         found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=self.spec.semantic_hash(kernel),
-                                 S=S, SKV=SKV, gpu_type=self.gpu_type, compute_capability=self.compute_capability)
+                                 S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc)
         if found is None:
             return None
         pinned = self.spec.pinned(kernel)
@@ -163,13 +174,13 @@ class DSAKernels:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendError("CUDA tensors were given but torch sees no CUDA device")
         hit = self.resolve(kernel, S, SKV, device.type)
-        return triton_backend.launcher(hit.path, kernel, interpret=device.type == "cpu")
+        return backends.launcher(self.backend, hit.path, kernel, device.type)
 
-    def explain(self, S: int | None = None, SKV: int | None = None) -> dict[str, dict]:
+    def explain(self, S: int | None = None, SKV: int | None = None, device_type: str = "cuda") -> dict[str, dict]:
         """Per kernel: schedule, where it came from, module and file, for a problem of (S, SKV)."""
         out = {}
         for kernel in KERNELS:
-            hit = self.resolve(kernel, S, SKV)
+            hit = self.resolve(kernel, S, SKV, device_type)
             out[kernel] = {"schedule": hit.point, "source": hit.source, "bucket": hit.bucket,
                            "module": hit.module_name, "path": str(hit.path), "stale": list(hit.stale)}
         return out
@@ -254,8 +265,9 @@ def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
     schedules: optional {kernel: {knob: value}} overriding the tuning database and the spec's pins.
     use_db: False ignores the tuning database (pinned knobs and defaults only).
     """
-    if backend != "triton":
-        raise ValueError(f"backend={backend!r} is not supported yet: allowed 'triton'")
+    backends.check_backend(backend)
+    if backend == "tvm" and (problem := tvm_backend.available()):
+        raise BackendError(problem)
     detected = detected_gpu()
     if gpu is not None:
         get_gpu(gpu)  # a named GPU type must be one dsagen knows

@@ -15,9 +15,18 @@ def _knob_fields(point: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items())
 
 
-def kernel_context(spec: Spec, kernel: str, point: dict[str, int]) -> dict[str, Any]:
+def _generic_name(stem: str, point: dict[str, int]) -> str:
+    """<stem>_<knob><value>_...: every knob spelled out (used by backends other than Triton)."""
+    return stem + "".join(f"_{k.replace('_', '')}{v}" for k, v in sorted(point.items()))
+
+
+def kernel_context(spec: Spec, kernel: str, point: dict[str, int], backend: str = "triton") -> dict[str, Any]:
     """Numbers the template of `kernel` is rendered from; also spells out the module's name."""
     point = {k: int(v) for k, v in point.items()}
+    if backend != "triton":
+        context = kernel_context_fields(spec, kernel)
+        return {**context, "module_stem": _generic_name(f"{backend}_{context['module_stem']}", point),
+                "schedule_fields": _knob_fields(point), **point}
     if kernel == "indexer":
         ix = spec.indexer
         fields = {"heads": ix.heads, "head_dim": ix.head_dim, "dtype": ix.dtype}
@@ -57,3 +66,30 @@ def kernel_context(spec: Spec, kernel: str, point: dict[str, int]) -> dict[str, 
         **derived,
         **point,
     }
+
+
+def kernel_context_fields(spec: Spec, kernel: str) -> dict[str, Any]:
+    """The spec's numbers for `kernel` and a stem naming them (no schedule): shared by backends."""
+    if kernel == "indexer":
+        ix = spec.indexer
+        fields = {"heads": ix.heads, "head_dim": ix.head_dim, "dtype": ix.dtype}
+        stem = f"indexer_h{ix.heads}_d{ix.head_dim}_{ix.dtype}"
+    elif kernel == "topk":
+        fields = {"k": spec.topk.k}
+        stem = f"topk_k{spec.topk.k}_fp32"
+    elif kernel == "sparse_attention":
+        at = spec.attention
+        fields = {"heads": at.heads, "qk_dim": at.qk_dim, "v_dim": at.v_dim, "dtype": at.dtype,
+                  "topk": spec.topk.k, "sm_scale": repr(float(at.softmax_scale))}
+        stem = f"sparse_attention_h{at.heads}_dqk{at.qk_dim}_dv{at.v_dim}_{at.dtype}"
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    shown = {k: v for k, v in fields.items() if k != "sm_scale"}
+    return {
+        "kernel": kernel,
+        "module_stem": stem,
+        "semantic_hash": spec.semantic_hash(kernel),
+        "spec_fields": _knob_fields(shown),
+        **fields,
+    }
+

@@ -26,7 +26,7 @@ def kernel_source(spec: Spec, kernel: str, backend: str = "triton", gpu: GPU | s
                   override: Mapping[str, int] | None = None) -> KernelSource:
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     choice = choose(spec, kernel, gpu, backend, override)
-    return KernelSource(choice, render(backend, kernel_context(spec, kernel, choice.point)))
+    return KernelSource(choice, render(backend, kernel_context(spec, kernel, choice.point, backend)))
 
 
 def all_sources(spec: Spec, backend: str = "triton", gpu: GPU | str = DEFAULT_GPU,

@@ -25,7 +25,7 @@ try:
 except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib  # type: ignore[no-redef]
 
-BACKENDS = ("triton",)
+from .backends import BACKENDS  # noqa: E402  (re-exported)
 
 # names sympify may see in a schedule file; nothing else is evaluated
 _SYMPY_NAMES = {"Max": sp.Max, "Min": sp.Min, "Mod": sp.Mod, "Eq": sp.Eq, "ceiling": sp.ceiling,

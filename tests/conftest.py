@@ -35,6 +35,19 @@ def _private_cache(tmp_path_factory):
         os.environ["DSAGEN_CACHE_DIR"] = old
 
 
+def _backends() -> list:
+    """Every backend, each kernel test runs on both; TVM only where apache-tvm imports."""
+    from dsagen.backends.tvm import available
+
+    tvm_reason = available()
+    return ["triton", pytest.param("tvm", marks=pytest.mark.skipif(tvm_reason is not None, reason=str(tvm_reason)))]
+
+
+@pytest.fixture(params=_backends())
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture
 def gen(device):
     """A fresh, seeded generator on the test device per test: new random inputs every test."""

@@ -60,9 +60,9 @@ INDEXER_CASES = [
 @pytest.mark.parametrize("S,SKV,H,D,dtype", INDEXER_CASES,
                          ids=[f"S{c[0]}-SKV{c[1]}-H{c[2]}-D{c[3]}-{c[4]}" for c in INDEXER_CASES])
 @pytest.mark.parametrize("with_scale", [True, False], ids=["kscale", "nokscale"])
-def test_indexer_matches_reference(device, gen, S, SKV, H, D, dtype, with_scale):
+def test_indexer_matches_reference(device, backend, gen, S, SKV, H, D, dtype, with_scale):
     spec = make_spec(ix_heads=H, ix_dim=D, ix_dtype=dtype)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     q = quantize(rand(gen, S, H, D) * 2, dtype).to(device)
     k = quantize(rand(gen, SKV, D) * 2, dtype).to(device)
     k_scale = (torch.rand(SKV, generator=gen) + 0.5).to(device) if with_scale else None
@@ -96,9 +96,9 @@ def test_indexer_schedules_agree(device, gen, schedule):
     assert_close("indexer.logits.fp8_e4m3", got, reference.indexer(q.cpu(), k.cpu(), k_scale.cpu(), w.cpu(), ks.cpu(), ke.cpu()))
 
 
-def test_indexer_noncontiguous_inputs(device, gen):
+def test_indexer_noncontiguous_inputs(device, backend, gen):
     spec = make_spec(ix_heads=3, ix_dim=50)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     S, SKV = 11, 45
     q = rand(gen, S, 5, 64).bfloat16().to(device)[:, 1:4, :50]  # head and token strides padded
     k = rand(gen, SKV, 2, 64).bfloat16().to(device)[:, 1, :50]
@@ -136,9 +136,9 @@ def _logits_with_windows(gen, S, SKV, device, ties: bool):
 
 @pytest.mark.parametrize("S,SKV,k", TOPK_CASES, ids=[f"S{c[0]}-SKV{c[1]}-K{c[2]}" for c in TOPK_CASES])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "heavy-ties"])
-def test_topk_exact(device, gen, S, SKV, k, ties):
+def test_topk_exact(device, backend, gen, S, SKV, k, ties):
     spec = make_spec(k=k)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     x, ks, ke = _logits_with_windows(gen, S, SKV, device, ties)
     out = torch.full((S, k), -7, dtype=torch.int32, device=device)  # poison: neither valid nor -1
     got = kernels.topk(x, ks, ke, out=out)
@@ -157,10 +157,10 @@ def test_topk_schedules_agree(device, gen, schedule):
     assert_topk(kernels.topk(x, ks, ke), x, ks, ke, 100)
 
 
-def test_topk_on_quantized_indexer_logits(device, gen):
+def test_topk_on_quantized_indexer_logits(device, backend, gen):
     """Real indexer output ties heavily (fp8 products): the selection must stay exact and in bounds."""
     spec = make_spec(ix_heads=4, ix_dim=32, ix_dtype="fp8_e4m3", k=64)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     S, SKV = 8, 700
     q = quantize(torch.randint(-2, 3, (S, 4, 32), generator=gen).float(), "fp8_e4m3").to(device)
     k = quantize(torch.randint(-2, 3, (SKV, 32), generator=gen).float(), "fp8_e4m3").to(device)
@@ -171,8 +171,8 @@ def test_topk_on_quantized_indexer_logits(device, gen):
     assert_topk(kernels.topk(logits, ks, ke), logits, ks, ke, 64)
 
 
-def test_topk_noncontiguous_logits(device, gen):
-    kernels = dsagen.build(make_spec(k=7))
+def test_topk_noncontiguous_logits(device, backend, gen):
+    kernels = dsagen.build(make_spec(k=7), backend=backend)
     big = rand(gen, 6, 2 * 97).to(device)
     x = big[:, 10:107]
     ks, ke = (t.to(device) for t in windows(gen, 6, 97))
@@ -221,8 +221,8 @@ def _check_attention(kernels, q, kv, idx, sm_scale=None):
 
 @pytest.mark.parametrize("S,SKV,H,DQK,DV,K", ATTN_CASES,
                          ids=[f"S{c[0]}-SKV{c[1]}-H{c[2]}-DQK{c[3]}-DV{c[4]}-K{c[5]}" for c in ATTN_CASES])
-def test_sparse_attention_matches_reference(device, gen, S, SKV, H, DQK, DV, K):
-    kernels = dsagen.build(make_spec(k=K, heads=H, qk_dim=DQK, v_dim=DV))
+def test_sparse_attention_matches_reference(device, backend, gen, S, SKV, H, DQK, DV, K):
+    kernels = dsagen.build(make_spec(k=K, heads=H, qk_dim=DQK, v_dim=DV), backend=backend)
     q = rand(gen, S, H, DQK).bfloat16().to(device)
     kv = rand(gen, SKV, DQK).bfloat16().to(device)
     idx = sparse_indices(gen, S, SKV, K).to(device)
@@ -246,8 +246,8 @@ def test_sparse_attention_schedules_agree(device, gen, schedule):
     _check_attention(kernels, q, kv, sparse_indices(gen, S, SKV, 77).to(device))
 
 
-def test_sparse_attention_scale_parameter_and_noncontiguous(device, gen):
-    kernels = dsagen.build(make_spec(k=20, heads=5, qk_dim=576, v_dim=512, sm_scale=0.13523))
+def test_sparse_attention_scale_parameter_and_noncontiguous(device, backend, gen):
+    kernels = dsagen.build(make_spec(k=20, heads=5, qk_dim=576, v_dim=512, sm_scale=0.13523), backend=backend)
     S, SKV = 4, 90
     q = rand(gen, S, 8, 640).bfloat16().to(device)[:, 2:7, :576]
     kv = rand(gen, SKV, 700).bfloat16().to(device)[:, 100:676]
@@ -260,9 +260,9 @@ def test_sparse_attention_scale_parameter_and_noncontiguous(device, gen):
     _check_attention(kernels, q, kv, idx, sm_scale=0.05)  # an explicit scale wins
 
 
-def test_sparse_attention_detects_wrong_output(device, gen):
+def test_sparse_attention_detects_wrong_output(device, backend, gen):
     """The checker itself must fail on a wrong kernel: a guard against tests that cannot fail."""
-    kernels = dsagen.build(make_spec(k=7, heads=3, qk_dim=80, v_dim=48))
+    kernels = dsagen.build(make_spec(k=7, heads=3, qk_dim=80, v_dim=48), backend=backend)
     q = rand(gen, 3, 3, 80).bfloat16().to(device)
     kv = rand(gen, 37, 80).bfloat16().to(device)
     idx = sparse_indices(gen, 3, 37, 7).to(device)
@@ -279,9 +279,9 @@ def test_sparse_attention_detects_wrong_output(device, gen):
 # ------------------------------------------------------------------------------------------------
 # the three composed
 
-def test_dsa_composes_the_three_stages(device, gen):
+def test_dsa_composes_the_three_stages(device, backend, gen):
     spec = make_spec(ix_heads=4, ix_dim=64, ix_dtype="fp8_e4m3", k=24, heads=16, qk_dim=576, v_dim=512)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     S, SKV = 6, 150
     iq = quantize(rand(gen, S, 4, 64), "fp8_e4m3").to(device)
     ik = quantize(rand(gen, SKV, 64), "fp8_e4m3").to(device)

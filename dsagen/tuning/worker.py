@@ -35,7 +35,7 @@ class Job:
     point: dict
     S: int
     SKV: int
-    device: str  # "cuda" (compiled) or "cpu" (Triton interpreter: for testing the tuner)
+    device: str  # "cuda", or "cpu" (TVM's llvm kernels; for Triton the interpreter, to test the tuner)
     seed: int  # fresh inputs per trial
     plan_gpu: str  # GPU type whose limits the schedule was checked against
     backend: str = "triton"
@@ -59,7 +59,9 @@ class Outcome:
         return self.status == "ok"
 
 
-def _median_interpreted_ms(fn, reps: int = 3) -> float:
+def _median_cpu_ms(fn, reps: int) -> float:
+    """Median wall time of `reps` runs after one warm-up run (CPU kernels run synchronously)."""
+    fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -72,6 +74,7 @@ def evaluate(job: Job) -> Outcome:
     """Run one candidate in this process. Wrong results and Python-level errors become Outcomes."""
     import torch
 
+    from .. import backends
     from ..backends import triton as triton_backend
     from ..pipeline import kernel_source
     from ..spec import spec_from_dict
@@ -83,7 +86,7 @@ def evaluate(job: Job) -> Outcome:
     try:
         src = kernel_source(spec, job.kernel, job.backend, job.plan_gpu, override=job.point)
         path = triton_backend.materialize(src.generated)
-        fn = triton_backend.launcher(path, job.kernel, interpret=job.device == "cpu")
+        fn = backends.launcher(job.backend, path, job.kernel, job.device)
         inputs = WORKLOADS[job.kernel].make_inputs(spec, job.S, job.SKV, job.device, job.seed)
         outs = poisoned_outputs(spec, job.kernel, inputs)
         result = fn(*inputs, **outs)  # the first call compiles
@@ -109,8 +112,8 @@ def evaluate(job: Job) -> Outcome:
                 ms = float(triton.testing.do_bench_cudagraph(run, return_mode="median", **opts))
             else:
                 ms = float(triton.testing.do_bench(run, return_mode="median", **opts))
-    else:
-        ms = _median_interpreted_ms(run)
+    else:  # CPU: the TVM backend's real time, or the Triton interpreter's (meaningless but real)
+        ms = _median_cpu_ms(run, reps=5 if job.backend == "tvm" else 3)
     return Outcome("ok", ms=ms, check=checked, compile_s=compile_s)
 
 
