@@ -27,6 +27,14 @@ class Kernel(str, Enum):
     sparse_attention = "sparse_attention"
 
 
+class Backend(str, Enum):
+    triton = "triton"
+    tvm = "tvm"
+
+
+BACKEND_OPTION = typer.Option(Backend.triton, "--backend", "-b", help="kernel backend: triton or tvm")
+
+
 class Window(str, Enum):
     full = "full"
     causal = "causal"
@@ -47,6 +55,7 @@ def check(
     gpu: str = typer.Option("nvidia-h200", "--gpu", help="GPU type for shared memory and the roofline floor"),
     window: Window = typer.Option(Window.causal, "--window",
                                   help="indexer key windows: 'full' rows or 'causal' (queries are the last S keys)"),
+    backend: Backend = BACKEND_OPTION,
 ) -> None:
     """Validate SPEC and print each kernel's cost, roofline floor and schedule.
 
@@ -59,7 +68,7 @@ def check(
 
     spec = _load(spec_path)
     target = get_gpu(gpu)
-    choices = {kernel: choose(spec, kernel, target) for kernel in KERNEL_NAMES}  # fail before printing
+    choices = {kernel: choose(spec, kernel, target, backend.value) for kernel in KERNEL_NAMES}  # fail before printing
     w = causal_window_mean(min(S, SKV), SKV) if window == Window.causal else SKV
     sizes = {"S": S, "SKV": SKV, "W": w}
     typer.echo(f"spec {spec_path}: valid (semantic hash {spec.semantic_hash()})")
@@ -79,7 +88,7 @@ def check(
         typer.echo(f"  bytes >= {c.bytes}  -> {nbytes:.4g}")
         typer.echo(f"  roofline floor on {target.name}: {floor:.4f} ms ({bound}-bound)")
         choice = choices[kernel]
-        space = load_space("triton", kernel)
+        space = load_space(backend.value, kernel)
         problem = problem_symbols(spec, kernel, target)
         fp = space.footprint_of(choice.point, problem)
         typer.echo(f"  schedule ({choice.source}): {choice.point}")
@@ -98,14 +107,15 @@ def generate(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="TOML spec file"),
     out: Path = typer.Option(..., "-o", "--out", help="directory to write the generated modules into"),
     gpu: str = typer.Option("nvidia-h200", "--gpu", help="GPU type the schedules are chosen for"),
+    backend: Backend = BACKEND_OPTION,
 ) -> None:
-    """Write the generated Triton module of every kernel of SPEC into --out (each importable alone)."""
+    """Write the generated module of every kernel of SPEC into --out (each importable alone)."""
     from dsagen.fileio import atomic_write_text
     from dsagen.pipeline import all_sources
 
     spec = _load(spec_path)
     out.mkdir(parents=True, exist_ok=True)
-    for kernel, src in all_sources(spec, "triton", gpu).items():
+    for kernel, src in all_sources(spec, backend.value, gpu).items():
         path = out / f"{src.generated.module_name}.py"
         atomic_write_text(path, src.generated.source)
         typer.echo(f"{kernel}: {path}  (schedule {src.choice.point}, {src.choice.source})")
@@ -117,12 +127,13 @@ def show(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="TOML spec file"),
     kernel: Kernel = typer.Option(..., "--kernel", "-k", help="which kernel to print"),
     gpu: str = typer.Option("nvidia-h200", "--gpu", help="GPU type the schedule is chosen for"),
+    backend: Backend = BACKEND_OPTION,
 ) -> None:
-    """Print the generated Triton source of one kernel of SPEC."""
+    """Print the generated source of one kernel of SPEC."""
     from dsagen.pipeline import kernel_source
 
     spec = _load(spec_path)
-    typer.echo(kernel_source(spec, kernel.value, "triton", gpu).generated.source, nl=False)
+    typer.echo(kernel_source(spec, kernel.value, backend.value, gpu).generated.source, nl=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,6 +170,7 @@ class Sampler(str, Enum):
 class TuneDevice(str, Enum):
     cuda = "cuda"
     cpu = "cpu"
+
 
 
 def _spawn_device_workers(devices: str) -> int:
@@ -218,9 +230,10 @@ def tune(
                                 "all adding trials to the same studies"),
     db: Path = typer.Option(None, "--db", help="tuning-database file to record winners in (default: the user's "
                             "<cache>/autotune_db/<gpu-type>.json)"),
-    device: TuneDevice = typer.Option(TuneDevice.cuda, "--device", hidden=True,
-                                      help="cpu: run candidates in the Triton interpreter (tests the tuner "
-                                      "itself; the times mean nothing)"),
+    backend: Backend = BACKEND_OPTION,
+    device: TuneDevice = typer.Option(None, "--device", help="where candidates run: cuda (default when torch "
+                                      "sees a GPU) or cpu (TVM's llvm kernels; with --backend triton the "
+                                      "interpreter, which only tests the tuner: its times mean nothing)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
     """Tune SPEC's kernels on this GPU: one Optuna study per kernel and shape bucket.
@@ -237,27 +250,36 @@ def tune(
     from dsagen.kernels import detected_gpu
     from dsagen.tuning.storage import describe, open_storage
     from dsagen.backends.triton import interpreter_problem
+    from dsagen.backends.tvm import available as tvm_available
+    from dsagen.gpus import cpu_type
     from dsagen.tuning.worker import Worker
 
     spec = _load(spec_path)
     pairs = _shapes(S, SKV, shapes)
+    if device is None:
+        device = TuneDevice.cuda if torch.cuda.is_available() or backend == Backend.triton else TuneDevice.cpu
     if device == TuneDevice.cuda and not torch.cuda.is_available():
-        raise ValueError("dsagen tune with the Triton backend needs a CUDA GPU, and torch sees none "
-                         "(CPU tuning comes with the TVM backend)")
+        raise ValueError(f"dsagen tune --backend {backend.value} --device cuda needs a CUDA GPU, and torch sees none "
+                         "(tune the CPU kernels with --backend tvm)")
+    if backend == Backend.tvm and (problem := tvm_available()):
+        raise ValueError(problem)
     if devices:
         raise typer.Exit(_spawn_device_workers(devices))
     open_storage(storage)  # a bad URL or an unreachable server fails before any work
-    gpu_type = detected_gpu()[0] if device == TuneDevice.cuda else "cpu-triton-interpreter"
-    n_jobs = jobs or (8 if device == TuneDevice.cuda else 1)
-    typer.echo(f"tuning {spec.name} on {gpu_type}: kernels {', '.join(_kernels(kernel))}; shapes "
+    if device == TuneDevice.cuda:
+        gpu_type = detected_gpu()[0]
+    else:
+        gpu_type = cpu_type() if backend == Backend.tvm else "cpu-triton-interpreter"
+    n_jobs = jobs or (8 if device == TuneDevice.cuda else 1)  # CPU timings need the CPU to themselves
+    typer.echo(f"tuning {spec.name} ({backend.value}) on {gpu_type}: kernels {', '.join(_kernels(kernel))}; shapes "
                f"{', '.join(f'S={a} SKV={b}' for a, b in pairs)}; storage {describe(storage)}; {n_jobs} worker(s)")
     t0 = time.monotonic()
     results = []
     pool = [Worker() for _ in range(n_jobs)]  # warm worker processes shared by every study
     try:
-        if device == TuneDevice.cpu and (problem := interpreter_problem()):
+        if device == TuneDevice.cpu and backend == Backend.triton and (problem := interpreter_problem()):
             raise ValueError(problem)
-        common = dict(device=device.value, gpu_type=gpu_type, trials=trials, timeout_s=timeout,
+        common = dict(device=device.value, gpu_type=gpu_type, backend=backend.value, trials=trials, timeout_s=timeout,
                       trial_timeout_s=trial_timeout, storage=storage, sampler=sampler.value, db_path=db, jobs=n_jobs)
         _tune_all(spec, pairs, _kernels(kernel), common, pool, quiet, results)
     except KeyboardInterrupt:  # between studies or while one starts: nothing measured is lost
@@ -295,7 +317,11 @@ def bench(
     SKV: list[int] = typer.Option(None, "--SKV", min=1, help="context tokens (repeatable)"),
     shapes: str = typer.Option(None, "--shapes", help="a named shape set instead of --S/--SKV (v32, smoke)"),
     out: Path = typer.Option(None, "-o", "--out", help="directory for bench-<gpu>-<date>.json and .png"),
-    dense: bool = typer.Option(True, "--dense/--no-dense", help="also time dense attention of the same shape"),
+    dense: bool = typer.Option(True, "--dense/--no-dense", help="also time dense attention of the same shape "
+                               "(CUDA only)"),
+    backend: Backend = BACKEND_OPTION,
+    device: TuneDevice = typer.Option(None, "--device", help="cuda (default when torch sees a GPU) or cpu "
+                                      "(--backend tvm only)"),
 ) -> None:
     """Time SPEC's kernels (tuned schedules) beside naive PyTorch and dense attention.
 
@@ -314,16 +340,25 @@ def bench(
 
     spec = _load(spec_path)
     pairs = _shapes(S, SKV, shapes)
-    if not torch.cuda.is_available():
-        raise ValueError("dsagen bench times CUDA kernels and needs a CUDA GPU; torch sees none")
-    kernels = build(spec)
+    if device is None:
+        device = TuneDevice.cuda if torch.cuda.is_available() or backend == Backend.triton else TuneDevice.cpu
+    if device == TuneDevice.cuda and not torch.cuda.is_available():
+        raise ValueError("dsagen bench --device cuda needs a CUDA GPU, and torch sees none "
+                         "(time the CPU kernels with --backend tvm --device cpu)")
+    if device == TuneDevice.cpu and backend == Backend.triton:
+        raise ValueError("--device cpu times the TVM backend's CPU kernels: add --backend tvm "
+                         "(Triton on the CPU is an interpreter for tests, not for timing)")
+    kernels = build(spec, backend=backend.value)
     gpu = get_gpu(kernels.gpu_type if kernels.gpu_type in GPUS else DEFAULT_GPU)
     typer.echo(format_table([]).splitlines()[0])
-    payload = run_bench(kernels, gpu, pairs, _kernels(kernel), dense=dense, progress=typer.echo)
+    payload = run_bench(kernels, gpu, pairs, _kernels(kernel), dense=dense and device == TuneDevice.cuda,
+                        progress=typer.echo, device=device.value)
     if out is not None:
         from dsagen.fileio import atomic_write_text
+        from dsagen.gpus import cpu_type
 
-        stem = f"bench-{kernels.gpu_type}-{datetime.date.today().isoformat()}"
+        where = kernels.gpu_type if device == TuneDevice.cuda else cpu_type()
+        stem = f"bench-{backend.value}-{where}-{datetime.date.today().isoformat()}"
         atomic_write_text(out / f"{stem}.json", json.dumps(payload, indent=1))
         typer.echo(f"wrote {out / (stem + '.json')}")
         if payload["dsa_vs_dense"]:
@@ -341,6 +376,8 @@ def explain(
     SKV: int = typer.Option(32768, "--SKV", min=1, help="context tokens"),
     gpu: str = typer.Option(None, "--gpu", help="GPU type whose tuning database to consult (default: the GPU "
                             "torch sees)"),
+    backend: Backend = BACKEND_OPTION,
+    device: TuneDevice = typer.Option(TuneDevice.cuda, "--device", help="cuda, or cpu (TVM's CPU kernels)"),
 ) -> None:
     """Say which schedule each kernel of SPEC uses at (S, SKV), and where it comes from.
 
@@ -350,9 +387,15 @@ def explain(
     from dsagen import build
 
     spec = _load(spec_path)
-    kernels = build(spec, gpu=gpu)
-    typer.echo(f"{spec.name} at S={S} SKV={SKV} on {kernels.gpu_type or 'no GPU (defaults and pinned knobs only)'}")
-    for name, info in kernels.explain(S, SKV).items():
+    kernels = build(spec, backend=backend.value, gpu=gpu)
+    if device == TuneDevice.cpu:
+        from dsagen.gpus import cpu_type
+
+        where = cpu_type() if backend == Backend.tvm else "the CPU (Triton interpreter: defaults and pinned knobs)"
+    else:
+        where = kernels.gpu_type or "no GPU (defaults and pinned knobs only)"
+    typer.echo(f"{spec.name} ({backend.value}) at S={S} SKV={SKV} on {where}")
+    for name, info in kernels.explain(S, SKV, device.value).items():
         sched = " ".join(f"{k}={v}" for k, v in info["schedule"].items())
         typer.echo(f"  {name:<17} {sched}\n  {'':<17} from: {info['source']}")
         if info["stale"]:

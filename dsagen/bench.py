@@ -46,21 +46,39 @@ def median_ms(fn: Callable[[], object], warmup: int = 100, rep: int = 500) -> fl
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def cpu_median_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    """CPU kernels run synchronously: wall-clock median of `reps` runs after one warm-up run."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, naive: bool = True,
-                 seed: int = 0) -> BenchRow:
-    """Check, then time one kernel (the schedule its build resolves for this shape) and naive PyTorch."""
+                 seed: int = 0, device: str = "cuda") -> BenchRow:
+    """Check, then time one kernel (the schedule its build resolves for this shape) and naive PyTorch.
+    On the CPU (TVM's llvm kernels) rates are reported against the GPU's roofline only as ms."""
     validate_shape(S, SKV)
     spec = kernels.spec
     work = WORKLOADS[kernel]
-    inputs = work.make_inputs(spec, S, SKV, "cuda", seed)
+    timer = median_ms if device == "cuda" else cpu_median_ms
+    inputs = work.make_inputs(spec, S, SKV, device, seed)
     method = {"indexer": kernels.indexer, "topk": kernels.topk, "sparse_attention": kernels.sparse_attention}[kernel]
     outs = poisoned_outputs(spec, kernel, inputs)
     result = method(*inputs, **outs)
     checked = check(spec, kernel, inputs, result, sample_rows(S, 6, seed))
-    ms = median_ms(lambda: method(*inputs, **outs))
-    naive_ms = median_ms(work.naive(spec, inputs)) if naive else None
+    ms = timer(lambda: method(*inputs, **outs))
+    naive_ms = timer(work.naive(spec, inputs)) if naive else None
     rates = work.rates(spec, S, SKV, ms, gpu)
-    hit = kernels.resolve(kernel, S, SKV)
+    if device != "cuda":  # no GPU roofline for a CPU run
+        rates["floor_ms"] = rates["pct_of_roofline"] = None
+    hit = kernels.resolve(kernel, S, SKV, device)
     return BenchRow(kernel, _shape(spec, kernel, S, SKV), ms, naive_ms, work.naive_name, rates["tflops"],
                     rates["gbps"], rates["floor_ms"], rates["pct_of_roofline"],
                     naive_ms / ms if naive_ms else None, hit.point, hit.source, checked)
@@ -98,14 +116,14 @@ def dense_attention_ms(spec: Spec, S: int, SKV: int, chunk: int = 512) -> float:
 
 
 def run_bench(kernels: DSAKernels, gpu: GPU, shapes: list[tuple[int, int]], kernel_names=KERNELS,
-              dense: bool = True, progress: Callable[[str], None] = print) -> dict:
+              dense: bool = True, progress: Callable[[str], None] = print, device: str = "cuda") -> dict:
     """Every kernel at every shape, plus DSA (the three together) against dense attention."""
     rows: list[BenchRow] = []
     totals = []
     for S, SKV in shapes:
         here = []
         for kernel in kernel_names:
-            row = bench_kernel(kernels, kernel, gpu, S, SKV)
+            row = bench_kernel(kernels, kernel, gpu, S, SKV, device=device)
             rows.append(row)
             here.append(row)
             progress(format_table([row]).splitlines()[-1])
@@ -119,7 +137,8 @@ def run_bench(kernels: DSAKernels, gpu: GPU, shapes: list[tuple[int, int]], kern
                            "dense_over_dsa": dense_ms / dsa if dense_ms else None})
             progress(f"S={S} SKV={SKV}: DSA (indexer + top-k + sparse attention) {dsa:.3f} ms, "
                      f"dense attention {'out of memory' if dense_ms is None else f'{dense_ms:.3f} ms'}")
-    return {"environment": environment(), "results": [asdict(r) for r in rows], "dsa_vs_dense": totals}
+    env = environment() | {"backend": kernels.backend, "device": device}
+    return {"environment": env, "results": [asdict(r) for r in rows], "dsa_vs_dense": totals}
 
 
 def environment() -> dict:
@@ -133,7 +152,20 @@ def environment() -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
     }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _fmt(value, spec: str, none: str = "-") -> str:

@@ -161,8 +161,9 @@ def _describe(outcome: Outcome) -> str:
 class _StudyRun:
     """The trial loop one or more threads run, each driving its own worker process."""
 
-    def __init__(self, req, study, space, legal, sampler_kind, budget, plan_gpu):
+    def __init__(self, req, study, space, legal, sampler_kind, budget, plan_gpu, fixed):
         self.req, self.study, self.space = req, study, space
+        self.choices = {n: [fixed[n]] if n in fixed else list(k.values) for n, k in space.knobs.items()}
         self.legal_keys = {_point_key(p): p for p in legal}
         self.order = list(self.legal_keys)
         random.Random(os.getpid()).shuffle(self.order)  # workers of one grid study start apart
@@ -197,7 +198,7 @@ class _StudyRun:
                     return "wait" if running else None
                 study.enqueue_trial(self.legal_keys[pending[0]], skip_if_exists=False)
             trial = study.ask()
-            point = {n: trial.suggest_categorical(n, list(k.values)) for n, k in self.space.knobs.items()}
+            point = {n: trial.suggest_categorical(n, values) for n, values in self.choices.items()}
             key = _point_key(point)
             if key not in self.legal_keys or key in tried or key in running:
                 trial.set_user_attr("skipped", "illegal" if key not in self.legal_keys else "already tried")
@@ -272,8 +273,9 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     space = load_space(req.backend, req.kernel)
     pinned = req.spec.pinned(req.kernel)
     space.check_names(pinned, f"schedule.{req.kernel}")
+    fixed = fixed_knobs(space, req.device) | pinned  # the spec's pins, and knobs of the other target
     legal = [p for p in space.legal_points(problem_symbols(req.spec, req.kernel, get_gpu(plan_gpu)))
-             if all(p[k] == v for k, v in pinned.items())]  # the spec's pinned knobs stay fixed
+             if all(p[k] == v for k, v in fixed.items())]
     if not legal:
         raise ValueError(f"{req.kernel}: no legal schedule in schedules/{req.backend}/{req.kernel}.toml "
                          f"for this spec on {plan_gpu}" + (f" with the pinned knobs {pinned}" if pinned else ""))
@@ -296,7 +298,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     if sampler_kind == "tpe" and not _counted(study.get_trials(deepcopy=False)):
         for point in _seed_points(req, space, legal, plan_gpu):
             study.enqueue_trial(point, skip_if_exists=True)
-    run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu)
+    run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu, fixed)
     bar = Progress(f"[{req.kernel} {bucket} {sampler_kind}]", budget, enabled=progress)
     own_workers = workers is None
     workers = workers if workers is not None else [Worker() for _ in range(max(1, req.jobs))]
@@ -329,6 +331,15 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
         _record(req, name, sampler_kind, best_point, best_ms, evaluated)
     return TuneResult(name, sampler_kind, len(legal), budget, evaluated, evaluated_here, failures, best_point,
                       best_ms, db_outcome, interrupted)
+
+
+TARGET_KNOB_PREFIXES = {"cpu": "cpu_", "cuda": "cuda_"}
+
+
+def fixed_knobs(space, device: str) -> dict[str, int]:
+    """Knobs that only matter on the other target (named cpu_* / cuda_*), held at their defaults."""
+    other = [p for d, p in TARGET_KNOB_PREFIXES.items() if d != device]
+    return {n: k.default for n, k in space.knobs.items() if any(n.startswith(p) for p in other)}
 
 
 def _seed_points(req: TuneRequest, space, legal: list[dict], plan_gpu: str) -> list[dict]:
