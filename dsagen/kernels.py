@@ -16,7 +16,7 @@ from typing import Mapping, NamedTuple
 import torch
 
 from . import backends
-from .backends import triton as triton_backend
+from .backends.source_cache import materialize
 from .backends import tvm as tvm_backend
 from .codegen import render
 from .errors import BackendError, ScheduleError
@@ -143,7 +143,7 @@ class DSAKernels:
                 point, source = choice.point, choice.source
         generated = render(self.backend, kernel_context(self.spec, kernel, point, self.backend))
         return Resolved(kernel, dict(point), source, bucket, generated.module_name,
-                        triton_backend.materialize(generated), stale)
+                        materialize(generated), stale)
 
     def _lookup(self, kernel: str, S: int, SKV: int, db_type: str):
         """A tuning-database entry whose schedule is legal for this spec here, else None (logged)."""

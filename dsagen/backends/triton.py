@@ -16,31 +16,11 @@ import threading
 import types
 from pathlib import Path
 
-from ..codegen import GeneratedSource
-from ..fileio import atomic_write_text, cache_dir, file_lock
+from .source_cache import materialize  # noqa: F401  (the module lifecycle's first step)
 from ..errors import BackendError
 
 _IMPORT_LOCK = threading.Lock()
 _LOADED: dict[tuple[str, bool], types.ModuleType] = {}
-
-
-def _is_current(path: Path, source: str) -> bool:
-    try:
-        return path.read_text() == source
-    except OSError:
-        return False
-
-
-def materialize(gen: GeneratedSource, directory: Path | None = None) -> Path:
-    """The module's file in the cache, written if missing or different; safe across processes."""
-    directory = directory or cache_dir() / gen.backend
-    path = directory / f"{gen.module_name}.py"
-    if _is_current(path, gen.source):  # cache hit: no lock needed
-        return path
-    with file_lock(directory / f".{gen.module_name}.lock"):
-        if not _is_current(path, gen.source):
-            atomic_write_text(path, gen.source)
-    return path
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ def evaluate(job: Job) -> Outcome:
     import torch
 
     from .. import backends
-    from ..backends import triton as triton_backend
+    from ..backends.source_cache import materialize
     from ..pipeline import kernel_source
     from ..spec import spec_from_dict
     from ..verify import Mismatch
@@ -85,7 +85,7 @@ def evaluate(job: Job) -> Outcome:
     t0 = time.perf_counter()
     try:
         src = kernel_source(spec, job.kernel, job.backend, job.plan_gpu, override=job.point)
-        path = triton_backend.materialize(src.generated)
+        path = materialize(src.generated)
         fn = backends.launcher(job.backend, path, job.kernel, job.device)
         inputs = WORKLOADS[job.kernel].make_inputs(spec, job.S, job.SKV, job.device, job.seed)
         outs = poisoned_outputs(spec, job.kernel, inputs)
