@@ -2,8 +2,8 @@
 
 Step 5 of the pipeline for backend="tvm". A generated module builds its TVMScript kernel with
 `build(kind)` ("llvm" for the CPU, "cuda" for NVIDIA GPUs). dsagen keeps each compiled library in
-the cache directory next to the module source (<module>.<kind>.so, written under a lock and published
-by rename), so a second process loads it instead of compiling; if the toolchain cannot export a
+the cache directory next to the module source (<module>.<target>.so, e.g. .llvm-znver4.so, written
+under a lock and published by rename), so a second process loads it instead of compiling; if the toolchain cannot export a
 shared library, the compiled module stays in memory for the process.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ def load(path: Path) -> types.ModuleType:
     problem = available()
     if problem:
         raise BackendError(problem)
+    _use_torch_thread_count()
     with _LOCK:
         if str(path) in _LOADED:
             return _LOADED[str(path)]
@@ -58,6 +59,15 @@ def load(path: Path) -> types.ModuleType:
         return module
 
 
+def _use_torch_thread_count() -> None:
+    """TVM's CPU thread pool defaults to half the cores; use as many threads as torch does (read
+    when TVM first runs a parallel loop; $TVM_NUM_THREADS, when set, wins)."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["TVM_NUM_THREADS"] = str(torch.get_num_threads())
+
+
 def _disk_cached_loader(module: types.ModuleType, path: Path):
     compiled: dict[str, object] = {}
 
@@ -75,7 +85,7 @@ def _load_or_build(module: types.ModuleType, path: Path, kind: str):
 
     if kind not in KINDS:
         raise BackendError(f"TVM target kind {kind!r}: allowed {', '.join(KINDS)}")
-    lib = path.with_name(f"{path.stem}.{kind}.so")
+    lib = path.with_name(f"{path.stem}.{module.target_tag(kind)}.so")  # e.g. .llvm-znver4.so
     if lib.exists():
         try:
             return tvm.runtime.load_module(str(lib))
