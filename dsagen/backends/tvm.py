@@ -39,7 +39,6 @@ def load(path: Path) -> types.ModuleType:
     problem = available()
     if problem:
         raise BackendError(problem)
-    _use_torch_thread_count()
     with _LOCK:
         if str(path) in _LOADED:
             return _LOADED[str(path)]
@@ -57,15 +56,6 @@ def load(path: Path) -> types.ModuleType:
         module._LOADER = _disk_cached_loader(module, path)
         _LOADED[str(path)] = module
         return module
-
-
-def _use_torch_thread_count() -> None:
-    """TVM's CPU thread pool defaults to half the cores; use as many threads as torch does (read
-    when TVM first runs a parallel loop; $TVM_NUM_THREADS, when set, wins)."""
-    if "TVM_NUM_THREADS" not in os.environ:
-        import torch
-
-        os.environ["TVM_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 def _disk_cached_loader(module: types.ModuleType, path: Path):
