@@ -309,7 +309,7 @@ def test_error_in_a_real_process_has_no_traceback(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the module cache (dsagen.backends.triton.materialize)
+# the module cache (dsagen.backends.source_cache.materialize)
 
 def topk_source():
     from dsagen import Spec
@@ -326,7 +326,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_cache_dir_follows_the_environment(cache, monkeypatch):
-    from dsagen.backends.triton import cache_dir
+    from dsagen.fileio import cache_dir
 
     assert cache_dir() == cache
     monkeypatch.delenv("DSAGEN_CACHE_DIR")
@@ -335,7 +335,7 @@ def test_cache_dir_follows_the_environment(cache, monkeypatch):
 
 
 def test_materialize_twice_same_path_no_rewrite(cache):
-    from dsagen.backends.triton import materialize
+    from dsagen.backends.source_cache import materialize
 
     gen = topk_source()
     first = materialize(gen)
@@ -350,7 +350,7 @@ def test_materialize_twice_same_path_no_rewrite(cache):
 
 @pytest.mark.parametrize("damage", ["truncated", "edited", "empty"])
 def test_corrupted_cache_file_is_rewritten(cache, damage):
-    from dsagen.backends.triton import materialize
+    from dsagen.backends.source_cache import materialize
 
     gen = topk_source()
     path = materialize(gen)
@@ -362,7 +362,7 @@ def test_corrupted_cache_file_is_rewritten(cache, damage):
 
 
 def _materialize_in_child(gen, barrier, results):
-    from dsagen.backends.triton import materialize
+    from dsagen.backends.source_cache import materialize
 
     barrier.wait(timeout=120)
     try:
@@ -373,7 +373,7 @@ def _materialize_in_child(gen, barrier, results):
 
 @pytest.mark.parametrize("start", ["cold", "corrupted"])
 def test_eight_processes_materialize_the_same_source(cache, start):
-    from dsagen.backends.triton import materialize
+    from dsagen.backends.source_cache import materialize
 
     gen = topk_source()
     target = cache / "triton" / f"{gen.module_name}.py"
