@@ -137,3 +137,49 @@ def test_tvm_cpu_kernels_tune_for_real(tmp_path, monkeypatch):
     info = kernels.explain(16, 500, device_type="cpu")["topk"]
     assert info["source"].startswith("tuned (exact bucket S16-SKV512)") and info["schedule"] == entry.schedule
     assert json.loads(json.dumps(info))  # plain data
+
+
+def _cpu_points(spec: dsagen.Spec, kernel: str) -> list[dict]:
+    """Three legal CPU schedules far apart (first, middle, last of the legal grid)."""
+    from dsagen.gpus import get_gpu
+    from dsagen.plan import problem_symbols
+    from dsagen.tuning.study import fixed_knobs
+
+    space = load_space("tvm", kernel)
+    fixed = fixed_knobs(space, "cpu")
+    legal = [p for p in space.legal_points(problem_symbols(spec, kernel, get_gpu("nvidia-h200")))
+             if all(p[k] == v for k, v in fixed.items())]
+    return [legal[0], legal[len(legal) // 2], legal[-1]]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cpu_schedules_far_apart_agree_with_the_reference(kernel, which, gen):
+    spec = dsagen.Spec(indexer=dsagen.IndexerSpec(heads=16, head_dim=128, dtype="fp8_e4m3"),
+                       topk=dsagen.TopKSpec(k=100),
+                       attention=dsagen.AttentionSpec(heads=40, qk_dim=576, v_dim=512))
+    point = _cpu_points(spec, kernel)[which]
+    kernels = dsagen.build(spec, backend="tvm", schedules={kernel: point})
+    assert kernels.resolve(kernel, device_type="cpu").point == point
+    S, SKV = 7, 1031
+    ks = torch.randint(0, SKV // 2, (S,), generator=gen).int()
+    ke = (ks + torch.randint(0, SKV, (S,), generator=gen)).clamp(max=SKV).int()
+    if kernel == "indexer":
+        q = (torch.randn(S, 16, 128, generator=gen) * 2).to(torch.float8_e4m3fn)
+        k = (torch.randn(SKV, 128, generator=gen) * 2).to(torch.float8_e4m3fn)
+        w, scale = torch.randn(S, 16, generator=gen), torch.rand(SKV, generator=gen) + 0.5
+        got = kernels.indexer(q, k, scale, w, ks, ke, out=torch.full((S, SKV), float("nan")))
+        assert_close("indexer.logits.fp8_e4m3", got, reference.indexer(q, k, scale, w, ks, ke))
+    elif kernel == "topk":
+        x = torch.randint(-5, 5, (S, SKV), generator=gen).float()  # heavy ties
+        assert_topk(kernels.topk(x, ks, ke, out=torch.full((S, 100), -7, dtype=torch.int32)), x, ks, ke, 100)
+    else:
+        q = torch.randn(S, 40, 576, generator=gen).bfloat16()
+        kv = torch.randn(SKV, 576, generator=gen).bfloat16()
+        idx = torch.randint(-3, SKV + 3, (S, 100), generator=gen).int()
+        idx[0] = -1  # an all-invalid row
+        out, lse = kernels.sparse_attention(q, kv, idx, out=torch.full((S, 40, 512), float("nan")).bfloat16(),
+                                            lse=torch.full((S, 40), float("nan")))
+        ref_out, ref_lse = reference.sparse_attention(q, kv, idx, spec.attention.softmax_scale, 512)
+        assert_close("sparse_attention.out", out, ref_out)
+        assert_close("sparse_attention.lse", lse, ref_lse)
