@@ -92,6 +92,7 @@ class DSAKernels:
                  overrides: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True):
         self.spec = spec
         self.backend = backend
+        self.target: str | None = None  # None: follow the tensors' device
         self.gpu_type = gpu_type  # None: no tuning database (no GPU known)
         self.compute_capability = compute_capability
         self.plan_gpu = get_gpu(gpu_type) if gpu_type in GPUS else get_gpu(DEFAULT_GPU)
@@ -173,6 +174,9 @@ class DSAKernels:
         """The generated launcher for a device: compiled for CUDA, interpreted for CPU."""
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendError("CUDA tensors were given but torch sees no CUDA device")
+        if self.target is not None and self.target != ("cuda" if device.type == "cuda" else
+                                                       ("llvm" if self.backend == "tvm" else "cpu")):
+            raise ValueError(f"these kernels were built with target={self.target!r} but got {device.type} tensors")
         hit = self.resolve(kernel, S, SKV, device.type)
         return backends.launcher(self.backend, hit.path, kernel, device.type)
 
@@ -257,15 +261,25 @@ def detected_gpu() -> tuple[str, str] | None:
     return gpu_type_from_device_name(torch.cuda.get_device_name(0)), f"{major}.{minor}"
 
 
+TARGETS = {"triton": ("cuda", "cpu"), "tvm": ("llvm", "cuda")}
+
+
 def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
-          schedules: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True) -> DSAKernels:
+          schedules: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True,
+          target: str | None = None) -> DSAKernels:
     """The three kernels of `spec` for `backend`, generated (or fetched from the cache) on first use.
 
+    target: None follows each call's tensors (CUDA tensors -> GPU kernels; CPU tensors -> the Triton
+    interpreter or TVM's llvm kernels); "llvm"/"cuda" (TVM) or "cuda"/"cpu" (Triton) accept only
+    tensors of that target and say so otherwise.
     gpu: the GPU type whose tuning database and limits to use (default: the one torch sees).
     schedules: optional {kernel: {knob: value}} overriding the tuning database and the spec's pins.
     use_db: False ignores the tuning database (pinned knobs and defaults only).
     """
     backends.check_backend(backend)
+    if target is not None and target not in TARGETS[backend]:
+        raise ValueError(f"target={target!r} for backend={backend!r}: allowed {', '.join(TARGETS[backend])} "
+                         "or None (follow the tensors)")
     if backend == "tvm" and (problem := tvm_backend.available()):
         raise BackendError(problem)
     detected = detected_gpu()
@@ -280,4 +294,6 @@ def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
                         gpu_type, DEFAULT_GPU)
     else:
         gpu_type, capability = None, None
-    return DSAKernels(spec, backend, gpu_type, capability, schedules, use_db)
+    kernels = DSAKernels(spec, backend, gpu_type, capability, schedules, use_db)
+    kernels.target = target
+    return kernels

@@ -183,3 +183,15 @@ def test_cpu_schedules_far_apart_agree_with_the_reference(kernel, which, gen):
         ref_out, ref_lse = reference.sparse_attention(q, kv, idx, spec.attention.softmax_scale, 512)
         assert_close("sparse_attention.out", out, ref_out)
         assert_close("sparse_attention.lse", lse, ref_lse)
+
+
+def test_target_argument_is_checked():
+    with pytest.raises(ValueError, match="target='rocm' for backend='tvm': allowed llvm, cuda"):
+        dsagen.build(small_spec(), backend="tvm", target="rocm")
+    kernels = dsagen.build(small_spec(), backend="tvm", target="cuda")
+    x = torch.randn(2, 30)
+    with pytest.raises(ValueError, match="built with target='cuda' but got cpu tensors"):
+        kernels.topk(x, torch.zeros(2, dtype=torch.int32), torch.full((2,), 30, dtype=torch.int32))
+    llvm = dsagen.build(small_spec(), backend="tvm", target="llvm")
+    assert_topk(llvm.topk(x, torch.zeros(2, dtype=torch.int32), torch.full((2,), 30, dtype=torch.int32)),
+                x, torch.zeros(2, dtype=torch.int32), torch.full((2,), 30, dtype=torch.int32), 13)
