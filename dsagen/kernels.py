@@ -25,7 +25,7 @@ from .lower import kernel_context
 from .pipeline import DEFAULT_GPU
 from .plan import problem_symbols
 from .schedule import choose, load_space
-from .spec import KERNELS, Spec
+from .spec import ALL_KERNELS, KERNELS, Spec
 from .tuning import db as tuning_db
 from .tuning.buckets import bucket_of
 
@@ -101,8 +101,8 @@ class DSAKernels:
         self._resolved: dict[tuple[str, str | None], Resolved] = {}
         self._lock = threading.Lock()
         for kernel in self.overrides:  # a bad override fails at build time, naming the knob
-            if kernel not in KERNELS:
-                raise ValueError(f"schedules: unknown kernel {kernel!r}: allowed {', '.join(KERNELS)}")
+            if kernel not in ALL_KERNELS:
+                raise ValueError(f"schedules: unknown kernel {kernel!r}: allowed {', '.join(ALL_KERNELS)}")
             self.resolve(kernel)
 
     def resolve(self, kernel: str, S: int | None = None, SKV: int | None = None,
@@ -190,8 +190,7 @@ class DSAKernels:
         return out
 
     # -- stage 1 ---------------------------------------------------------------------------
-    def indexer(self, q, k, k_scale, weights, ks, ke, *, out=None):
-        """logits [S, SKV] fp32: k_scale[s] * sum_j weights[t,j] * relu(q[t,j] . k[s]) in [ks[t], ke[t])."""
+    def _check_indexer_inputs(self, q, k, k_scale, weights, ks, ke) -> tuple[torch.device, int, int]:
         ix = self.spec.indexer
         dtype = _TORCH_DTYPES[ix.dtype]
         _check("q", q, dtype, (None, ix.heads, ix.head_dim))
@@ -204,8 +203,23 @@ class DSAKernels:
         _check("weights", weights, torch.float32, (n_q, ix.heads), dev)
         _check("ks", ks, torch.int32, (n_q,), dev)
         _check("ke", ke, torch.int32, (n_q,), dev)
+        return dev, n_q, n_kv
+
+    def indexer(self, q, k, k_scale, weights, ks, ke, *, out=None):
+        """logits [S, SKV] fp32: k_scale[s] * sum_j weights[t,j] * relu(q[t,j] . k[s]) in [ks[t], ke[t])."""
+        dev, n_q, n_kv = self._check_indexer_inputs(q, k, k_scale, weights, ks, ke)
         _check_out("out", out, torch.float32, (n_q, n_kv), dev)
         return self.launcher("indexer", dev, n_q, n_kv)(q, k, k_scale, weights, ks, ke, out=out)
+
+    # -- stages 1 + 2 fused ------------------------------------------------------------------
+    def indexer_topk(self, q, k, k_scale, weights, ks, ke, *, out=None):
+        """indices [S, k] int32: the k largest indexer logits of each row's window, selected while
+        they are computed (the S x SKV logits are never written). Triton backend only."""
+        dev, n_q, n_kv = self._check_indexer_inputs(q, k, k_scale, weights, ks, ke)
+        _check_out("out", out, torch.int32, (n_q, self.spec.topk.k), dev)
+        if self.backend != "triton":
+            raise BackendError(f"the fused indexer_topk has a Triton template only (backend={self.backend!r})")
+        return self.launcher("indexer_topk", dev, n_q, n_kv)(q, k, k_scale, weights, ks, ke, out=out)
 
     # -- stage 2 ---------------------------------------------------------------------------
     def topk(self, logits, ks, ke, *, out=None):
@@ -247,8 +261,11 @@ class DSAKernels:
             raise ValueError(f"q has {q.shape[0]} tokens but index_q has {index_q.shape[0]}")
         if isinstance(kv, torch.Tensor) and isinstance(index_k, torch.Tensor) and kv.shape[0] != index_k.shape[0]:
             raise ValueError(f"kv has {kv.shape[0]} rows but index_k has {index_k.shape[0]}")
-        logits = self.indexer(index_q, index_k, index_k_scale, index_weights, ks, ke)
-        indices = self.topk(logits, ks, ke)
+        if self.spec.topk.fused and self.backend == "triton":
+            indices = self.indexer_topk(index_q, index_k, index_k_scale, index_weights, ks, ke)
+        else:
+            logits = self.indexer(index_q, index_k, index_k_scale, index_weights, ks, ke)
+            indices = self.topk(logits, ks, ke)
         out, lse = self.sparse_attention(q, kv, indices, sm_scale)
         return DSAOutput(out, lse, indices)
 

@@ -34,6 +34,12 @@ def kernel_context(spec: Spec, kernel: str, point: dict[str, int], backend: str 
         name = (f"indexer_h{ix.heads}_d{ix.head_dim}_{ix.dtype}"
                 f"_m{point['block_m']}_hb{point['block_h']}_n{point['block_n']}"
                 f"_w{point['num_warps']}_s{point['num_stages']}")
+    elif kernel == "indexer_topk":
+        ix = spec.indexer
+        fields = {"heads": ix.heads, "head_dim": ix.head_dim, "dtype": ix.dtype, "k": spec.topk.k}
+        derived = {"d_pad": next_pow2(ix.head_dim, 32)}
+        name = (f"indexer_topk_h{ix.heads}_d{ix.head_dim}_{ix.dtype}_k{spec.topk.k}"
+                f"_hb{point['block_h']}_n{point['block_n']}_r{point['radix_bits']}_w{point['num_warps']}")
     elif kernel == "topk":
         fields = {"k": spec.topk.k}
         derived = {}

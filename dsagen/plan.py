@@ -59,6 +59,13 @@ def cost(spec: Spec, kernel: str) -> Cost:
                   + S * ix.heads * 4 + S * 8  # weights, ks/ke
                   + S * SKV * 4)  # logits
         return Cost(kernel, flops, nbytes, "fp8" if ix.dtype == "fp8_e4m3" else "bf16")
+    if kernel == "indexer_topk":  # the indexer's useful FLOPs; its inputs read once, indices written
+        ix, k = spec.indexer, spec.topk.k
+        eb = _ELEM_BYTES[ix.dtype]
+        flops = 2 * S * W * ix.heads * ix.head_dim
+        nbytes = (S * ix.heads * ix.head_dim * eb + SKV * ix.head_dim * eb + SKV * 4
+                  + S * ix.heads * 4 + S * 8 + S * k * 4)
+        return Cost(kernel, flops, nbytes, "fp8" if ix.dtype == "fp8_e4m3" else "bf16")
     if kernel == "topk":
         k = spec.topk.k
         return Cost(kernel, sp.Integer(0), S * SKV * 4 + S * 8 + S * k * 4, "none")
@@ -76,9 +83,9 @@ def cost(spec: Spec, kernel: str) -> Cost:
 def problem_symbols(spec: Spec, kernel: str, gpu: GPU) -> dict[str, int]:
     """The numbers a schedule's footprint and constraints are written in (schedules/*.toml)."""
     common = {"smem_limit": gpu.smem_per_block}
-    if kernel == "indexer":
+    if kernel in ("indexer", "indexer_topk"):
         ix = spec.indexer
-        return common | {
+        return common | ({"k": spec.topk.k} if kernel == "indexer_topk" else {}) | {
             "heads": ix.heads,
             "heads_pad": next_pow2(ix.heads),
             "d_pad": next_pow2(ix.head_dim, 32),

@@ -22,6 +22,9 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from .errors import SpecError
 
 KERNELS = ("indexer", "topk", "sparse_attention")
+# kernels that fuse stages: indexer + top-k without materializing the S x SKV logits
+FUSED_KERNELS = ("indexer_topk",)
+ALL_KERNELS = KERNELS + FUSED_KERNELS
 
 INDEXER_DTYPES = ("fp8_e4m3", "bf16")
 ATTENTION_DTYPES = ("bf16",)
@@ -45,9 +48,13 @@ class IndexerSpec:
 
 @dataclass(frozen=True)
 class TopKSpec:
-    """Top-k selector: the k largest logits of each row's window, int32, -1 padded."""
+    """Top-k selector: the k largest logits of each row's window, int32, -1 padded.
+
+    fused: dsa() selects straight from the indexer's inputs (indexer_topk), never writing the
+    S x SKV logits; a choice of execution, not of math, so it is not part of any semantic hash."""
 
     k: int = 2048
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,9 @@ class Spec:
         object.__setattr__(self, "schedule", MappingProxyType(frozen))
 
     def section(self, kernel: str) -> IndexerSpec | TopKSpec | AttentionSpec:
-        """The spec section a kernel's semantics depend on."""
-        return {"indexer": self.indexer, "topk": self.topk, "sparse_attention": self.attention}[kernel]
+        """The spec section a kernel's semantics depend on (the fused kernel: the indexer's)."""
+        return {"indexer": self.indexer, "topk": self.topk, "sparse_attention": self.attention,
+                "indexer_topk": self.indexer}[kernel]
 
     def semantic_hash(self, kernel: str | None = None) -> str:
         """Hash of what the math depends on (not the name, not the schedule).
@@ -96,6 +104,8 @@ class Spec:
         reused by another with the same indexer.
         """
         kernels = KERNELS if kernel is None else (kernel,)
+        if kernel is not None and kernel not in ALL_KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: allowed {', '.join(ALL_KERNELS)}")
         payload = {k: self._semantic_fields(k) for k in kernels}
         text = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -103,6 +113,9 @@ class Spec:
     def _semantic_fields(self, kernel: str) -> dict:
         """The numbers a kernel's math depends on, normalised (the scale actually used, as float)."""
         fields = asdict(self.section(kernel))
+        fields.pop("fused", None)  # execution choice, not math
+        if kernel == "indexer_topk":
+            fields["k"] = self.topk.k
         if kernel == "sparse_attention":
             fields["sm_scale"] = float(self.attention.softmax_scale)
             fields["topk"] = self.topk.k  # the width of the index rows it reads
@@ -140,6 +153,8 @@ def validate(spec: Spec) -> None:
     _check_int("indexer.head_dim", ix.head_dim, 1, MAX_INDEXER_HEAD_DIM)
     _check_enum("indexer.dtype", ix.dtype, INDEXER_DTYPES)
     _check_int("topk.k", tk.k, 1, MAX_TOPK)
+    if not isinstance(tk.fused, bool):
+        raise SpecError(f"topk.fused={tk.fused!r} must be true or false")
     _check_int("attention.heads", at.heads, 1, MAX_HEADS)
     _check_int("attention.qk_dim", at.qk_dim, 1, MAX_V_DIM + MAX_ROPE_DIM)
     _check_int("attention.v_dim", at.v_dim, 1, MAX_V_DIM + MAX_ROPE_DIM)
@@ -161,8 +176,8 @@ def validate(spec: Spec) -> None:
     if not isinstance(spec.schedule, Mapping):
         raise SpecError("schedule must be a table of [schedule.<kernel>] tables")
     for kernel, knobs in spec.schedule.items():
-        if kernel not in KERNELS:
-            raise SpecError(f"schedule.{kernel} is not a kernel: allowed {', '.join(KERNELS)}")
+        if kernel not in ALL_KERNELS:
+            raise SpecError(f"schedule.{kernel} is not a kernel: allowed {', '.join(ALL_KERNELS)}")
         if not isinstance(knobs, Mapping):
             raise SpecError(f"schedule.{kernel} must be a table of knob = integer")
         for knob, value in knobs.items():
@@ -177,7 +192,7 @@ def validate(spec: Spec) -> None:
 _SECTIONS: dict[str, tuple[type, set[str], set[str]]] = {
     # section: (dataclass, required keys, optional keys)
     "indexer": (IndexerSpec, {"heads", "head_dim", "dtype"}, set()),
-    "topk": (TopKSpec, {"k"}, set()),
+    "topk": (TopKSpec, {"k"}, {"fused"}),
     "attention": (AttentionSpec, {"heads", "qk_dim", "v_dim", "dtype"}, {"sm_scale"}),
 }
 _TOP_LEVEL = {"name", "indexer", "topk", "attention", "schedule"}

@@ -30,6 +30,8 @@ CASES = [
     ("v32", V32, "topk", {"block_n": 4096, "radix_bits": 2, "num_warps": 16, "resident_max": 0}),
     ("v32", V32, "topk", {"resident_max": 32768, "resident_warps": 32}),
     ("v32", V32, "indexer", {"block_m": 64, "block_h": 1, "block_n": 64, "num_warps": 4, "num_stages": 4}),
+    ("v32", V32, "indexer_topk", None),
+    ("odd", ODD, "indexer_topk", None),
 ]
 
 

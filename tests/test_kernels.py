@@ -338,3 +338,54 @@ def test_bad_tensors_name_the_argument(device):
     for name, call in cases:
         with pytest.raises(ValueError, match=rf"^{name}\b"):
             call()
+
+
+# ------------------------------------------------------------------------------------------------
+# fused indexer + top-k (Triton): selection while the logits are computed, never written
+
+FUSED_CASES = [
+    # S, SKV, heads, head_dim, dtype, k
+    (9, 300, 3, 50, "bf16", 7),
+    (6, 701, 16, 128, "fp8_e4m3", 33),
+    (4, 1500, 64, 128, "fp8_e4m3", 100),
+    (5, 90, 64, 128, "bf16", 128),  # k larger than most windows: take-all rows and -1 padding
+]
+
+
+@pytest.mark.parametrize("S,SKV,H,D,dtype,k", FUSED_CASES,
+                         ids=[f"S{c[0]}-SKV{c[1]}-H{c[2]}-D{c[3]}-{c[4]}-K{c[5]}" for c in FUSED_CASES])
+def test_fused_indexer_topk_is_exact(device, gen, S, SKV, H, D, dtype, k):
+    """Integer q, k and power-of-two weights and scales make every logit exact in fp32 whatever the
+    summation order, so the fused selection must equal the exact top-k of the float64 reference;
+    small integers also tie heavily."""
+    spec = make_spec(ix_heads=H, ix_dim=D, ix_dtype=dtype, k=k)
+    kernels = dsagen.build(spec)
+    q = quantize(torch.randint(-3, 4, (S, H, D), generator=gen).float(), dtype).to(device)
+    kk = quantize(torch.randint(-3, 4, (SKV, D), generator=gen).float(), dtype).to(device)
+    w = (2.0 ** torch.randint(-3, 2, (S, H), generator=gen).float()) * torch.randint(-1, 2, (S, H), generator=gen).float()
+    scale = 2.0 ** torch.randint(-1, 2, (SKV,), generator=gen).float()
+    ks, ke = windows(gen, S, SKV)
+    out = torch.full((S, k), -7, dtype=torch.int32, device=device)
+    got = kernels.indexer_topk(q, kk, scale.to(device), w.to(device), ks.to(device), ke.to(device), out=out)
+    assert got.data_ptr() == out.data_ptr()
+    ref = reference.indexer(q.cpu(), kk.cpu(), scale, w, ks, ke)
+    assert_topk(got, ref.float(), ks, ke, k)
+
+
+def test_fused_spec_switches_dsa_to_the_fused_path(device, gen):
+    spec = dsagen.Spec(indexer=dsagen.IndexerSpec(heads=4, head_dim=32, dtype="bf16"),
+                       topk=dsagen.TopKSpec(k=9, fused=True),
+                       attention=dsagen.AttentionSpec(heads=3, qk_dim=80, v_dim=48))
+    assert spec.semantic_hash("topk") == make_spec(k=9).semantic_hash("topk")  # fused is not math
+    kernels = dsagen.build(spec)
+    S, SKV = 5, 60
+    q_idx = quantize(torch.randint(-3, 4, (S, 4, 32), generator=gen).float(), "bf16").to(device)
+    k_idx = quantize(torch.randint(-3, 4, (SKV, 32), generator=gen).float(), "bf16").to(device)
+    w = torch.ones(S, 4).to(device)
+    ks = torch.zeros(S, dtype=torch.int32).to(device)
+    ke = torch.arange(SKV - S + 1, SKV + 1, dtype=torch.int32).to(device)
+    q = rand(gen, S, 3, 80).bfloat16().to(device)
+    kv = rand(gen, SKV, 80).bfloat16().to(device)
+    res = kernels.dsa(q, kv, q_idx, k_idx, None, w, ks, ke)
+    ref_logits = reference.indexer(q_idx.cpu(), k_idx.cpu(), None, w.cpu(), ks.cpu(), ke.cpu())
+    assert_topk(res.indices, ref_logits.float(), ks.cpu(), ke.cpu(), 9)

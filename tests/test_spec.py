@@ -515,3 +515,17 @@ def test_spec_is_hashable_and_its_schedule_read_only():
         spec.schedule["topk"]["block_n"] = 4096  # type: ignore[index]
     with pytest.raises(TypeError):
         spec.schedule["indexer"] = {}  # type: ignore[index]
+
+
+# ------------------------------------------------------------------------------------------------
+# topk.fused: an execution choice, validated, outside every semantic hash
+
+def test_topk_fused_is_a_boolean_outside_the_semantic_hash():
+    fused = dsagen.spec_from_dict(with_value("topk", "fused", True))
+    plain = dsagen.spec_from_dict(v32_dict())
+    assert fused.topk.fused is True and plain.topk.fused is False
+    for kernel in KERNELS + ("indexer_topk",):
+        assert fused.semantic_hash(kernel) == plain.semantic_hash(kernel)
+    assert plain.semantic_hash("indexer_topk") != plain.semantic_hash("indexer")  # it depends on k too
+    with pytest.raises(SpecError, match=r"topk.fused=1 must be true or false"):
+        dsagen.spec_from_dict(with_value("topk", "fused", 1))

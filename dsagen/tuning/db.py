@@ -23,7 +23,7 @@ from ..errors import DsagenError
 from ..fileio import atomic_write_text, cache_dir, file_lock
 from ..gpus import GPUS
 from ..resources import data_dir
-from ..spec import KERNELS
+from ..spec import ALL_KERNELS as KERNELS
 from .buckets import bucket_distance, bucket_of, parse_bucket
 
 FORMAT = "dsagen-autotune-db"
