@@ -51,16 +51,30 @@ def _environment_for(backend: str, template_path: str) -> jinja2.Environment:
     )
 
 
-def _template_text(backend: str, names: tuple[str, ...]) -> str:
+def _template_text(backend: str, name: str) -> str:
+    """The text of a template and of everything it includes, recursively: what the key must hash."""
+    import jinja2.meta
+
     env = _environment(backend)
-    return "".join(env.loader.get_source(env, n)[0] for n in names)  # type: ignore[union-attr]
+    seen: list[str] = []
+    todo = [name]
+    texts = []
+    while todo:
+        current = todo.pop(0)
+        if current in seen:
+            continue
+        seen.append(current)
+        text = env.loader.get_source(env, current)[0]  # type: ignore[union-attr]
+        texts.append(text)
+        todo.extend(n for n in jinja2.meta.find_referenced_templates(env.parse(text)) if n)
+    return "".join(texts)
 
 
 def render(backend: str, context: dict[str, Any]) -> GeneratedSource:
     kernel = context["kernel"]
     template_name = f"{kernel}.py.j2"
     env = _environment(backend)
-    template_text = _template_text(backend, (template_name, "_header.j2"))
+    template_text = _template_text(backend, template_name)
     digest = hashlib.sha256()
     digest.update(json.dumps(context, sort_keys=True).encode())
     digest.update(template_text.encode())

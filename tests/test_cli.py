@@ -393,3 +393,24 @@ def test_eight_processes_materialize_the_same_source(cache, start):
     assert target.read_bytes() == gen.source.encode()
     leftovers = [p.name for p in target.parent.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_module_key_covers_included_templates(tmp_path, monkeypatch):
+    """A change in a template that another includes (_radix.j2 in topk) gives a new module key."""
+    from dsagen.codegen import TEMPLATE_PATH_ENV
+    from dsagen.pipeline import kernel_source
+
+    spec = dsagen_spec()
+    before = kernel_source(spec, "topk").generated
+    (tmp_path / "triton").mkdir()
+    original = (ROOT / "templates" / "triton" / "_radix.j2").read_text()
+    (tmp_path / "triton" / "_radix.j2").write_text(original + "\n# changed\n")
+    monkeypatch.setenv(TEMPLATE_PATH_ENV, str(tmp_path))
+    after = kernel_source(spec, "topk").generated
+    assert after.key != before.key and "# changed" in after.source
+
+
+def dsagen_spec():
+    import dsagen
+
+    return dsagen.load_spec(V32)
