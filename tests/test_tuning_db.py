@@ -159,7 +159,7 @@ def _set_entry_line(path: Path, lines: list[str], number: int, change) -> None:
     (lambda e: e.update(trials=1.5), "entry field 'trials' must be an integer >= 0, got 1.5"),
     (lambda e: e.update(schedule={"block_h": "64"}), "entry field 'schedule' must be an object of knob -> integer"),
     (lambda e: e.pop("date"), "entry is missing field 'date'"),
-    (lambda e: e.update(kernel="flash"), """entry field 'kernel' must be one of indexer, topk, sparse_attention, got "flash\""""),
+    (lambda e: e.update(kernel="flash"), """entry field 'kernel' must be one of indexer, topk, sparse_attention, indexer_topk, got "flash\""""),
     (lambda e: e.update(spec_hash="abc"), "entry field 'spec_hash' must be 16 lowercase hex characters"),
     (lambda e: e.update(bucket="S4000-SKV8192"), "entry field 'bucket' must be a bucket"),
     (lambda e: e.update(bucket="S1024-SKV8192"), "entry field 'bucket' is \"S1024-SKV8192\" but shape S=2048"),
