@@ -25,6 +25,7 @@ class Kernel(str, Enum):
     indexer = "indexer"
     topk = "topk"
     sparse_attention = "sparse_attention"
+    indexer_topk = "indexer_topk"  # fused indexer + top-k (Triton)
 
 
 class Backend(str, Enum):

@@ -69,7 +69,8 @@ def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, n
     work = WORKLOADS[kernel]
     timer = median_ms if device == "cuda" else cpu_median_ms
     inputs = work.make_inputs(spec, S, SKV, device, seed)
-    method = {"indexer": kernels.indexer, "topk": kernels.topk, "sparse_attention": kernels.sparse_attention}[kernel]
+    method = {"indexer": kernels.indexer, "topk": kernels.topk, "sparse_attention": kernels.sparse_attention,
+              "indexer_topk": kernels.indexer_topk}[kernel]
     outs = poisoned_outputs(spec, kernel, inputs)
     result = method(*inputs, **outs)
     checked = check(spec, kernel, inputs, result, sample_rows(S, 6, seed))
@@ -85,9 +86,10 @@ def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, n
 
 
 def _shape(spec: Spec, kernel: str, S: int, SKV: int) -> dict:
-    if kernel == "indexer":
+    if kernel in ("indexer", "indexer_topk"):
         ix = spec.indexer
-        return {"S": S, "SKV": SKV, "H": ix.heads, "D": ix.head_dim, "dtype": ix.dtype, "window": "causal"}
+        shape = {"S": S, "SKV": SKV, "H": ix.heads, "D": ix.head_dim, "dtype": ix.dtype, "window": "causal"}
+        return shape | ({"k": spec.topk.k} if kernel == "indexer_topk" else {})
     if kernel == "topk":
         return {"S": S, "SKV": SKV, "k": spec.topk.k, "dtype": "fp32", "window": "full row"}
     at = spec.attention

@@ -15,8 +15,8 @@ import torch
 
 from . import reference
 from .plan import causal_window_mean, cost
-from .spec import KERNELS, Spec
-from .verify import assert_close, assert_topk
+from .spec import ALL_KERNELS, Spec
+from .verify import TOLERANCES, assert_close, assert_topk
 
 _DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16}
 
@@ -79,7 +79,7 @@ def poisoned_outputs(spec: Spec, kernel: str, inputs) -> dict[str, torch.Tensor]
     if kernel == "indexer":
         q, k = inputs[0], inputs[1]
         return {"out": torch.full((q.shape[0], k.shape[0]), math.nan, device=q.device)}
-    if kernel == "topk":
+    if kernel in ("topk", "indexer_topk"):
         x = inputs[0]
         return {"out": torch.full((x.shape[0], spec.topk.k), -7, dtype=torch.int32, device=x.device)}
     q = inputs[0]
@@ -110,6 +110,12 @@ def check(spec: Spec, kernel: str, inputs, result, rows: torch.Tensor) -> str:
         x, ks, ke = inputs
         assert_topk(result[dev_rows], x[dev_rows], ks[dev_rows], ke[dev_rows], spec.topk.k)
         return f"exact top-k contract on {len(rows)} rows"
+    if kernel == "indexer_topk":  # its logits are never stored: select-check against the reference's
+        q, k, k_scale, w, ks, ke = inputs
+        ref = reference.indexer(q[dev_rows], k, k_scale, w[dev_rows], ks[dev_rows], ke[dev_rows])
+        tol = TOLERANCES[f"indexer.logits.{spec.indexer.dtype}"]
+        assert_topk(result[dev_rows], ref, ks[dev_rows], ke[dev_rows], spec.topk.k, tolerance=tol)
+        return f"top-k contract against float64 logits on {len(rows)} rows (tolerance {tol:g})"
     q, kv, idx = inputs
     out, lse = result
     at = spec.attention
@@ -171,6 +177,8 @@ class Workload:
             return lambda: naive_indexer(*inputs)
         if self.kernel == "topk":
             return lambda: naive_topk(*inputs, spec.topk.k)
+        if self.kernel == "indexer_topk":
+            return lambda: naive_topk(naive_indexer(*inputs), inputs[4], inputs[5], spec.topk.k)
         at = spec.attention
         return lambda: naive_sparse_attention(*inputs, at.softmax_scale, at.v_dim)
 
@@ -191,10 +199,11 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {
     "indexer": Workload("indexer", indexer_inputs, "bf16 einsum + relu + weights (chunks of 256)"),
     "topk": Workload("topk", topk_inputs, "torch.topk"),
+    "indexer_topk": Workload("indexer_topk", indexer_inputs, "bf16 einsum indexer, then torch.topk"),
     "sparse_attention": Workload("sparse_attention", sparse_attention_inputs,
                                  "gather + einsum + softmax (bf16, chunks of 256)"),
 }
-assert set(WORKLOADS) == set(KERNELS)
+assert set(WORKLOADS) == set(ALL_KERNELS)
 
 
 def validate_shape(S: int, SKV: int) -> None:

@@ -389,3 +389,13 @@ def test_fused_spec_switches_dsa_to_the_fused_path(device, gen):
     res = kernels.dsa(q, kv, q_idx, k_idx, None, w, ks, ke)
     ref_logits = reference.indexer(q_idx.cpu(), k_idx.cpu(), None, w.cpu(), ks.cpu(), ke.cpu())
     assert_topk(res.indices, ref_logits.float(), ks.cpu(), ke.cpu(), 9)
+
+
+def test_topk_tolerance_mode_still_rejects_a_wrong_pick():
+    x = torch.tensor([[5.0, 4.0, 3.0, -9.0]])
+    ks, ke = torch.tensor([0], dtype=torch.int32), torch.tensor([4], dtype=torch.int32)
+    assert_topk(torch.tensor([[1, 0]], dtype=torch.int32), x, ks, ke, 2, tolerance=1e-3)
+    assert_topk(torch.tensor([[0, 2]], dtype=torch.int32), x + torch.tensor([[0, 0, 0.999, 0]]), ks, ke, 2,
+                tolerance=1e-3)  # 3.999 vs 4.0: a rounding-sized miss passes
+    with pytest.raises(Mismatch, match="below the 2-th largest"):
+        assert_topk(torch.tensor([[0, 3]], dtype=torch.int32), x, ks, ke, 2, tolerance=1e-3)

@@ -273,3 +273,15 @@ def counted_trials_by_bucket(storage: str, name_part: str, bucket: str):
         raise KeyError(name_part)
     study = optuna.load_study(study_name=names[-1], storage=tuning_storage(storage))
     return study, [t for t in study.get_trials() if t.user_attrs.get("counted")]
+
+
+def test_the_fused_indexer_topk_tunes_like_the_others(home):
+    spec = dsagen.spec_from_dict(_small_dict())
+    r = tune_kernel(TuneRequest(spec, "indexer_topk", 4, 300, device="cpu", gpu_type=CPU_GPU_TYPE, trials=2,
+                                storage=str(home / "s.journal"), sampler="tpe",
+                                db_path=home / f"{CPU_GPU_TYPE}.json"), progress=False)
+    assert r.evaluated == 2 and r.best_ms is not None, r
+    _, trials = counted_trials(str(home / "s.journal"), "indexer_topk")
+    assert all("top-k contract against float64 logits" in t.user_attrs["check"] for t in trials)
+    [entry] = tuning_db.load(home / f"{CPU_GPU_TYPE}.json").entries.values()
+    assert entry.kernel == "indexer_topk"
