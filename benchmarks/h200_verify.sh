@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On the H200: everything that still waits for a GPU, in one command per phase, results under OUT.
+#   benchmarks/h200_verify.sh tests OUT     the whole test suite on CUDA (both backends: Triton, TVM cuda)
+#   benchmarks/h200_verify.sh bench OUT     targets-file shapes (tuned Triton), TVM cuda at V3.2 shapes,
+#                                           fused indexer + top-k against indexer-then-top-k (32K, 128K)
+# Needs optuna and apache-tvm importable (see the device notes); run from the repository root.
+set -euo pipefail
+phase=${1:?phase: tests or bench}
+out=${2:?output directory}
+mkdir -p "$out"
+spec=specs/deepseek_v32.toml
+python3 -c "import torch, triton, tvm, optuna; print('torch', torch.__version__, 'triton', triton.__version__, \
+'tvm', tvm.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$out/versions.txt"
+case "$phase" in
+  tests)
+    python3 -m pytest -q -p no:warnings tests/ --ignore=tests/test_wheel.py --durations=10 2>&1 | tee "$out/pytest.log" | tail -15 ;;
+  bench)
+    python3 benchmarks/run_targets.py --out "$out" 2>&1 | tee "$out/targets.log" | tail -6
+    python3 cli.py bench "$spec" --backend tvm --device cuda --S 4096 --SKV 8192 --SKV 32768 --no-dense --out "$out" \
+      2>&1 | tee "$out/bench-tvm-cuda.log" | tail -5
+    python3 benchmarks/fused_indexer_topk.py --out "$out" 2>&1 | tee "$out/fused.log" | tail -5 ;;
+  *) echo "unknown phase $phase: tests or bench" >&2; exit 2 ;;
+esac
