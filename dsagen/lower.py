@@ -23,55 +23,39 @@ def _generic_name(stem: str, point: dict[str, int]) -> str:
 def kernel_context(spec: Spec, kernel: str, point: dict[str, int], backend: str = "triton") -> dict[str, Any]:
     """Numbers the template of `kernel` is rendered from; also spells out the module's name."""
     point = {k: int(v) for k, v in point.items()}
-    if backend != "triton":
-        context = kernel_context_fields(spec, kernel)
-        return {**context, "module_stem": _generic_name(f"{backend}_{context['module_stem']}", point),
-                "schedule_fields": _knob_fields(point), **point}
-    if kernel == "indexer":
-        ix = spec.indexer
-        fields = {"heads": ix.heads, "head_dim": ix.head_dim, "dtype": ix.dtype}
-        derived = {"d_pad": next_pow2(ix.head_dim, 32)}
-        name = (f"indexer_h{ix.heads}_d{ix.head_dim}_{ix.dtype}"
-                f"_m{point['block_m']}_hb{point['block_h']}_n{point['block_n']}"
-                f"_w{point['num_warps']}_s{point['num_stages']}")
-    elif kernel == "indexer_topk":
-        ix = spec.indexer
-        fields = {"heads": ix.heads, "head_dim": ix.head_dim, "dtype": ix.dtype, "k": spec.topk.k}
-        derived = {"d_pad": next_pow2(ix.head_dim, 32)}
-        name = (f"indexer_topk_h{ix.heads}_d{ix.head_dim}_{ix.dtype}_k{spec.topk.k}"
-                f"_hb{point['block_h']}_n{point['block_n']}_r{point['radix_bits']}_w{point['num_warps']}")
-    elif kernel == "topk":
-        fields = {"k": spec.topk.k}
+    context = kernel_context_fields(spec, kernel)
+    if backend == "triton":
+        stem = context["module_stem"] + _triton_name_suffix(kernel, point)
+        derived = _triton_derived(spec, kernel, point)
+    else:
+        stem = _generic_name(f"{backend}_{context['module_stem']}", point)
         derived = {}
-        name = (f"topk_k{spec.topk.k}_fp32_n{point['block_n']}_r{point['radix_bits']}_w{point['num_warps']}"
-                f"_res{point['resident_max']}_rw{point['resident_warps']}")
-    elif kernel == "sparse_attention":
+    return {**context, **derived, "module_stem": stem, "schedule_fields": _knob_fields(point), **point}
+
+
+def _triton_name_suffix(kernel: str, p: dict[str, int]) -> str:
+    """The Triton module names' short spelling of each kernel's knobs."""
+    if kernel == "indexer":
+        return f"_m{p['block_m']}_hb{p['block_h']}_n{p['block_n']}_w{p['num_warps']}_s{p['num_stages']}"
+    if kernel == "indexer_topk":
+        return f"_hb{p['block_h']}_n{p['block_n']}_r{p['radix_bits']}_w{p['num_warps']}"
+    if kernel == "topk":
+        return (f"_n{p['block_n']}_r{p['radix_bits']}_w{p['num_warps']}"
+                f"_res{p['resident_max']}_rw{p['resident_warps']}")
+    return f"_bh{p['block_h']}_n{p['block_n']}_vs{p['v_split']}_w{p['num_warps']}_s{p['num_stages']}"
+
+
+def _triton_derived(spec: Spec, kernel: str, point: dict[str, int]) -> dict[str, Any]:
+    """Padded sizes the Triton templates need (block shapes are powers of two)."""
+    if kernel in ("indexer", "indexer_topk"):
+        return {"d_pad": next_pow2(spec.indexer.head_dim, 32)}
+    if kernel == "sparse_attention":
         at = spec.attention
         dv_pad = next_pow2(at.v_dim, 16)
-        fields = {"heads": at.heads, "qk_dim": at.qk_dim, "v_dim": at.v_dim, "dtype": at.dtype,
-                  "topk": spec.topk.k}
-        derived = {
-            "rope_dim": at.rope_dim,
-            "dv_pad": dv_pad,
-            "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 16,
-            "dv_chunk": dv_pad // point["v_split"],
-            "sm_scale": repr(float(at.softmax_scale)),
-        }
-        name = (f"sparse_attention_h{at.heads}_dqk{at.qk_dim}_dv{at.v_dim}_{at.dtype}"
-                f"_bh{point['block_h']}_n{point['block_n']}_vs{point['v_split']}"
-                f"_w{point['num_warps']}_s{point['num_stages']}")
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}")
-    return {
-        "kernel": kernel,
-        "module_stem": name,
-        "semantic_hash": spec.semantic_hash(kernel),
-        "spec_fields": _knob_fields(fields),
-        "schedule_fields": _knob_fields(point),
-        **fields,
-        **derived,
-        **point,
-    }
+        return {"rope_dim": at.rope_dim, "dv_pad": dv_pad,
+                "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 16,
+                "dv_chunk": dv_pad // point["v_split"]}
+    return {}
 
 
 def kernel_context_fields(spec: Spec, kernel: str) -> dict[str, Any]:
@@ -80,6 +64,10 @@ def kernel_context_fields(spec: Spec, kernel: str) -> dict[str, Any]:
         ix = spec.indexer
         fields = {"heads": ix.heads, "head_dim": ix.head_dim, "dtype": ix.dtype}
         stem = f"indexer_h{ix.heads}_d{ix.head_dim}_{ix.dtype}"
+    elif kernel == "indexer_topk":
+        ix = spec.indexer
+        fields = {"heads": ix.heads, "head_dim": ix.head_dim, "dtype": ix.dtype, "k": spec.topk.k}
+        stem = f"indexer_topk_h{ix.heads}_d{ix.head_dim}_{ix.dtype}_k{spec.topk.k}"
     elif kernel == "topk":
         fields = {"k": spec.topk.k}
         stem = f"topk_k{spec.topk.k}_fp32"
