@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsagen  # noqa: E402
-from dsagen import bench, workloads  # noqa: E402
+from dsagen import bench, timing, workloads  # noqa: E402
 
 
 def peak_bytes(fn) -> int:
@@ -57,8 +57,8 @@ def main() -> None:
         print("fused:", workloads.check(spec, "indexer_topk", inputs, fused(), rows), flush=True)
         print("unfused top-k:", workloads.check(spec, "indexer_topk", inputs, unfused(), rows), flush=True)
         row = {"S": args.S, "SKV": skv,
-               "unfused_ms": bench.median_ms(unfused, warmup=25, rep=200),
-               "fused_ms": bench.median_ms(fused, warmup=25, rep=200),
+               "unfused_ms": timing.cuda_events_ms(unfused, warmup=25, rep=200),
+               "fused_ms": timing.cuda_events_ms(fused, warmup=25, rep=200),
                "unfused_peak_MiB": peak_bytes(unfused) / 2**20,
                "fused_peak_MiB": peak_bytes(fused) / 2**20}
         rows.append(row)

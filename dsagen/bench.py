@@ -20,6 +20,7 @@ from .__version__ import __version__
 from .gpus import GPU
 from .kernels import DSAKernels
 from .spec import KERNELS, Spec
+from .timing import cpu_ms, cuda_events_ms
 from .workloads import WORKLOADS, check, poisoned_outputs, sample_rows, validate_shape
 
 
@@ -40,26 +41,6 @@ class BenchRow:
     check: str
 
 
-def median_ms(fn: Callable[[], object], warmup: int = 100, rep: int = 500) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-
-
-def cpu_median_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    """CPU kernels run synchronously: wall-clock median of `reps` runs after one warm-up run."""
-    import statistics
-    import time
-
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, naive: bool = True,
                  seed: int = 0, device: str = "cuda") -> BenchRow:
     """Check, then time one kernel (the schedule its build resolves for this shape) and naive PyTorch.
@@ -67,7 +48,7 @@ def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, n
     validate_shape(S, SKV)
     spec = kernels.spec
     work = WORKLOADS[kernel]
-    timer = median_ms if device == "cuda" else cpu_median_ms
+    timer = cuda_events_ms if device == "cuda" else cpu_ms
     inputs = work.make_inputs(spec, S, SKV, device, seed)
     method = {"indexer": kernels.indexer, "topk": kernels.topk, "sparse_attention": kernels.sparse_attention,
               "indexer_topk": kernels.indexer_topk}[kernel]
@@ -114,7 +95,7 @@ def dense_attention_ms(spec: Spec, S: int, SKV: int, chunk: int = 512) -> float:
             torch.nn.functional.scaled_dot_product_attention(
                 q[:, :, s0:s0 + chunk], k, v, attn_mask=mask, scale=at.softmax_scale)
 
-    return median_ms(run, warmup=25, rep=100)
+    return cuda_events_ms(run, warmup=25, rep=100)
 
 
 def run_bench(kernels: DSAKernels, gpu: GPU, shapes: list[tuple[int, int]], kernel_names=KERNELS,
@@ -225,5 +206,5 @@ def plot(payload: dict, path: Path) -> Path:
     return path
 
 
-__all__ = ["BenchRow", "bench_kernel", "dense_attention_ms", "environment", "format_table", "median_ms",
+__all__ = ["BenchRow", "bench_kernel", "dense_attention_ms", "environment", "format_table",
            "plot", "run_bench", "to_json"]

@@ -11,12 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+
+from ..timing import cpu_ms, cuda_events_ms, cuda_graph_ms
 
 _CUDA_FATAL = ("illegal memory access", "CUDA error", "unspecified launch failure", "misaligned address",
                "device-side assert", "an illegal instruction")
@@ -59,17 +60,6 @@ class Outcome:
         return self.status == "ok"
 
 
-def _median_cpu_ms(fn, reps: int) -> float:
-    """Median wall time of `reps` runs after one warm-up run (CPU kernels run synchronously)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def evaluate(job: Job) -> Outcome:
     """Run one candidate in this process. Wrong results and Python-level errors become Outcomes."""
     import torch
@@ -104,16 +94,12 @@ def evaluate(job: Job) -> Outcome:
         return fn(*inputs, **outs)
 
     if job.device == "cuda":
-        import triton.testing
-
         opts = {k: v for k, v in job.timing.items() if k != "mode"}
+        timer = cuda_graph_ms if job.timing.get("mode") == "graph" else cuda_events_ms
         with _timing_lock():  # workers compile and check concurrently but time one at a time
-            if job.timing.get("mode") == "graph":
-                ms = float(triton.testing.do_bench_cudagraph(run, return_mode="median", **opts))
-            else:
-                ms = float(triton.testing.do_bench(run, return_mode="median", **opts))
+            ms = timer(run, **opts)
     else:  # CPU: the TVM backend's real time, or the Triton interpreter's (meaningless but real)
-        ms = _median_cpu_ms(run, reps=5 if job.backend == "tvm" else 3)
+        ms = cpu_ms(run, reps=5 if job.backend == "tvm" else 3)
     return Outcome("ok", ms=ms, check=checked, compile_s=compile_s)
 
 

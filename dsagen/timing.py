@@ -1,0 +1,31 @@
+"""How dsagen times a kernel call: every speed number (bench, tuning) comes from these medians."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def cuda_events_ms(fn: Callable[[], object], warmup: int = 100, rep: int = 500) -> float:
+    """Median of triton.testing.do_bench: CUDA events around each call, L2 flushed in between."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def cuda_graph_ms(fn: Callable[[], object], rep: int = 100) -> float:
+    """Median of CUDA-graph replays of `fn`: no host overhead, so busy CPUs cannot inflate it."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
+def cpu_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    """CPU kernels run synchronously: wall-clock median of `reps` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
