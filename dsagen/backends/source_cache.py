@@ -1,4 +1,5 @@
-"""Generated sources on disk: each module written once into the cache, whatever the backend.
+"""Generated sources on disk: each module written once into the cache and imported from there,
+whatever the backend.
 
 A file's name spells out its specialization plus a content key; writers take a file lock and
 publish with an atomic rename, so a reader never sees a half-written file, and a file whose text
@@ -6,9 +7,14 @@ differs from the source (truncated, edited) is rewritten.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+import types
 from pathlib import Path
 
 from ..codegen import GeneratedSource
+from ..errors import BackendError
 from ..fileio import atomic_write_text, cache_dir, file_lock
 
 
@@ -29,3 +35,20 @@ def materialize(gen: GeneratedSource, directory: Path | None = None) -> Path:
         if not _is_current(path, gen.source):
             atomic_write_text(path, gen.source)
     return path
+
+
+def import_file(path: Path, name: str, context=contextlib.nullcontext) -> types.ModuleType:
+    """Import a generated module file as `name` (executed inside `context()`); a module that fails
+    to import is removed again and reported as a BackendError naming the file."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise BackendError(f"cannot import generated module {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        with context():
+            spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise BackendError(f"generated module {path} failed to import: {exc}") from exc
+    return module

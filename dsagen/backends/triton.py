@@ -9,14 +9,12 @@ because `@triton.jit` decides between the two when the module is imported.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import sys
 import threading
 import types
 from pathlib import Path
 
-from .source_cache import materialize  # noqa: F401  (the module lifecycle's first step)
+from .source_cache import import_file, materialize  # noqa: F401  (materialize: the lifecycle's first step)
 from ..errors import BackendError
 
 _IMPORT_LOCK = threading.Lock()
@@ -50,17 +48,7 @@ def load(path: Path, interpret: bool) -> types.ModuleType:
         if key in _LOADED:
             return _LOADED[key]
         name = f"dsagen_generated.{path.stem}{'__interp' if interpret else ''}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise BackendError(f"cannot import generated module {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            with _interpret_env(interpret):
-                spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise BackendError(f"generated module {path} failed to import: {exc}") from exc
+        module = import_file(path, name, lambda: _interpret_env(interpret))
         _LOADED[key] = module
         return module
 

@@ -8,16 +8,15 @@ shared library, the compiled module stays in memory for the process.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import sys
 import threading
 import types
 from pathlib import Path
 
 from ..errors import BackendError
 from ..fileio import file_lock
+from .source_cache import import_file
 
 log = logging.getLogger("dsagen")
 _LOCK = threading.RLock()
@@ -42,17 +41,7 @@ def load(path: Path) -> types.ModuleType:
     with _LOCK:
         if str(path) in _LOADED:
             return _LOADED[str(path)]
-        name = f"dsagen_generated.{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise BackendError(f"cannot import generated module {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise BackendError(f"generated module {path} failed to import: {exc}") from exc
+        module = import_file(path, f"dsagen_generated.{path.stem}")
         module._LOADER = _disk_cached_loader(module, path)
         _LOADED[str(path)] = module
         return module
