@@ -89,10 +89,11 @@ class DSAKernels:
 
     def __init__(self, spec: Spec, backend: str = "triton", gpu_type: str | None = None,
                  compute_capability: str | None = None,
-                 overrides: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True):
+                 overrides: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True,
+                 target: str | None = None):
         self.spec = spec
         self.backend = backend
-        self.target: str | None = None  # None: follow the tensors' device
+        self.target = target  # None: follow the tensors' device
         self.gpu_type = gpu_type  # None: no tuning database (no GPU known)
         self.compute_capability = compute_capability
         self.plan_gpu = get_gpu(gpu_type) if gpu_type in GPUS else get_gpu(DEFAULT_GPU)
@@ -311,6 +312,4 @@ def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
                         gpu_type, DEFAULT_GPU)
     else:
         gpu_type, capability = None, None
-    kernels = DSAKernels(spec, backend, gpu_type, capability, schedules, use_db)
-    kernels.target = target
-    return kernels
+    return DSAKernels(spec, backend, gpu_type, capability, schedules, use_db, target)
