@@ -244,6 +244,8 @@ class _StudyRun:
                     return
                 trial.set_user_attr("counted", True)
                 trial.set_user_attr("status", outcome.status)
+                if outcome.compile_s is not None:
+                    trial.set_user_attr("compile_s", round(outcome.compile_s, 3))
                 self.evaluated_here += 1
                 if outcome.ok:
                     trial.set_user_attr("check", outcome.check)
@@ -296,7 +298,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     study.set_user_attr("legal_points", len(legal))
 
     if sampler_kind == "tpe" and not _counted(study.get_trials(deepcopy=False)):
-        for point in _seed_points(req, space, legal, plan_gpu):
+        for point in _seed_points(req, legal, plan_gpu):
             study.enqueue_trial(point, skip_if_exists=True)
     run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu, fixed)
     bar = Progress(f"[{req.kernel} {bucket} {sampler_kind}]", budget, enabled=progress)
@@ -342,7 +344,7 @@ def fixed_knobs(space, device: str) -> dict[str, int]:
     return {n: k.default for n, k in space.knobs.items() if any(n.startswith(p) for p in other)}
 
 
-def _seed_points(req: TuneRequest, space, legal: list[dict], plan_gpu: str) -> list[dict]:
+def _seed_points(req: TuneRequest, legal: list[dict], plan_gpu: str) -> list[dict]:
     """Where TPE starts: the schedule a build would use untuned, then the winners of this kernel at
     other shape buckets on this GPU type (a good schedule at one shape is a good guess at the next)."""
     from ..schedule import choose
