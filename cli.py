@@ -174,6 +174,19 @@ class TuneDevice(str, Enum):
 
 
 
+def _device_for(command: str, backend: Backend, device: TuneDevice | None, cpu_hint: str) -> TuneDevice:
+    """--device, by default cuda when torch sees a GPU (always for Triton, whose CPU path is only an
+    interpreter), else cpu; cuda without a GPU is an error that says what to do instead."""
+    import torch
+
+    if device is None:
+        device = TuneDevice.cuda if torch.cuda.is_available() or backend == Backend.triton else TuneDevice.cpu
+    if device == TuneDevice.cuda and not torch.cuda.is_available():
+        raise ValueError(f"dsagen {command} --backend {backend.value} --device cuda needs a CUDA GPU, and torch "
+                         f"sees none ({cpu_hint})")
+    return device
+
+
 def _spawn_device_workers(devices: str) -> int:
     """--devices 0,1,...: one `dsagen tune` per GPU (CUDA_VISIBLE_DEVICES), all on the same studies."""
     import os
@@ -246,7 +259,6 @@ def tune(
     """
     import time
 
-    import torch
 
     from dsagen.kernels import detected_gpu
     from dsagen.tuning.storage import describe, open_storage
@@ -257,11 +269,7 @@ def tune(
 
     spec = _load(spec_path)
     pairs = _shapes(S, SKV, shapes)
-    if device is None:
-        device = TuneDevice.cuda if torch.cuda.is_available() or backend == Backend.triton else TuneDevice.cpu
-    if device == TuneDevice.cuda and not torch.cuda.is_available():
-        raise ValueError(f"dsagen tune --backend {backend.value} --device cuda needs a CUDA GPU, and torch sees none "
-                         "(tune the CPU kernels with --backend tvm)")
+    device = _device_for("tune", backend, device, "tune the CPU kernels with --backend tvm")
     if backend == Backend.tvm and (problem := tvm_available()):
         raise ValueError(problem)
     if devices:
@@ -332,7 +340,6 @@ def bench(
     import datetime
     import json
 
-    import torch
 
     from dsagen import build
     from dsagen.bench import format_table, plot, run_bench
@@ -341,11 +348,7 @@ def bench(
 
     spec = _load(spec_path)
     pairs = _shapes(S, SKV, shapes)
-    if device is None:
-        device = TuneDevice.cuda if torch.cuda.is_available() or backend == Backend.triton else TuneDevice.cpu
-    if device == TuneDevice.cuda and not torch.cuda.is_available():
-        raise ValueError("dsagen bench --device cuda needs a CUDA GPU, and torch sees none "
-                         "(time the CPU kernels with --backend tvm --device cpu)")
+    device = _device_for("bench", backend, device, "time the CPU kernels with --backend tvm --device cpu")
     if device == TuneDevice.cpu and backend == Backend.triton:
         raise ValueError("--device cpu times the TVM backend's CPU kernels: add --backend tvm "
                          "(Triton on the CPU is an interpreter for tests, not for timing)")
