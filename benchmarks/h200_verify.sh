@@ -3,6 +3,7 @@
 #   benchmarks/h200_verify.sh tests OUT     the whole test suite on CUDA (both backends: Triton, TVM cuda)
 #   benchmarks/h200_verify.sh bench OUT     targets-file shapes (tuned Triton), TVM cuda at V3.2 shapes,
 #                                           fused indexer + top-k against indexer-then-top-k (32K, 128K)
+#   benchmarks/h200_verify.sh profile OUT   Nsight Compute sections of each kernel's tuned launch (text)
 # Needs optuna and apache-tvm importable (see the device notes); run from the repository root.
 set -euo pipefail
 phase=${1:?phase: tests or bench}
@@ -15,9 +16,17 @@ case "$phase" in
   tests)
     python3 -m pytest -q -p no:warnings tests/ --ignore=tests/test_wheel.py --durations=10 2>&1 | tee "$out/pytest.log" | tail -15 ;;
   bench)
-    python3 benchmarks/run_targets.py --out "$out" 2>&1 | tee "$out/targets.log" | tail -6
+    python3 benchmarks/run_targets.py --sweep --out "$out" 2>&1 | tee "$out/targets.log" | tail -6
     python3 cli.py bench "$spec" --backend tvm --device cuda --S 4096 --SKV 8192 --SKV 32768 --no-dense --out "$out" \
       2>&1 | tee "$out/bench-tvm-cuda.log" | tail -5
     python3 benchmarks/fused_indexer_topk.py --out "$out" 2>&1 | tee "$out/fused.log" | tail -5 ;;
-  *) echo "unknown phase $phase: tests or bench" >&2; exit 2 ;;
+  profile)
+    for kernel in sparse_attention topk indexer indexer_topk; do
+      ncu --target-processes all -k "regex:_${kernel}(_resident)?_kernel" -s 3 -c 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        python3 benchmarks/profile_kernel.py "$kernel" > "$out/ncu-$kernel.txt" 2>&1 || echo "ncu $kernel failed" 
+      grep -E "Duration|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy" "$out/ncu-$kernel.txt" | head -8
+    done ;;
+  *) echo "unknown phase $phase: tests, bench or profile" >&2; exit 2 ;;
 esac

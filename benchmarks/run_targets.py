@@ -46,10 +46,12 @@ SWEEP = {
         dict(block_m=2, block_h=64, block_n=256, num_warps=8, num_stages=2),
     ],
     "topk": [
-        dict(block_n=1024, radix_bits=8, num_warps=8, resident_max=32768, resident_warps=32),
-        dict(block_n=1024, radix_bits=8, num_warps=8, resident_max=32768, resident_warps=16),
         dict(block_n=1024, radix_bits=8, num_warps=8, resident_max=0),
         dict(block_n=512, radix_bits=8, num_warps=4, resident_max=0),
+        dict(block_n=1024, radix_bits=4, num_warps=4, resident_max=0),
+        dict(block_n=2048, radix_bits=4, num_warps=8, resident_max=0),
+        dict(block_n=4096, radix_bits=4, num_warps=16, resident_max=0),
+        dict(block_n=2048, radix_bits=2, num_warps=8, resident_max=0),
     ],
 }
 
