@@ -53,9 +53,9 @@ def main() -> None:
             return kernels.indexer_topk(q, k, k_scale, w, ks, ke)
 
         inputs = (q, k, k_scale, w, ks, ke)
-        rows = workloads.sample_rows(args.S, 8, 0)
-        print("fused:", workloads.check(spec, "indexer_topk", inputs, fused(), rows), flush=True)
-        print("unfused top-k:", workloads.check(spec, "indexer_topk", inputs, unfused(), rows), flush=True)
+        checked_rows = workloads.sample_rows(args.S, 8, 0)
+        print("fused:", workloads.check(spec, "indexer_topk", inputs, fused(), checked_rows), flush=True)
+        print("unfused top-k:", workloads.check(spec, "indexer_topk", inputs, unfused(), checked_rows), flush=True)
         row = {"S": args.S, "SKV": skv,
                "unfused_ms": timing.cuda_events_ms(unfused, warmup=25, rep=200),
                "fused_ms": timing.cuda_events_ms(fused, warmup=25, rep=200),

@@ -56,3 +56,11 @@ def gen(device):
     g = torch.Generator(device="cpu")
     g.manual_seed(seed)
     return g
+
+
+@pytest.fixture(scope="session")
+def child_env() -> dict:
+    """Environment for a child Python process: this checkout first on PYTHONPATH, the rest kept
+    (the GPU machine brings optuna and apache-tvm through PYTHONPATH)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}

@@ -295,13 +295,13 @@ def test_bad_usage_exits_2(args):
     assert result.exit_code == 2, result.output
 
 
-def test_error_in_a_real_process_has_no_traceback(tmp_path):
+def test_error_in_a_real_process_has_no_traceback(tmp_path, child_env):
     """CliRunner would hide a traceback; run the script itself once."""
     bad = tmp_path / "bad.toml"
     bad.write_text("[indexer\n")
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "check", str(bad)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
-                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+                          env=child_env)
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert ANSI.sub("", proc.stderr).startswith(f"error: {bad}: not valid TOML")

@@ -2,6 +2,7 @@
 indices and windows, heavy ties, non-contiguous inputs, several schedules per kernel."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -145,16 +146,47 @@ def test_topk_exact(device, backend, gen, S, SKV, k, ties):
     assert_topk(got, x, ks, ke, k)
 
 
-@pytest.mark.parametrize("schedule", [{"block_n": 256, "radix_bits": 8, "num_warps": 4, "resident_max": 0},
-                                      {"block_n": 512, "radix_bits": 2, "num_warps": 16, "resident_max": 0},
+@pytest.mark.parametrize("schedule", [{"block_n": 256, "radix_bits": 8, "num_warps": 4, "resident_max": 0, "sample": 0},
+                                      {"block_n": 512, "radix_bits": 2, "num_warps": 16, "resident_max": 0, "sample": 0},
+                                      {"block_n": 256, "radix_bits": 8, "resident_max": 0, "sample": 256,
+                                       "candidates": 256},
+                                      {"block_n": 1024, "radix_bits": 4, "resident_max": 0, "sample": 1024,
+                                       "candidates": 2048, "num_warps": 8},
                                       {"block_n": 512, "radix_bits": 4, "resident_max": 4096, "resident_warps": 8}],
-                         ids=lambda s: "n{block_n}-r{radix_bits}-res{resident_max}".format(**s))
+                         ids=lambda s: "n{block_n}-r{radix_bits}-res{resident_max}-smp{sample}".format(**{"sample": 512, **s}))
 def test_topk_schedules_agree(device, gen, schedule):
     kernels = dsagen.build(make_spec(k=100), schedules={"topk": schedule})
     x, ks, ke = _logits_with_windows(gen, 5, 1031, device, ties=True)
     assert_topk(kernels.topk(x, ks, ke), x, ks, ke, 100)
     x, ks, ke = _logits_with_windows(gen, 4, 5000, device, ties=False)  # streams when > resident_max
     assert_topk(kernels.topk(x, ks, ke), x, ks, ke, 100)
+
+
+def test_topk_bracket_settles_plain_rows_and_falls_back_on_a_full_bin(device, gen):
+    """The bracketed path must really carry ordinary rows (their bin's indices are set aside in
+    the scratch buffer) and hand a row of one repeated value to the radix passes (scratch left
+    untouched); both stay exact. Calls the generated kernel itself to see its scratch buffer."""
+    from dsagen.backends import triton as triton_backend
+
+    if device.type == "cpu" and (problem := triton_backend.interpreter_problem()):
+        pytest.skip(problem)
+    kernels = dsagen.build(make_spec(k=100), schedules={"topk": {"block_n": 256, "sample": 256, "candidates": 256,
+                                                                 "resident_max": 0}})
+    module = triton_backend.load(kernels.resolve("topk").path, interpret=device.type == "cpu")
+    S, SKV = 4, 3001
+    x = rand(gen, S, SKV).to(device)
+    x[2] = 0.5  # every key equal: bin d holds the whole row, more than the 256 candidates
+    ks = torch.zeros(S, dtype=torch.int32, device=device)
+    ke = torch.full((S,), SKV, dtype=torch.int32, device=device)
+    out = torch.full((S, 100), -7, dtype=torch.int32, device=device)
+    scratch = torch.full((S, 256), -5, dtype=torch.int32, device=device)
+    interpreted = device.type == "cpu"
+    with triton_backend._jit_helpers_interpreted() if interpreted else contextlib.nullcontext():
+        module._topk_kernel[(S,)](x, ks, ke, out, scratch, SKV, x.stride(0), out.stride(0), scratch.stride(0),
+                                  **module._constexprs(), num_warps=4)
+    assert_topk(out, x, ks, ke, 100)
+    used = (scratch != -5).any(dim=1).tolist()
+    assert used == [True, True, False, True], used
 
 
 def test_topk_on_quantized_indexer_logits(device, backend, gen):

@@ -147,13 +147,13 @@ def _small_dict() -> dict:
     return tomllib.loads(SMALL)
 
 
-def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(home):
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(home, child_env):
     spec = write_spec(home, PIN_TWO_FREE)
     journal = str(home / "studies.journal")
     db_file = home / "db" / f"{CPU_GPU_TYPE}.json"
     args = [sys.executable, str(ROOT / "cli.py"), "tune", str(spec), "--kernel", "topk", "--S", "4",
             "--SKV", "200", "--storage", journal, "--device", "cpu", "--trials", "4", "--db", str(db_file)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -229,7 +229,7 @@ def _postgres_url() -> str:
     return url
 
 
-def test_two_workers_share_one_study_through_postgresql_and_survive_a_kill(home):
+def test_two_workers_share_one_study_through_postgresql_and_survive_a_kill(home, child_env):
     url = _postgres_url()
     spec = write_spec(home, PIN_TWO_FREE)
     S = 4
@@ -240,7 +240,7 @@ def test_two_workers_share_one_study_through_postgresql_and_survive_a_kill(home)
     args = [sys.executable, str(ROOT / "cli.py"), "tune", str(spec), "--kernel", "topk", "--S", str(S),
             "--SKV", "200", "--storage", url, "--device", "cpu", "--sampler", "grid", "-q",
             "--db", str(home / "db" / f"{CPU_GPU_TYPE}.json")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env
     a = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     b = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300

@@ -17,6 +17,7 @@ import cli
 import dsagen
 from dsagen import reference
 from dsagen.backends import tvm as tvm_backend
+from dsagen.backends.triton import interpreter_problem
 from dsagen.gpus import cpu_type
 from dsagen.schedule import load_space
 from dsagen.tuning import db as tuning_db
@@ -34,24 +35,27 @@ def small_spec(**attention) -> dsagen.Spec:
                        attention=dsagen.AttentionSpec(heads=6, qk_dim=72, v_dim=64, **attention))
 
 
-def test_triton_and_tvm_agree_on_the_same_inputs(gen):
-    """Both backends on the CPU, one set of inputs: the indexer's logits, the selected values and
-    attention's outputs agree with each other (and with the float64 reference)."""
+def test_triton_and_tvm_agree_on_the_same_inputs(device, gen):
+    """Both backends on the test device (Triton interpreter and TVM llvm on the CPU, Triton and TVM
+    cuda on a GPU), one set of inputs: the indexer's logits, the selected values and attention's
+    outputs agree with each other (and with the float64 reference)."""
+    if device.type == "cpu" and (problem := interpreter_problem()):
+        pytest.skip(problem)
     spec = small_spec()
     tri, tvm = dsagen.build(spec, backend="triton"), dsagen.build(spec, backend="tvm")
     S, SKV = 11, 150
-    q = (torch.randn(S, 5, 40, generator=gen) * 3).to(torch.float8_e4m3fn)
-    k = (torch.randn(SKV, 40, generator=gen) * 3).to(torch.float8_e4m3fn)
-    k_scale, w = torch.rand(SKV, generator=gen) + 0.5, torch.randn(S, 5, generator=gen)
-    ks = torch.zeros(S, dtype=torch.int32)
-    ke = torch.arange(SKV - S + 1, SKV + 1, dtype=torch.int32)
+    q = (torch.randn(S, 5, 40, generator=gen) * 3).to(torch.float8_e4m3fn).to(device)
+    k = (torch.randn(SKV, 40, generator=gen) * 3).to(torch.float8_e4m3fn).to(device)
+    k_scale, w = (torch.rand(SKV, generator=gen) + 0.5).to(device), torch.randn(S, 5, generator=gen).to(device)
+    ks = torch.zeros(S, dtype=torch.int32, device=device)
+    ke = torch.arange(SKV - S + 1, SKV + 1, dtype=torch.int32, device=device)
     logits = [b.indexer(q, k, k_scale, w, ks, ke) for b in (tri, tvm)]
     assert_close("indexer.logits.fp8_e4m3", logits[1], logits[0].double())
     picks = [b.topk(logits[0], ks, ke) for b in (tri, tvm)]
     for p in picks:
         assert_topk(p, logits[0], ks, ke, 13)
-    qa = torch.randn(S, 6, 72, generator=gen).bfloat16()
-    kv = torch.randn(SKV, 72, generator=gen).bfloat16()
+    qa = torch.randn(S, 6, 72, generator=gen).bfloat16().to(device)
+    kv = torch.randn(SKV, 72, generator=gen).bfloat16().to(device)
     outs = [b.sparse_attention(qa, kv, picks[0]) for b in (tri, tvm)]
     assert_close("sparse_attention.out", outs[1][0], outs[0][0].double())
     assert_close("sparse_attention.lse", outs[1][1], outs[0][1].double())
@@ -60,7 +64,7 @@ def test_triton_and_tvm_agree_on_the_same_inputs(gen):
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("gcc")), reason="no C compiler to link libraries")
-def test_compiled_library_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
+def test_compiled_library_is_cached_on_disk_and_reused(tmp_path, monkeypatch, child_env):
     monkeypatch.setenv("DSAGEN_CACHE_DIR", str(tmp_path))
     kernels = dsagen.build(small_spec(), backend="tvm")
     x = torch.randn(3, 40)
@@ -74,7 +78,7 @@ def test_compiled_library_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
             "x = torch.randn(3, 40); print(m.topk(x, torch.zeros(3, dtype=torch.int32), torch.full((3,), 40, "
             "dtype=torch.int32))[0].tolist())")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          env=child_env)
     assert proc.returncode == 0, proc.stderr
     # a truncated library is rebuilt, not trusted
     lib.write_bytes(b"not a library")
