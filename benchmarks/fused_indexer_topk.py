@@ -66,6 +66,7 @@ def main() -> None:
     payload = {"environment": bench.environment(), "results": rows,
                "schedules": {"indexer_topk": kernels.resolve("indexer_topk").point}}
     if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"fused-indexer-topk-{datetime.date.today().isoformat()}.json"
         path.write_text(json.dumps(payload, indent=1))
         print(f"wrote {path}")

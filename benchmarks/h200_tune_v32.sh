@@ -22,9 +22,10 @@ case "$phase" in
     python3 cli.py tune "$spec" -k sparse_attention --S 4096 --SKV 8192 --sampler tpe --trials "${TPE_TRIALS:-49}" \
       "${common[@]}" --timeout 200 2>&1 | tee "$out/quality-tpe.log" | tail -3 ;;
   tune)
-    # shapes: the v32 set, or SHAPE_ARGS="--S 1024 --SKV 8192 --SKV 32768 --SKV 131072" for part of it
+    # shapes: the v32 set, or SHAPE_ARGS="--S 1024 --SKV 8192 --SKV 32768 --SKV 131072" for part of it;
+    # kernels: all, or KERNEL_ARGS="-k topk" for some
     # shellcheck disable=SC2086
-    python3 cli.py tune "$spec" ${SHAPE_ARGS:---shapes v32} --sampler tpe --trials "${TRIALS:-16}" --timeout "${STUDY_TIMEOUT:-45}" \
+    python3 cli.py tune "$spec" ${KERNEL_ARGS:-} ${SHAPE_ARGS:---shapes v32} --sampler tpe --trials "${TRIALS:-16}" --timeout "${STUDY_TIMEOUT:-45}" \
       "${common[@]}" 2>&1 | tee "$out/tune.log" | grep -v "trial " ;;
   bench)
     python3 cli.py bench "$spec" --shapes v32 --out "$out" 2>&1 | tee "$out/bench.log" ;;

@@ -160,12 +160,14 @@ class DSAKernels:
                      kernel, found.path, pinned)
             return None
         space = load_space(self.backend, kernel)
+        missing = sorted(set(space.knobs) - set(found.entry.schedule))
         try:
             space.check_names(found.entry.schedule, "tuned schedule")
-            broken = space.violations(found.entry.schedule, problem_symbols(self.spec, kernel, self.plan_gpu))
+            broken = [f"no value for the knobs {', '.join(missing)}"] if missing else \
+                space.violations(found.entry.schedule, problem_symbols(self.spec, kernel, self.plan_gpu))
         except ScheduleError as exc:
             broken = [str(exc)]
-        if broken or set(found.entry.schedule) != set(space.knobs):
+        if broken:
             log.warning("dsagen: ignoring the tuned schedule of %s in %s: it does not fit today's search space "
                         "(%s)", kernel, found.path, "; ".join(broken) or "knobs differ")
             return None

@@ -60,6 +60,9 @@ class Space:
 
     def violations(self, point: Mapping[str, int], problem: Mapping[str, int]) -> list[str]:
         """Names (with the expression) of the constraints this point breaks; empty if legal."""
+        missing = sorted(set(self.knobs) - set(point))
+        if missing:
+            raise ScheduleError(f"{self.backend}/{self.kernel}: the schedule has no value for {', '.join(missing)}")
         env = self._env(point, problem)
         broken = []
         for name, expr in self.constraints.items():

@@ -216,6 +216,20 @@ def test_a_tuned_schedule_that_no_longer_fits_is_ignored(home):
     assert dsagen.build(spec, gpu="nvidia-h200").explain(64, 512)["topk"]["source"] == "default"
 
 
+def test_a_tuned_schedule_from_before_a_new_knob_is_ignored(home):
+    """An entry recorded before the search space grew a knob names only the old knobs: it is
+    skipped with a warning (its legality cannot be judged), never an error."""
+    spec = dsagen.spec_from_dict(_small_dict())
+    old_knobs = {"block_n": 512, "radix_bits": 8, "num_warps": 4, "resident_max": 0, "resident_warps": 32}
+    entry = tuning_db.Entry(
+        kernel="topk", backend="triton", spec_hash=spec.semantic_hash("topk"), bucket=bucket_of(64, 512),
+        shape={"S": 64, "SKV": 512}, schedule=old_knobs, ms=1.0, tflops=None, gbps=None,
+        pct_of_roofline=None, gpu_type="nvidia-h200", device_name="NVIDIA H200", compute_capability="9.0",
+        date="2026-11-28", versions=tuning_db.running_versions(), trials=1, sampler="grid", study="s")
+    tuning_db.record(tuning_db.db_path("nvidia-h200"), entry)
+    assert dsagen.build(spec, gpu="nvidia-h200").explain(64, 512)["topk"]["source"] == "default"
+
+
 # ------------------------------------------------------------------------------------------------
 # PostgreSQL: CI starts a server and sets DSAGEN_TEST_POSTGRES_URL (and DSAGEN_REQUIRE_POSTGRES=1,
 # so that a missing server fails there instead of skipping)
