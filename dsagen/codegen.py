@@ -70,6 +70,11 @@ def _template_text(backend: str, name: str) -> str:
     return "".join(texts)
 
 
+def template_digest(backend: str, kernel: str) -> str:
+    """A short hash of `kernel`'s template and its includes: changes whenever the generated code can."""
+    return hashlib.sha256(_template_text(backend, f"{kernel}.py.j2").encode()).hexdigest()[:8]
+
+
 def render(backend: str, context: dict[str, Any]) -> GeneratedSource:
     kernel = context["kernel"]
     template_name = f"{kernel}.py.j2"

@@ -5,7 +5,6 @@ enum strings from a fixed set: nothing a user typed reaches generated code as te
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .plan import next_pow2
@@ -56,10 +55,6 @@ def _triton_derived(spec: Spec, kernel: str, point: dict[str, int]) -> dict[str,
         return {"rope_dim": at.rope_dim, "dv_pad": dv_pad,
                 "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 16,
                 "dv_chunk": dv_pad // point["v_split"]}
-    if kernel == "topk":
-        # ranks either side of the sample's estimate: about 4 standard deviations of a sample
-        # quantile (at most sqrt(sample)/2), so the bracket rarely misses
-        return {"sample_margin": max(4, 2 * math.isqrt(point["sample"]))}
     return {}
 
 

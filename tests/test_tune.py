@@ -53,9 +53,9 @@ v_dim = 64
 dtype = "bf16"
 """
 # top-k with every knob but block_n pinned: a grid of exactly the five block_n values
-PIN_BLOCK_N_ONLY = '\n[schedule.topk]\nradix_bits = 8\nnum_warps = 4\nresident_max = 0\nresident_warps = 32\n'
+PIN_BLOCK_N_ONLY = '\n[schedule.topk]\nradix_bits = 8\nnum_warps = 4\nresident_max = 0\nresident_warps = 32\nsample = 0\ncandidates = 512\n'
 # top-k with block_n and num_warps free: 15 points, enough for two workers to share
-PIN_TWO_FREE = '\n[schedule.topk]\nradix_bits = 8\nresident_max = 0\nresident_warps = 32\n'
+PIN_TWO_FREE = '\n[schedule.topk]\nradix_bits = 8\nresident_max = 0\nresident_warps = 32\nsample = 0\ncandidates = 512\n'
 
 
 @pytest.fixture

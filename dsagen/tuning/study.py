@@ -10,6 +10,7 @@ resumes it, and several processes or hosts can add trials to it at once.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..codegen import template_digest
 from ..gpus import GPUS, get_gpu
 from ..pipeline import DEFAULT_GPU
 from ..plan import problem_symbols
@@ -74,7 +76,16 @@ class TuneResult:
 
 
 def study_name(spec: Spec, kernel: str, backend: str, gpu_type: str, bucket: str, sampler: str) -> str:
-    return f"dsagen.{kernel}.{backend}.{gpu_type}.{spec.semantic_hash(kernel)}.{bucket}.{sampler}"
+    """Names a study by everything its measurements depend on: a changed template or search space
+    starts a new study instead of resuming trials timed on other code."""
+    return (f"dsagen.{kernel}.{backend}.{gpu_type}.{spec.semantic_hash(kernel)}.{bucket}.{sampler}"
+            f".code-{_code_fingerprint(backend, kernel)}")
+
+
+def _code_fingerprint(backend: str, kernel: str) -> str:
+    space = load_space(backend, kernel)
+    knobs = json.dumps({name: list(knob.values) for name, knob in sorted(space.knobs.items())})
+    return hashlib.sha256((template_digest(backend, kernel) + knobs).encode()).hexdigest()[:8]
 
 
 def _plan_gpu(gpu_type: str) -> str:
