@@ -150,8 +150,10 @@ class DSAKernels:
     def _lookup(self, kernel: str, S: int, SKV: int, db_type: str):
         """A tuning-database entry whose schedule is legal for this spec here, else None (logged)."""
         cc = self.compute_capability if db_type == self.gpu_type else "cpu"
+        space = load_space(self.backend, kernel)
         found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=self.spec.semantic_hash(kernel),
-                                 S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc)
+                                 S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc,
+                                 usable=lambda entry: set(entry.schedule) == set(space.knobs))
         if found is None:
             return None
         pinned = self.spec.pinned(kernel)
@@ -159,7 +161,6 @@ class DSAKernels:
             log.info("dsagen: the tuned schedule of %s in %s disagrees with the spec's pinned knobs %s: not used",
                      kernel, found.path, pinned)
             return None
-        space = load_space(self.backend, kernel)
         missing = sorted(set(space.knobs) - set(found.entry.schedule))
         try:
             space.check_names(found.entry.schedule, "tuned schedule")

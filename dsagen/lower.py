@@ -42,7 +42,8 @@ def _triton_name_suffix(kernel: str, p: dict[str, int]) -> str:
     if kernel == "topk":
         return (f"_n{p['block_n']}_r{p['radix_bits']}_w{p['num_warps']}"
                 f"_res{p['resident_max']}_rw{p['resident_warps']}_smp{p['sample']}_c{p['candidates']}")
-    return f"_bh{p['block_h']}_n{p['block_n']}_vs{p['v_split']}_w{p['num_warps']}_s{p['num_stages']}"
+    return (f"_bh{p['block_h']}_n{p['block_n']}_vs{p['v_split']}_w{p['num_warps']}_s{p['num_stages']}"
+            f"_ip{p['index_prefetch']}")
 
 
 def _triton_derived(spec: Spec, kernel: str, point: dict[str, int]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Every generated Triton kernel compiles for the H200 (sm_90) on this machine, GPU or not.
 
 Covers each kernel family for the V3.2 spec, an odd-shaped spec (3 heads, dims that are no power
-of two, no rope part) and the knob values the CPU tests do not reach by default (v_split, radix).
+of two, no rope part) and the knob values the CPU tests do not reach by default (v_split, radix, index prefetch, bracket sizes).
 """
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ CASES = [
     ("odd", ODD, "topk", None),
     ("odd", ODD, "sparse_attention", None),
     ("v32", V32, "sparse_attention", {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 3, "v_split": 2}),
-    ("v32", V32, "topk", {"block_n": 4096, "radix_bits": 2, "num_warps": 16, "resident_max": 0}),
+    ("v32", V32, "sparse_attention", {"index_prefetch": 1}),
+    ("v32", V32, "topk", {"block_n": 4096, "radix_bits": 2, "num_warps": 16, "resident_max": 0, "sample": 0}),
+    ("v32", V32, "topk", {"block_n": 2048, "sample": 1024, "candidates": 2048, "num_warps": 8}),
     ("v32", V32, "topk", {"resident_max": 32768, "resident_warps": 32}),
     ("v32", V32, "indexer", {"block_m": 64, "block_h": 1, "block_n": 64, "num_warps": 4, "num_stages": 4}),
     ("v32", V32, "indexer_topk", None),

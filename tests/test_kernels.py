@@ -266,10 +266,11 @@ ATTN_SCHEDULES = [
     {"block_h": 16, "block_n": 16, "num_warps": 4, "num_stages": 1, "v_split": 1},
     {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 2, "v_split": 2},
     {"block_h": 16, "block_n": 128, "num_warps": 8, "num_stages": 1, "v_split": 4},
+    {"block_h": 32, "block_n": 16, "num_warps": 4, "num_stages": 2, "v_split": 1, "index_prefetch": 1},
 ]
 
 
-@pytest.mark.parametrize("schedule", ATTN_SCHEDULES, ids=lambda s: "h{block_h}-n{block_n}-vs{v_split}".format(**s))
+@pytest.mark.parametrize("schedule", ATTN_SCHEDULES, ids=lambda s: "h{block_h}-n{block_n}-vs{v_split}-ip{index_prefetch}".format(**{"index_prefetch": 0, **s}))
 def test_sparse_attention_schedules_agree(device, gen, schedule):
     kernels = dsagen.build(make_spec(k=77, heads=40, qk_dim=576, v_dim=512), schedules={"sparse_attention": schedule})
     S, SKV = 3, 200

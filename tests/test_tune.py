@@ -7,6 +7,7 @@ The PostgreSQL test runs two tuning processes on one study through a real server
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -228,6 +229,13 @@ def test_a_tuned_schedule_from_before_a_new_knob_is_ignored(home):
         date="2026-11-28", versions=tuning_db.running_versions(), trials=1, sampler="grid", study="s")
     tuning_db.record(tuning_db.db_path("nvidia-h200"), entry)
     assert dsagen.build(spec, gpu="nvidia-h200").explain(64, 512)["topk"]["source"] == "default"
+    # a current entry of another bucket is the nearest usable one: it answers instead
+    current = {**dsagen.build(spec, gpu="nvidia-h200", use_db=False).explain(64, 512)["topk"]["schedule"],
+               "block_n": 1024}
+    tuning_db.record(tuning_db.db_path("nvidia-h200"), dataclasses.replace(
+        entry, bucket=bucket_of(4096, 32768), shape={"S": 4096, "SKV": 32768}, schedule=current))
+    hit = dsagen.build(spec, gpu="nvidia-h200").explain(64, 512)["topk"]
+    assert hit["source"].startswith("tuned (nearest bucket") and hit["schedule"] == current
 
 
 # ------------------------------------------------------------------------------------------------

@@ -501,20 +501,24 @@ def _compute_capability_of(gpu_type: str) -> str | None:
 
 
 def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_type: str,
-           compute_capability: str | None, dirs: list[Path] | None = None) -> Found | None:
+           compute_capability: str | None, dirs: list[Path] | None = None,
+           usable: Callable[[Entry], bool] | None = None) -> Found | None:
     """The tuned entry for a kernel at (S, SKV) on a GPU type, or None.
 
     Order: this GPU type's exact bucket, then its nearest bucket, then another GPU type's entry
     tuned on the same compute capability (exact, then nearest). dirs default to the user's folder,
     then the shipped one; for the same key an earlier folder wins. compute_capability None: known
-    GPU types take theirs from dsagen.gpus, unknown ones skip the other-GPU step.
+    GPU types take theirs from dsagen.gpus, unknown ones skip the other-GPU step. Entries that
+    `usable` rejects (say, schedules recorded before the search space grew a knob) are passed over,
+    so the nearest usable bucket answers instead.
     """
     dirs = default_dirs() if dirs is None else [Path(d) for d in dirs]
     want = bucket_of(S, SKV)
     cc = compute_capability if compute_capability is not None else _compute_capability_of(gpu_type)
 
     def same_kernel(entry: Entry) -> bool:
-        return (entry.kernel, entry.backend, entry.spec_hash) == (kernel, backend, spec_hash)
+        return ((entry.kernel, entry.backend, entry.spec_hash) == (kernel, backend, spec_hash)
+                and (usable is None or usable(entry)))
 
     def found(hit: tuple[Entry, Path], source: str) -> Found:
         return Found(hit[0], source, hit[1], stale_fields(hit[0]))
