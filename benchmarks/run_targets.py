@@ -29,11 +29,9 @@ SHAPES = {  # from the H200 targets file
 
 SWEEP = {
     "sparse_attention": [
-        dict(block_h=64, block_n=64, num_warps=8, num_stages=2, v_split=1),
-        dict(block_h=64, block_n=64, num_warps=8, num_stages=1, v_split=1),
-        dict(block_h=64, block_n=32, num_warps=8, num_stages=3, v_split=1),
-        dict(block_h=64, block_n=16, num_warps=8, num_stages=4, v_split=1),
-        dict(block_h=32, block_n=64, num_warps=4, num_stages=2, v_split=1),
+        dict(block_h=64, block_n=64, num_warps=8, num_stages=2, v_split=1, index_prefetch=0),
+        dict(block_h=64, block_n=64, num_warps=8, num_stages=2, v_split=1, index_prefetch=1),
+        dict(block_h=64, block_n=32, num_warps=8, num_stages=3, v_split=1, index_prefetch=1),
     ],
     "indexer": [
         dict(block_m=16, block_h=8, block_n=128, num_warps=8, num_stages=2),
@@ -46,11 +44,10 @@ SWEEP = {
     ],
     "topk": [
         dict(block_n=512, radix_bits=8, num_warps=4, resident_max=0, sample=0),
-        dict(block_n=1024, radix_bits=8, num_warps=4, resident_max=0, sample=512, candidates=1024),
-        dict(block_n=2048, radix_bits=8, num_warps=8, resident_max=0, sample=512, candidates=1024),
-        dict(block_n=4096, radix_bits=8, num_warps=8, resident_max=0, sample=1024, candidates=1024),
-        dict(block_n=4096, radix_bits=8, num_warps=16, resident_max=0, sample=1024, candidates=2048),
+        dict(block_n=1024, radix_bits=8, num_warps=4, resident_max=0, sample=128, candidates=512),
         dict(block_n=1024, radix_bits=8, num_warps=4, resident_max=0, sample=256, candidates=512),
+        dict(block_n=2048, radix_bits=8, num_warps=8, resident_max=0, sample=256, candidates=512),
+        dict(block_n=1024, radix_bits=8, num_warps=4, resident_max=0, sample=256, candidates=256),
     ],
 }
 

@@ -183,7 +183,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(home, child_env):
 def test_tuned_entries_drive_the_build_lookup_chain(home, caplog):
     """A build for an H200 reads the user DB: exact bucket, nearest bucket, stale warning, override."""
     spec = dsagen.spec_from_dict(_small_dict())
-    point = {"block_n": 2048, "radix_bits": 4, "num_warps": 8, "resident_max": 0, "resident_warps": 32}
+    point = {"block_n": 2048, "radix_bits": 4, "num_warps": 8, "resident_max": 0, "resident_warps": 32,
+             "sample": 128, "candidates": 1024}
     entry = tuning_db.Entry(
         kernel="topk", backend="triton", spec_hash=spec.semantic_hash("topk"), bucket=bucket_of(4096, 32768),
         shape={"S": 4096, "SKV": 32768}, schedule=point, ms=1.0, tflops=None, gbps=500.0, pct_of_roofline=20.0,
