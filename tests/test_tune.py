@@ -237,6 +237,14 @@ def test_a_tuned_schedule_from_before_a_new_knob_is_ignored(home):
         entry, bucket=bucket_of(4096, 32768), shape={"S": 4096, "SKV": 32768}, schedule=current))
     hit = dsagen.build(spec, gpu="nvidia-h200").explain(64, 512)["topk"]
     assert hit["source"].startswith("tuned (nearest bucket") and hit["schedule"] == current
+    # `dsagen db prune` removes the old entry from the file and keeps the current one
+    path = tuning_db.db_path("nvidia-h200")
+    before = path.read_text()
+    out = runner.invoke(cli.app, ["db", "prune", str(path), "--dry-run"])
+    assert out.exit_code == 0 and "1 entries would be dropped" in out.output and path.read_text() == before
+    out = runner.invoke(cli.app, ["db", "prune", str(path)])
+    assert out.exit_code == 0 and "1 entries dropped" in out.output
+    assert [e.schedule for e in tuning_db.load(path).entries.values()] == [current]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -401,6 +401,19 @@ def record(path: Path, entry: Entry) -> str:
     return outcome
 
 
+def prune(path: Path, keep: Callable[[Entry], bool], dry_run: bool = False) -> list[Entry]:
+    """Drop the entries `keep` rejects (under the file's lock, re-read first); returns them."""
+    path = Path(path)
+    with lock_for(path):
+        db = load(path)
+        dropped = [e for e in db.entries.values() if not keep(e)]
+        if dropped and not dry_run:
+            for e in dropped:
+                del db.entries[e.key]
+            save(db)
+    return dropped
+
+
 def _b_wins(ours: Entry, theirs: Entry) -> bool:
     """Merge rule: the faster entry; on a tie the later date."""
     return theirs.ms < ours.ms or (theirs.ms == ours.ms and theirs.date > ours.date)

@@ -113,6 +113,34 @@ def merge(
                f"{counts['replaced']} replaced, {counts['kept']} kept, {counts['total']} entries in total")
 
 
+@db_app.command("prune")
+@friendly_errors
+def prune(
+    path: Path = typer.Argument(..., metavar="FILE", help="database file to prune (<gpu>.json)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be dropped"),
+) -> None:
+    """Drop entries whose schedule no longer fits today's search spaces (schedules/<backend>/<kernel>.toml).
+
+    After a template grows a knob, entries recorded before it name only the old knobs; builds
+    already pass over them, and pruning removes them from the file so it says what is really used.
+    """
+    from ..errors import ScheduleError
+    from ..schedule import load_space
+
+    def fits(entry: tdb.Entry) -> bool:
+        try:
+            space = load_space(entry.backend, entry.kernel)
+            space.check_names(entry.schedule, "schedule")
+        except ScheduleError:
+            return False
+        return set(entry.schedule) == set(space.knobs)
+
+    dropped = tdb.prune(path, fits, dry_run=dry_run)
+    for e in dropped:
+        typer.echo(f"{'would drop' if dry_run else 'dropped'} {e.kernel} {e.backend} {e.bucket} {e.schedule}")
+    typer.echo(f"{len(dropped)} entries {'would be ' if dry_run else ''}dropped from {path}")
+
+
 @db_app.command("export")
 @friendly_errors
 def export(
