@@ -1,6 +1,7 @@
 """Fused indexer + top-k against indexer-then-top-k: time and peak GPU memory, same run.
 
     python benchmarks/fused_indexer_topk.py [--out benchmarks/results] [--S 4096] [--SKV 32768 131072]
+        [--schedule '{"block_m": 16, "block_h": 1, "block_n": 64}' ...]
 
 V3.2 spec (fp8 indexer, 64 heads x 128, k = 2048), S queries at the end of an SKV causal context
 (inputs of dsagen.workloads). Both paths are checked first on sampled rows against the float64
@@ -37,34 +38,40 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--S", type=int, default=4096)
     ap.add_argument("--SKV", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--schedule", type=json.loads, action="append", default=None,
+                    help="fused schedule to time, a JSON object of knobs (repeatable; default: the resolved one)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA GPU")
     spec = dsagen.load_spec(Path(__file__).resolve().parents[1] / "specs" / "deepseek_v32.toml")
     kernels = dsagen.build(spec)
+    fused_builds = [dsagen.build(spec, schedules={"indexer_topk": s}) for s in args.schedule] if args.schedule \
+        else [kernels]
     rows = []
     for skv in args.SKV:
         q, k, k_scale, w, ks, ke = workloads.indexer_inputs(spec, args.S, skv, "cuda", 0)
+        inputs = (q, k, k_scale, w, ks, ke)
+        checked_rows = workloads.sample_rows(args.S, 8, 0)
 
         def unfused():
             return kernels.topk(kernels.indexer(q, k, k_scale, w, ks, ke), ks, ke)
 
-        def fused():
-            return kernels.indexer_topk(q, k, k_scale, w, ks, ke)
-
-        inputs = (q, k, k_scale, w, ks, ke)
-        checked_rows = workloads.sample_rows(args.S, 8, 0)
-        print("fused:", workloads.check(spec, "indexer_topk", inputs, fused(), checked_rows), flush=True)
         print("unfused top-k:", workloads.check(spec, "indexer_topk", inputs, unfused(), checked_rows), flush=True)
-        row = {"S": args.S, "SKV": skv,
-               "unfused_ms": timing.cuda_events_ms(unfused, warmup=25, rep=200),
-               "fused_ms": timing.cuda_events_ms(fused, warmup=25, rep=200),
-               "unfused_peak_MiB": peak_bytes(unfused) / 2**20,
-               "fused_peak_MiB": peak_bytes(fused) / 2**20}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        unfused_ms, unfused_peak = timing.cuda_events_ms(unfused, warmup=25, rep=200), peak_bytes(unfused)
+        for build in fused_builds:
+            def fused(build=build):
+                return build.indexer_topk(q, k, k_scale, w, ks, ke)
+
+            point = build.resolve("indexer_topk").point
+            print("fused", point, workloads.check(spec, "indexer_topk", inputs, fused(), checked_rows), flush=True)
+            row = {"S": args.S, "SKV": skv, "fused_schedule": point,
+                   "unfused_ms": unfused_ms, "fused_ms": timing.cuda_events_ms(fused, warmup=25, rep=200),
+                   "unfused_peak_MiB": unfused_peak / 2**20, "fused_peak_MiB": peak_bytes(fused) / 2**20}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     payload = {"environment": bench.environment(), "results": rows,
-               "schedules": {"indexer_topk": kernels.resolve("indexer_topk").point}}
+               "schedules": {"indexer": kernels.resolve("indexer", args.S, args.SKV[0]).point,
+                             "topk": kernels.resolve("topk", args.S, args.SKV[0]).point}}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"fused-indexer-topk-{datetime.date.today().isoformat()}.json"

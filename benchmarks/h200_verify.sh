@@ -19,7 +19,11 @@ case "$phase" in
     python3 benchmarks/run_targets.py --sweep --out "$out" 2>&1 | tee "$out/targets.log" | tail -6
     python3 cli.py bench "$spec" --backend tvm --device cuda --S 4096 --SKV 8192 --SKV 32768 --no-dense --out "$out" \
       2>&1 | tee "$out/bench-tvm-cuda.log" | tail -5
-    python3 benchmarks/fused_indexer_topk.py --out "$out" 2>&1 | tee "$out/fused.log" | tail -5 ;;
+    # the fused path: the per-row kernel (default) and multi-row variants (block_m > 1)
+    python3 benchmarks/fused_indexer_topk.py --out "$out" --schedule '{"block_m": 1}' \
+      --schedule '{"block_m": 16, "block_h": 1, "block_n": 64, "num_warps": 8}' \
+      --schedule '{"block_m": 4, "block_h": 4, "block_n": 64, "num_warps": 4, "candidates": 256}' \
+      2>&1 | tee "$out/fused.log" | tail -8 ;;
   profile)
     for kernel in sparse_attention topk indexer indexer_topk; do
       ncu --target-processes all -k "regex:_${kernel}(_resident)?_kernel" -s 3 -c 1 \

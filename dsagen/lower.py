@@ -38,7 +38,8 @@ def _triton_name_suffix(kernel: str, p: dict[str, int]) -> str:
     if kernel == "indexer":
         return f"_m{p['block_m']}_hb{p['block_h']}_n{p['block_n']}_w{p['num_warps']}_s{p['num_stages']}"
     if kernel == "indexer_topk":
-        return f"_hb{p['block_h']}_n{p['block_n']}_r{p['radix_bits']}_w{p['num_warps']}"
+        return (f"_m{p['block_m']}_hb{p['block_h']}_n{p['block_n']}_r{p['radix_bits']}_w{p['num_warps']}"
+                f"_s{p['num_stages']}_smp{p['sample']}_c{p['candidates']}")
     if kernel == "topk":
         return (f"_n{p['block_n']}_r{p['radix_bits']}_w{p['num_warps']}"
                 f"_res{p['resident_max']}_rw{p['resident_warps']}_smp{p['sample']}_c{p['candidates']}")
@@ -48,8 +49,12 @@ def _triton_name_suffix(kernel: str, p: dict[str, int]) -> str:
 
 def _triton_derived(spec: Spec, kernel: str, point: dict[str, int]) -> dict[str, Any]:
     """Padded sizes the Triton templates need (block shapes are powers of two)."""
-    if kernel in ("indexer", "indexer_topk"):
+    if kernel == "indexer":
         return {"d_pad": next_pow2(spec.indexer.head_dim, 32)}
+    if kernel == "indexer_topk":
+        # the per-row kernel's dot has one row's heads as M: at least 16 of them
+        row_block_h = point["block_h"] if point["block_m"] == 1 else max(16, min(64, next_pow2(spec.indexer.heads)))
+        return {"d_pad": next_pow2(spec.indexer.head_dim, 32), "row_block_h": row_block_h}
     if kernel == "sparse_attention":
         at = spec.attention
         dv_pad = next_pow2(at.v_dim, 16)

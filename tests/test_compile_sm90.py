@@ -1,7 +1,7 @@
 """Every generated Triton kernel compiles for the H200 (sm_90) on this machine, GPU or not.
 
 Covers each kernel family for the V3.2 spec, an odd-shaped spec (3 heads, dims that are no power
-of two, no rope part) and the knob values the CPU tests do not reach by default (v_split, radix, index prefetch, bracket sizes).
+of two, no rope part) and the knob values the CPU tests do not reach by default (v_split, radix, index prefetch, bracket sizes, multi-row fused selection).
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ CASES = [
     ("v32", V32, "topk", {"resident_max": 32768, "resident_warps": 32}),
     ("v32", V32, "indexer", {"block_m": 64, "block_h": 1, "block_n": 64, "num_warps": 4, "num_stages": 4}),
     ("v32", V32, "indexer_topk", None),
+    ("v32", V32, "indexer_topk", {"block_m": 8, "block_h": 8, "block_n": 128, "sample": 256, "candidates": 512,
+                                  "num_stages": 2}),
     ("odd", ODD, "indexer_topk", None),
 ]
 

@@ -385,14 +385,19 @@ FUSED_CASES = [
 ]
 
 
+FUSED_SCHEDULES = [None, {"block_m": 4, "block_h": 4, "block_n": 64, "sample": 128, "candidates": 256}]
+
+
+@pytest.mark.parametrize("schedule", FUSED_SCHEDULES, ids=["per-row", "rows4"])
 @pytest.mark.parametrize("S,SKV,H,D,dtype,k", FUSED_CASES,
                          ids=[f"S{c[0]}-SKV{c[1]}-H{c[2]}-D{c[3]}-{c[4]}-K{c[5]}" for c in FUSED_CASES])
-def test_fused_indexer_topk_is_exact(device, gen, S, SKV, H, D, dtype, k):
+def test_fused_indexer_topk_is_exact(device, gen, S, SKV, H, D, dtype, k, schedule):
     """Integer q, k and power-of-two weights and scales make every logit exact in fp32 whatever the
     summation order, so the fused selection must equal the exact top-k of the float64 reference;
-    small integers also tie heavily."""
+    small integers also tie heavily. Both the per-row kernel and the multi-row one (with the
+    per-row kernel finishing its overfull rows) are checked."""
     spec = make_spec(ix_heads=H, ix_dim=D, ix_dtype=dtype, k=k)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, schedules={"indexer_topk": schedule} if schedule else None)
     q = quantize(torch.randint(-3, 4, (S, H, D), generator=gen).float(), dtype).to(device)
     kk = quantize(torch.randint(-3, 4, (SKV, D), generator=gen).float(), dtype).to(device)
     w = (2.0 ** torch.randint(-3, 2, (S, H), generator=gen).float()) * torch.randint(-1, 2, (S, H), generator=gen).float()
@@ -403,6 +408,39 @@ def test_fused_indexer_topk_is_exact(device, gen, S, SKV, H, D, dtype, k):
     assert got.data_ptr() == out.data_ptr()
     ref = reference.indexer(q.cpu(), kk.cpu(), scale, w, ks, ke)
     assert_topk(got, ref.float(), ks, ke, k)
+
+
+def test_fused_rows_kernel_settles_plain_rows(device, gen):
+    """The multi-row kernel must really settle ordinary rows (not leave everything to the per-row
+    kernel): its settled flags are read after calling it directly, and the full launcher's
+    answer keeps the top-k contract against the float64 logits (fp8 tolerance)."""
+    from dsagen.backends import triton as triton_backend
+
+    if device.type == "cpu" and (problem := triton_backend.interpreter_problem()):
+        pytest.skip(problem)
+    spec = make_spec(ix_heads=8, ix_dim=32, ix_dtype="bf16", k=20)
+    schedule = {"block_m": 4, "block_h": 4, "block_n": 64, "sample": 128, "candidates": 256}
+    kernels = dsagen.build(spec, schedules={"indexer_topk": schedule})
+    S, SKV = 6, 700
+    q = torch.randn(S, 8, 32, generator=gen).bfloat16().to(device)
+    kk = torch.randn(SKV, 32, generator=gen).bfloat16().to(device)
+    w = torch.randn(S, 8, generator=gen).to(device)
+    ks = torch.zeros(S, dtype=torch.int32, device=device)
+    ke = torch.tensor([700, 650, 10, 699, 400, 700], dtype=torch.int32, device=device)  # row 2: take all
+    got = kernels.indexer_topk(q, kk, None, w, ks, ke)
+    ref = reference.indexer(q.cpu(), kk.cpu(), None, w.cpu(), ks.cpu(), ke.cpu())
+    assert_topk(got.cpu(), ref.float(), ks.cpu(), ke.cpu(), 20, tolerance=1e-3)
+    module = triton_backend.load(kernels.resolve("indexer_topk").path, interpret=device.type == "cpu")
+    settled = torch.full((S,), -1, dtype=torch.int32, device=device)
+    out = torch.full((S, 20), -7, dtype=torch.int32, device=device)
+    cand_idx = torch.empty((S, 256), dtype=torch.int32, device=device)
+    cand_val = torch.empty((S, 256), dtype=torch.float32, device=device)
+    with triton_backend._jit_helpers_interpreted() if device.type == "cpu" else contextlib.nullcontext():
+        module._indexer_topk_rows_kernel[(2,)](
+            q, kk, kk, w, ks, ke, out, settled, cand_idx, cand_val, S, SKV, q.stride(0), q.stride(1),
+            kk.stride(0), w.stride(0), out.stride(0), cand_idx.stride(0),
+            **module._rows_constexprs(has_k_scale=False, interpret=device.type == "cpu"), num_warps=4)
+    assert settled.tolist() == [1, 1, 0, 1, 1, 1]
 
 
 def test_fused_spec_switches_dsa_to_the_fused_path(device, gen):
