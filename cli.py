@@ -173,7 +173,6 @@ class TuneDevice(str, Enum):
     cpu = "cpu"
 
 
-
 def _device_for(command: str, backend: Backend, device: TuneDevice | None, cpu_hint: str) -> TuneDevice:
     """--device, by default cuda when torch sees a GPU (always for Triton, whose CPU path is only an
     interpreter), else cpu; cuda without a GPU is an error that says what to do instead."""
@@ -259,7 +258,6 @@ def tune(
     """
     import time
 
-
     from dsagen.kernels import detected_gpu
     from dsagen.tuning.storage import describe, open_storage
     from dsagen.backends.triton import interpreter_problem
@@ -339,7 +337,6 @@ def bench(
     """
     import datetime
     import json
-
 
     from dsagen import build
     from dsagen.bench import format_table, plot, run_bench

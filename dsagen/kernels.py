@@ -153,7 +153,7 @@ class DSAKernels:
         space = load_space(self.backend, kernel)
         found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=self.spec.semantic_hash(kernel),
                                  S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc,
-                                 usable=lambda entry: set(entry.schedule) == set(space.knobs))
+                                 usable=lambda entry: space.names_every_knob(entry.schedule))
         if found is None:
             return None
         pinned = self.spec.pinned(kernel)
@@ -161,16 +161,14 @@ class DSAKernels:
             log.info("dsagen: the tuned schedule of %s in %s disagrees with the spec's pinned knobs %s: not used",
                      kernel, found.path, pinned)
             return None
-        missing = sorted(set(space.knobs) - set(found.entry.schedule))
         try:
             space.check_names(found.entry.schedule, "tuned schedule")
-            broken = [f"no value for the knobs {', '.join(missing)}"] if missing else \
-                space.violations(found.entry.schedule, problem_symbols(self.spec, kernel, self.plan_gpu))
+            broken = space.violations(found.entry.schedule, problem_symbols(self.spec, kernel, self.plan_gpu))
         except ScheduleError as exc:
             broken = [str(exc)]
         if broken:
             log.warning("dsagen: ignoring the tuned schedule of %s in %s: it does not fit today's search space "
-                        "(%s)", kernel, found.path, "; ".join(broken) or "knobs differ")
+                        "(%s)", kernel, found.path, "; ".join(broken))
             return None
         return found
 

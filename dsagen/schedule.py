@@ -86,6 +86,10 @@ class Space:
     def default_point(self) -> dict[str, int]:
         return {n: k.default for n, k in self.knobs.items()}
 
+    def names_every_knob(self, point: Mapping[str, int]) -> bool:
+        """The point names exactly this space's knobs (an entry from before a knob was added does not)."""
+        return set(point) == set(self.knobs)
+
     def check_names(self, point: Mapping[str, int], where: str) -> None:
         for name, value in point.items():
             if name not in self.knobs:

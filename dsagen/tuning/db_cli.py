@@ -133,7 +133,7 @@ def prune(
             space.check_names(entry.schedule, "schedule")
         except ScheduleError:
             return False
-        return set(entry.schedule) == set(space.knobs)
+        return space.names_every_knob(entry.schedule)
 
     dropped = tdb.prune(path, fits, dry_run=dry_run)
     for e in dropped:
