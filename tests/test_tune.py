@@ -245,6 +245,8 @@ def test_a_tuned_schedule_from_before_a_new_knob_is_ignored(home):
     out = runner.invoke(cli.app, ["db", "prune", str(path)])
     assert out.exit_code == 0 and "1 entries dropped" in out.output
     assert [e.schedule for e in tuning_db.load(path).entries.values()] == [current]
+    out = runner.invoke(cli.app, ["db", "prune", str(path.parent / "missing" / "nvidia-h200.json")])
+    assert out.exit_code == 1 and "no such database file" in out.output and not (path.parent / "missing").exists()
 
 
 # ------------------------------------------------------------------------------------------------

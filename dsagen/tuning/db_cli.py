@@ -135,6 +135,8 @@ def prune(
             return False
         return space.names_every_knob(entry.schedule)
 
+    if not path.is_file():
+        raise tdb.TuningDBError(f"{path}: no such database file")
     dropped = tdb.prune(path, fits, dry_run=dry_run)
     for e in dropped:
         typer.echo(f"{'would drop' if dry_run else 'dropped'} {e.kernel} {e.backend} {e.bucket} {e.schedule}")
