@@ -427,7 +427,8 @@ def test_fused_rows_kernel_settles_plain_rows(device, gen):
     w = torch.randn(S, 8, generator=gen).to(device)
     ks = torch.zeros(S, dtype=torch.int32, device=device)
     ke = torch.tensor([700, 650, 10, 699, 400, 700], dtype=torch.int32, device=device)  # row 2: take all
-    got = kernels.indexer_topk(q, kk, None, w, ks, ke)
+    poisoned = torch.full((S, 20), -7, dtype=torch.int32, device=device)
+    got = kernels.indexer_topk(q, kk, None, w, ks, ke, out=poisoned)
     ref = reference.indexer(q.cpu(), kk.cpu(), None, w.cpu(), ks.cpu(), ke.cpu())
     assert_topk(got.cpu(), ref.float(), ks.cpu(), ke.cpu(), 20, tolerance=1e-3)
     module = triton_backend.load(kernels.resolve("indexer_topk").path, interpret=device.type == "cpu")
