@@ -44,10 +44,16 @@ SWEEP = {
     ],
     "topk": [
         dict(block_n=512, radix_bits=8, num_warps=4, resident_max=0, sample=0),
-        dict(block_n=1024, radix_bits=8, num_warps=4, resident_max=0, sample=128, candidates=512),
-        dict(block_n=1024, radix_bits=8, num_warps=4, resident_max=0, sample=256, candidates=512),
-        dict(block_n=2048, radix_bits=8, num_warps=8, resident_max=0, sample=256, candidates=512),
-        dict(block_n=1024, radix_bits=8, num_warps=4, resident_max=0, sample=256, candidates=256),
+        # two reads of the row (a binned count, then a write): the best point of 2026-11-29
+        dict(block_n=1024, radix_bits=8, num_warps=4, resident_max=0, sample=128, candidates=512, row_reads=2),
+        # one banded read
+        dict(block_n=1024, radix_bits=8, num_warps=8, resident_max=0, sample=2048, candidates=2048, row_reads=1),
+        dict(block_n=2048, radix_bits=8, num_warps=8, resident_max=0, sample=2048, candidates=2048, row_reads=1),
+        dict(block_n=1024, radix_bits=8, num_warps=4, resident_max=0, sample=2048, candidates=2048, row_reads=1),
+        dict(block_n=1024, radix_bits=8, num_warps=8, resident_max=0, sample=1024, candidates=4096, row_reads=1),
+        dict(block_n=1024, radix_bits=8, num_warps=8, resident_max=0, sample=1024, candidates=2048, row_reads=1),
+        dict(block_n=2048, radix_bits=8, num_warps=16, resident_max=0, sample=2048, candidates=4096, row_reads=1),
+        dict(block_n=512, radix_bits=8, num_warps=4, resident_max=0, sample=512, candidates=4096, row_reads=1),
     ],
 }
 

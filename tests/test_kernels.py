@@ -149,11 +149,16 @@ def test_topk_exact(device, backend, gen, S, SKV, k, ties):
 @pytest.mark.parametrize("schedule", [{"block_n": 256, "radix_bits": 8, "num_warps": 4, "resident_max": 0, "sample": 0},
                                       {"block_n": 512, "radix_bits": 2, "num_warps": 16, "resident_max": 0, "sample": 0},
                                       {"block_n": 256, "radix_bits": 8, "resident_max": 0, "sample": 256,
-                                       "candidates": 256},
+                                       "candidates": 256, "row_reads": 2},
+                                      {"block_n": 256, "radix_bits": 8, "resident_max": 0, "sample": 256,
+                                       "candidates": 256, "row_reads": 1},
                                       {"block_n": 1024, "radix_bits": 4, "resident_max": 0, "sample": 1024,
-                                       "candidates": 2048, "num_warps": 8},
+                                       "candidates": 2048, "num_warps": 8, "row_reads": 2},
+                                      {"block_n": 512, "radix_bits": 4, "resident_max": 0, "sample": 2048,
+                                       "candidates": 4096, "num_warps": 8, "row_reads": 1},
                                       {"block_n": 512, "radix_bits": 4, "resident_max": 4096, "resident_warps": 8}],
-                         ids=lambda s: "n{block_n}-r{radix_bits}-res{resident_max}-smp{sample}".format(**{"sample": 512, **s}))
+                         ids=lambda s: "n{block_n}-r{radix_bits}-res{resident_max}-smp{sample}-reads{row_reads}".format(
+                             **{"sample": 512, "row_reads": 1, **s}))
 def test_topk_schedules_agree(device, gen, schedule):
     kernels = dsagen.build(make_spec(k=100), schedules={"topk": schedule})
     x, ks, ke = _logits_with_windows(gen, 5, 1031, device, ties=True)
@@ -162,31 +167,37 @@ def test_topk_schedules_agree(device, gen, schedule):
     assert_topk(kernels.topk(x, ks, ke), x, ks, ke, 100)
 
 
-def test_topk_bracket_settles_plain_rows_and_falls_back_on_a_full_bin(device, gen):
-    """The bracketed path must really carry ordinary rows (their bin's indices are set aside in
-    the scratch buffer) and hand a row of one repeated value to the radix passes (scratch left
-    untouched); both stay exact. Calls the generated kernel itself to see its scratch buffer."""
+@pytest.mark.parametrize("row_reads", [1, 2], ids=lambda r: f"reads{r}")
+def test_topk_bracket_settles_plain_rows_and_falls_back_on_a_full_bin(device, gen, row_reads):
+    """The bracketed path must really carry ordinary rows (their band's or bin's indices are set
+    aside in the scratch buffer) and hand a row of one repeated value to the radix passes; both
+    stay exact. Calls the generated kernel itself to see its scratch buffer."""
     from dsagen.backends import triton as triton_backend
 
     if device.type == "cpu" and (problem := triton_backend.interpreter_problem()):
         pytest.skip(problem)
-    kernels = dsagen.build(make_spec(k=100), schedules={"topk": {"block_n": 256, "sample": 256, "candidates": 256,
-                                                                 "resident_max": 0}})
+    cap = 256 if row_reads == 2 else 1024  # the one-read band is wider than the two-read bin
+    kernels = dsagen.build(make_spec(k=100), schedules={"topk": {"block_n": 256, "sample": 256, "candidates": cap,
+                                                                 "resident_max": 0, "row_reads": row_reads}})
     module = triton_backend.load(kernels.resolve("topk").path, interpret=device.type == "cpu")
     S, SKV = 4, 3001
     x = rand(gen, S, SKV).to(device)
-    x[2] = 0.5  # every key equal: bin d holds the whole row, more than the 256 candidates
+    x[2] = 0.5  # every key equal: the bin or band holds the whole row, more than the candidates cap
     ks = torch.zeros(S, dtype=torch.int32, device=device)
     ke = torch.full((S,), SKV, dtype=torch.int32, device=device)
     out = torch.full((S, 100), -7, dtype=torch.int32, device=device)
-    scratch = torch.full((S, 256), -5, dtype=torch.int32, device=device)
+    scratch = torch.full((S, cap), -5, dtype=torch.int32, device=device)
     interpreted = device.type == "cpu"
     with triton_backend._jit_helpers_interpreted() if interpreted else contextlib.nullcontext():
         module._topk_kernel[(S,)](x, ks, ke, out, scratch, SKV, x.stride(0), out.stride(0), scratch.stride(0),
                                   **module._constexprs(), num_warps=4)
     assert_topk(out, x, ks, ke, 100)
     used = (scratch != -5).any(dim=1).tolist()
-    assert used == [True, True, False, True], used
+    full = (scratch != -5).all(dim=1).tolist()
+    if row_reads == 2:  # the bin is counted first: an overfull one is never written
+        assert used == [True, True, False, True], used
+    else:  # the band is written as it is found: a plain row's fits, the repeated value's overflows
+        assert used == [True] * 4 and full == [False, False, True, False], (used, full)
 
 
 def test_topk_on_quantized_indexer_logits(device, backend, gen):
