@@ -42,7 +42,7 @@ def _triton_name_suffix(kernel: str, p: dict[str, int]) -> str:
                 f"_s{p['num_stages']}_smp{p['sample']}_c{p['candidates']}")
     if kernel == "topk":
         return (f"_n{p['block_n']}_r{p['radix_bits']}_w{p['num_warps']}"
-                f"_res{p['resident_max']}_rw{p['resident_warps']}_smp{p['sample']}_c{p['candidates']}")
+                f"_res{p['resident_max']}_rw{p['resident_warps']}_smp{p['sample']}_c{p['candidates']}_rr{p['row_reads']}")
     return (f"_bh{p['block_h']}_n{p['block_n']}_vs{p['v_split']}_w{p['num_warps']}_s{p['num_stages']}"
             f"_ip{p['index_prefetch']}")
 

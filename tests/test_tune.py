@@ -54,9 +54,9 @@ v_dim = 64
 dtype = "bf16"
 """
 # top-k with every knob but block_n pinned: a grid of exactly the five block_n values
-PIN_BLOCK_N_ONLY = '\n[schedule.topk]\nradix_bits = 8\nnum_warps = 4\nresident_max = 0\nresident_warps = 32\nsample = 0\ncandidates = 512\n'
+PIN_BLOCK_N_ONLY = '\n[schedule.topk]\nradix_bits = 8\nnum_warps = 4\nresident_max = 0\nresident_warps = 32\nsample = 0\ncandidates = 512\nrow_reads = 1\n'
 # top-k with block_n and num_warps free: 15 points, enough for two workers to share
-PIN_TWO_FREE = '\n[schedule.topk]\nradix_bits = 8\nresident_max = 0\nresident_warps = 32\nsample = 0\ncandidates = 512\n'
+PIN_TWO_FREE = '\n[schedule.topk]\nradix_bits = 8\nresident_max = 0\nresident_warps = 32\nsample = 0\ncandidates = 512\nrow_reads = 1\n'
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_tuned_entries_drive_the_build_lookup_chain(home, caplog):
     """A build for an H200 reads the user DB: exact bucket, nearest bucket, stale warning, override."""
     spec = dsagen.spec_from_dict(_small_dict())
     point = {"block_n": 2048, "radix_bits": 4, "num_warps": 8, "resident_max": 0, "resident_warps": 32,
-             "sample": 128, "candidates": 1024}
+             "sample": 128, "candidates": 1024, "row_reads": 2}
     entry = tuning_db.Entry(
         kernel="topk", backend="triton", spec_hash=spec.semantic_hash("topk"), bucket=bucket_of(4096, 32768),
         shape={"S": 4096, "SKV": 32768}, schedule=point, ms=1.0, tflops=None, gbps=500.0, pct_of_roofline=20.0,

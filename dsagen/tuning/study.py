@@ -333,7 +333,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
         if run.errors:
             raise run.errors[0]
         failures, evaluated_here, interrupted = run.failures, run.evaluated_here, run.interrupted
-        best_point, best_ms = _confirm(req, study, workers[0], plan_gpu, interrupted)
+        best_point, best_ms = _confirm(req, study, workers[0], plan_gpu, interrupted, progress)
     finally:
         bar.close()
         if own_workers or run.interrupted:
@@ -380,7 +380,7 @@ def _seed_points(req: TuneRequest, legal: list[dict], plan_gpu: str) -> list[dic
     return out[:4]
 
 
-def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted: bool):
+def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted: bool, progress: bool = True):
     """(point, ms): the study's best, re-timed alone with CUDA events (fresh inputs, checked
     again) among its top `confirm_top` points on CUDA; the search's own best on the CPU."""
     from optuna.trial import TrialState
@@ -405,6 +405,9 @@ def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted
         outcome = worker.run(job, req.trial_timeout_s)
         if outcome.ok:
             timed.append((outcome.ms, point))
+        if progress:  # say what the confirmation saw: a dropped point would otherwise vanish silently
+            print(f"[{req.kernel} S{req.S}-SKV{req.SKV}] confirm {point}: {_describe(outcome)}", file=sys.stderr,
+                  flush=True)
     if not timed:
         return json.loads(done[0].user_attrs["point"]), float(done[0].value)
     ms, point = min(timed, key=lambda x: x[0])
