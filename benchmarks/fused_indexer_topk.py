@@ -62,7 +62,7 @@ def main() -> None:
             def fused(build=build):
                 return build.indexer_topk(q, k, k_scale, w, ks, ke)
 
-            point = build.resolve("indexer_topk").point
+            point = build.resolve("indexer_topk", args.S, skv).point  # what this shape runs (tuned or not)
             print("fused", point, workloads.check(spec, "indexer_topk", inputs, fused(), checked_rows), flush=True)
             row = {"S": args.S, "SKV": skv, "fused_schedule": point,
                    "unfused_ms": unfused_ms, "fused_ms": timing.cuda_events_ms(fused, warmup=25, rep=200),
