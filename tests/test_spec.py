@@ -438,12 +438,11 @@ def test_legal_points_agree_with_violations(kernel, spec_name, gpu):
     problem = problem_symbols(spec, kernel, target)
     legal = space.legal_points(problem)
     assert legal, "no legal schedule at all"
-    # sympy subs is slow: an even sample of about 1500 points each way (every point of a small space)
-    for point in legal[::max(1, len(legal) // 1500)]:
+    for point in legal:
         assert space.violations(point, problem) == [], point
     legal_keys = {tuple(sorted(p.items())) for p in legal}
     illegal = [p for p in space.grid() if tuple(sorted(p.items())) not in legal_keys]
-    for point in illegal[::max(7, len(illegal) // 1500)]:  # each must break something
+    for point in illegal[::7]:  # a sample of the rest: each must break something
         assert space.violations(point, problem), point
 
 
