@@ -114,9 +114,11 @@ class DSAKernels:
                     and S is not None and SKV is not None and S > 0 and SKV > 0)
         bucket = bucket_of(S, SKV) if by_shape else None
         with self._lock:
-            hit = self._resolved.get((kernel, bucket, db_type))
+            interpret = device_type == "cpu" and self.backend == "triton"
+            hit = self._resolved.get((kernel, bucket, db_type, interpret))
             if hit is None:
-                hit = self._resolved[(kernel, bucket, db_type)] = self._resolve(kernel, S, SKV, bucket, db_type)
+                hit = self._resolved[(kernel, bucket, db_type, interpret)] = self._resolve(
+                    kernel, S, SKV, bucket, db_type, interpret)
                 log.info("dsagen: %s%s uses %s (%s), module %s", kernel, f" {bucket}" if bucket else "",
                          hit.point, hit.source, hit.module_name)
                 if hit.stale:
@@ -131,7 +133,7 @@ class DSAKernels:
             return self.gpu_type
         return cpu_type() if self.backend == "tvm" else None
 
-    def _resolve(self, kernel: str, S, SKV, bucket: str | None, db_type: str | None) -> Resolved:
+    def _resolve(self, kernel: str, S, SKV, bucket: str | None, db_type: str | None, interpret: bool) -> Resolved:
         stale: tuple[str, ...] = ()
         if kernel in self.overrides:
             choice = choose(self.spec, kernel, self.plan_gpu, self.backend, self.overrides[kernel])
@@ -143,7 +145,7 @@ class DSAKernels:
             else:
                 choice = choose(self.spec, kernel, self.plan_gpu, self.backend)
                 point, source = choice.point, choice.source
-        generated = render(self.backend, kernel_context(self.spec, kernel, point, self.backend))
+        generated = render(self.backend, kernel_context(self.spec, kernel, point, self.backend, interpret))
         return Resolved(kernel, dict(point), source, bucket, generated.module_name,
                         materialize(generated), stale)
 
@@ -253,7 +255,7 @@ class DSAKernels:
         if kv.shape[0] >= 2**31 - 1:
             raise ValueError(f"kv has {kv.shape[0]} rows: int32 indices address at most 2**31 - 2")
         return self.launcher("sparse_attention", dev, n_q, kv.shape[0])(
-            q, kv, indices, sm_scale=sm_scale, out=out, lse=lse)
+            q, kv, indices, at.softmax_scale if sm_scale is None else float(sm_scale), out=out, lse=lse)
 
     # -- all three -------------------------------------------------------------------------
     def dsa(self, q, kv, index_q, index_k, index_k_scale, index_weights, ks, ke,

@@ -20,17 +20,22 @@ def _generic_name(stem: str, point: dict[str, int]) -> str:
     return stem + "".join(f"_{k.replace('_', '')}{v}" for k, v in sorted(point.items()))
 
 
-def kernel_context(spec: Spec, kernel: str, point: dict[str, int], backend: str = "triton") -> dict[str, Any]:
-    """Numbers the template of `kernel` is rendered from; also spells out the module's name."""
+def kernel_context(spec: Spec, kernel: str, point: dict[str, int], backend: str = "triton",
+                   interpret: bool = False) -> dict[str, Any]:
+    """Numbers the template of `kernel` is rendered from; also spells out the module's name.
+
+    interpret: render for the Triton interpreter (CPU tensors), whose work-arounds stay out of the
+    GPU kernels; the module's name says so (`_interp`)."""
     point = {k: int(v) for k, v in point.items()}
     context = kernel_context_fields(spec, kernel)
     if backend == "triton":
-        stem = context["module_stem"] + _triton_name_suffix(kernel, point)
+        stem = context["module_stem"] + _triton_name_suffix(kernel, point) + ("_interp" if interpret else "")
         derived = _triton_derived(spec, kernel, point)
     else:
         stem = _generic_name(f"{backend}_{context['module_stem']}", point)
         derived = {}
-    return {**context, **derived, "module_stem": stem, "schedule_fields": _knob_fields(point), **point}
+    return {**context, **derived, "module_stem": stem, "schedule_fields": _knob_fields(point),
+            "interpret": bool(interpret and backend == "triton"), **point}
 
 
 def _triton_name_suffix(kernel: str, p: dict[str, int]) -> str:
@@ -80,16 +85,15 @@ def kernel_context_fields(spec: Spec, kernel: str) -> dict[str, Any]:
     elif kernel == "sparse_attention":
         at = spec.attention
         fields = {"heads": at.heads, "qk_dim": at.qk_dim, "v_dim": at.v_dim, "dtype": at.dtype,
-                  "topk": spec.topk.k, "sm_scale": repr(float(at.softmax_scale))}
+                  "topk": spec.topk.k}  # sm_scale is a run-time argument, not part of the module
         stem = f"sparse_attention_h{at.heads}_dqk{at.qk_dim}_dv{at.v_dim}_{at.dtype}"
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    shown = {k: v for k, v in fields.items() if k != "sm_scale"}
     return {
         "kernel": kernel,
         "module_stem": stem,
         "semantic_hash": spec.semantic_hash(kernel),
-        "spec_fields": _knob_fields(shown),
+        "spec_fields": _knob_fields(fields),
         **fields,
     }
 

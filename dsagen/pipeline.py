@@ -23,10 +23,10 @@ class KernelSource:
 
 
 def kernel_source(spec: Spec, kernel: str, backend: str = "triton", gpu: GPU | str = DEFAULT_GPU,
-                  override: Mapping[str, int] | None = None) -> KernelSource:
+                  override: Mapping[str, int] | None = None, interpret: bool = False) -> KernelSource:
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     choice = choose(spec, kernel, gpu, backend, override)
-    return KernelSource(choice, render(backend, kernel_context(spec, kernel, choice.point, backend)))
+    return KernelSource(choice, render(backend, kernel_context(spec, kernel, choice.point, backend, interpret)))
 
 
 def all_sources(spec: Spec, backend: str = "triton", gpu: GPU | str = DEFAULT_GPU,

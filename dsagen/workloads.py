@@ -68,7 +68,7 @@ def sparse_attention_inputs(spec: Spec, S: int, SKV: int, device="cuda", seed: i
     idx = torch.where(vals >= 0, idx, SKV).int()
     if k > SKV:
         idx = torch.cat([idx, torch.full((S, k - SKV), SKV, dtype=torch.int32, device=device)], 1)
-    return (q, kv, idx.contiguous())
+    return (q, kv, idx.contiguous(), at.softmax_scale)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,10 +116,9 @@ def check(spec: Spec, kernel: str, inputs, result, rows: torch.Tensor) -> str:
         tol = TOLERANCES[f"indexer.logits.{spec.indexer.dtype}"]
         assert_topk(result[dev_rows], ref, ks[dev_rows], ke[dev_rows], spec.topk.k, tolerance=tol)
         return f"top-k contract against float64 logits on {len(rows)} rows (tolerance {tol:g})"
-    q, kv, idx = inputs
+    q, kv, idx, sm_scale = inputs
     out, lse = result
-    at = spec.attention
-    ref_out, ref_lse = reference.sparse_attention(q[dev_rows], kv, idx[dev_rows], at.softmax_scale, at.v_dim)
+    ref_out, ref_lse = reference.sparse_attention(q[dev_rows], kv, idx[dev_rows], sm_scale, spec.attention.v_dim)
     r1 = assert_close("sparse_attention.out", out[dev_rows], ref_out)
     r2 = assert_close("sparse_attention.lse", lse[dev_rows], ref_lse)
     return f"float64 reference on {len(rows)} rows, RMS ratio out {r1:.2e}, lse {r2:.2e}"
@@ -128,7 +127,7 @@ def check(spec: Spec, kernel: str, inputs, result, rows: torch.Tensor) -> str:
 # ------------------------------------------------------------------------------------------------
 # naive PyTorch: the baseline every speed-up is measured against
 
-def naive_sparse_attention(q, kv, idx, sm_scale: float, v_dim: int, chunk: int = 256):
+def naive_sparse_attention(q, kv, idx, sm_scale: float, v_dim: int, chunk: int = 256):  # noqa: D103
     """Gather the selected rows and do dense attention over them, in chunks of queries."""
     S, H, _ = q.shape
     out = torch.empty(S, H, v_dim, dtype=q.dtype, device=q.device)
@@ -180,7 +179,7 @@ class Workload:
         if self.kernel == "indexer_topk":
             return lambda: naive_topk(naive_indexer(*inputs), inputs[4], inputs[5], spec.topk.k)
         at = spec.attention
-        return lambda: naive_sparse_attention(*inputs, at.softmax_scale, at.v_dim)
+        return lambda: naive_sparse_attention(*inputs, at.v_dim)
 
     def sizes(self, S: int, SKV: int) -> dict[str, float]:
         """The cost model's symbols at this shape (mean causal window for the indexer)."""

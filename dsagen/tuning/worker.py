@@ -74,7 +74,8 @@ def evaluate(job: Job) -> Outcome:
     spec = spec_from_dict(job.spec)
     t0 = time.perf_counter()
     try:
-        src = kernel_source(spec, job.kernel, job.backend, job.plan_gpu, override=job.point)
+        src = kernel_source(spec, job.kernel, job.backend, job.plan_gpu, override=job.point,
+                            interpret=job.device == "cpu")
         path = materialize(src.generated)
         fn = backends.launcher(job.backend, path, job.kernel, job.device)
         inputs = WORKLOADS[job.kernel].make_inputs(spec, job.S, job.SKV, job.device, job.seed)
