@@ -19,9 +19,10 @@ import torch
 from .__version__ import __version__
 from .gpus import GPU
 from .kernels import DSAKernels
+from .ops import get_op
 from .spec import KERNELS, Spec
 from .timing import cpu_ms, cuda_events_ms
-from .workloads import WORKLOADS, check, poisoned_outputs, sample_rows, validate_shape
+from .workloads import rates, sample_rows, validate_shape
 
 
 @dataclass
@@ -39,42 +40,35 @@ class BenchRow:
     schedule: dict
     schedule_source: str
     check: str
+    warning: str | None = None  # why this row's speed-up would mislead (printed under the table)
 
 
 def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, naive: bool = True,
                  seed: int = 0, device: str = "cuda") -> BenchRow:
     """Check, then time one kernel (the schedule its build resolves for this shape) and naive PyTorch.
-    On the CPU (TVM's llvm kernels) rates are reported against the GPU's roofline only as ms."""
+    On the CPU there is no roofline to compare with: those columns stay empty."""
     validate_shape(S, SKV)
     spec = kernels.spec
-    work = WORKLOADS[kernel]
+    op = get_op(kernel)
     timer = cuda_events_ms if device == "cuda" else cpu_ms
-    inputs = work.make_inputs(spec, S, SKV, device, seed)
-    method = {"indexer": kernels.indexer, "topk": kernels.topk, "sparse_attention": kernels.sparse_attention,
-              "indexer_topk": kernels.indexer_topk}[kernel]
-    outs = poisoned_outputs(spec, kernel, inputs)
-    result = method(*inputs, **outs)
-    checked = check(spec, kernel, inputs, result, sample_rows(S, 6, seed))
-    ms = timer(lambda: method(*inputs, **outs))
-    naive_ms = timer(work.naive(spec, inputs)) if naive else None
-    rates = work.rates(spec, S, SKV, ms, gpu)
-    if device != "cuda":  # no GPU roofline for a CPU run
-        rates["floor_ms"] = rates["pct_of_roofline"] = None
+    inputs = op.inputs(spec, S, SKV, device, seed)
+    outs = op.poisoned_outputs(spec, inputs)
+
+    def run():
+        return kernels.launch(kernel, inputs, outs)
+
+    result = run()
+    checked = op.check(spec, inputs, result, sample_rows(S, 6, seed))
+    ms = timer(run)
+    naive_ms = timer(op.naive(spec, inputs)) if naive else None
+    r = rates(spec, kernel, S, SKV, ms, gpu)
+    if device != "cuda":  # a GPU's roofline and bandwidth say nothing about a CPU run
+        r["floor_ms"] = r["pct_of_roofline"] = r["gbps"] = None
     hit = kernels.resolve(kernel, S, SKV, device)
-    return BenchRow(kernel, _shape(spec, kernel, S, SKV), ms, naive_ms, work.naive_name, rates["tflops"],
-                    rates["gbps"], rates["floor_ms"], rates["pct_of_roofline"],
-                    naive_ms / ms if naive_ms else None, hit.point, hit.source, checked)
-
-
-def _shape(spec: Spec, kernel: str, S: int, SKV: int) -> dict:
-    if kernel in ("indexer", "indexer_topk"):
-        ix = spec.indexer
-        shape = {"S": S, "SKV": SKV, "H": ix.heads, "D": ix.head_dim, "dtype": ix.dtype, "window": "causal"}
-        return shape | ({"k": spec.topk.k} if kernel == "indexer_topk" else {})
-    if kernel == "topk":
-        return {"S": S, "SKV": SKV, "k": spec.topk.k, "dtype": "fp32", "window": "full row"}
-    at = spec.attention
-    return {"S": S, "SKV": SKV, "H": at.heads, "Dqk": at.qk_dim, "Dv": at.v_dim, "topk": spec.topk.k}
+    return BenchRow(kernel, op.shape_info(spec, S, SKV), ms, naive_ms, op.naive_name, r["tflops"],
+                    r["gbps"], r["floor_ms"], r["pct_of_roofline"],
+                    naive_ms / ms if naive_ms else None, hit.point, hit.source, checked,
+                    op.bench_warning(spec, S, SKV))
 
 
 def dense_attention_ms(spec: Spec, S: int, SKV: int, chunk: int = 512) -> float:
@@ -110,6 +104,8 @@ def run_bench(kernels: DSAKernels, gpu: GPU, shapes: list[tuple[int, int]], kern
             rows.append(row)
             here.append(row)
             progress(format_table([row]).splitlines()[-1])
+            if row.warning:
+                progress(f"warning: {row.kernel} S={S} SKV={SKV}: {row.warning}")
         if dense and set(kernel_names) == set(KERNELS):
             dsa = sum(r.ms for r in here)
             try:

@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 
 from .__version__ import __version__
+from .ops import get_op
 from .resources import data_dir
 
 
@@ -32,16 +33,20 @@ class GeneratedSource:
 TEMPLATE_PATH_ENV = "DSAGEN_TEMPLATE_PATH"
 
 
-def _environment(backend: str) -> jinja2.Environment:
-    return _environment_for(backend, os.environ.get(TEMPLATE_PATH_ENV, ""))
+def _environment(backend: str, kernel: str) -> jinja2.Environment:
+    root = get_op(kernel).root("templates")
+    return _environment_for(backend, os.environ.get(TEMPLATE_PATH_ENV, ""), str(root))
 
 
 @functools.lru_cache(maxsize=None)
-def _environment_for(backend: str, template_path: str) -> jinja2.Environment:
-    """Templates come from the folders of $DSAGEN_TEMPLATE_PATH (each holding <backend>/<kernel>.py.j2)
-    before dsagen's own; an override may include the original as "dsagen/<backend>/<name>"."""
+def _environment_for(backend: str, template_path: str, op_root: str) -> jinja2.Environment:
+    """Templates come from the folders of $DSAGEN_TEMPLATE_PATH (each holding <backend>/<kernel>.py.j2),
+    then the op's own folder (a kernel defined outside dsagen), then dsagen's; an override may
+    include the original as "dsagen/<backend>/<name>"."""
     builtin = data_dir("templates")
     extra = [jinja2.FileSystemLoader(str(Path(d) / backend)) for d in template_path.split(os.pathsep) if d]
+    if Path(op_root) != builtin:
+        extra.append(jinja2.FileSystemLoader(str(Path(op_root) / backend)))
     return jinja2.Environment(
         loader=jinja2.ChoiceLoader([*extra, jinja2.FileSystemLoader(str(builtin / backend)),
                                     jinja2.PrefixLoader({"dsagen": jinja2.FileSystemLoader(str(builtin))})]),
@@ -51,11 +56,11 @@ def _environment_for(backend: str, template_path: str) -> jinja2.Environment:
     )
 
 
-def _template_text(backend: str, name: str) -> str:
+def _template_text(backend: str, kernel: str, name: str) -> str:
     """The text of a template and of everything it includes, recursively: what the key must hash."""
     import jinja2.meta
 
-    env = _environment(backend)
+    env = _environment(backend, kernel)
     seen: list[str] = []
     todo = [name]
     texts = []
@@ -72,14 +77,14 @@ def _template_text(backend: str, name: str) -> str:
 
 def template_digest(backend: str, kernel: str) -> str:
     """A short hash of `kernel`'s template and its includes: changes whenever the generated code can."""
-    return hashlib.sha256(_template_text(backend, f"{kernel}.py.j2").encode()).hexdigest()[:8]
+    return hashlib.sha256(_template_text(backend, kernel, f"{kernel}.py.j2").encode()).hexdigest()[:8]
 
 
 def render(backend: str, context: dict[str, Any]) -> GeneratedSource:
     kernel = context["kernel"]
     template_name = f"{kernel}.py.j2"
-    env = _environment(backend)
-    template_text = _template_text(backend, template_name)
+    env = _environment(backend, kernel)
+    template_text = _template_text(backend, kernel, template_name)
     digest = hashlib.sha256()
     digest.update(json.dumps(context, sort_keys=True).encode())
     digest.update(template_text.encode())

@@ -1,37 +1,29 @@
-"""Run: `dsagen.build(spec)` -> an object whose .indexer/.topk/.sparse_attention/.dsa take torch tensors.
+"""Run: `dsagen.build(spec)` -> an object whose .indexer/.topk/.sparse_attention/.dsa take tensors.
 
-Step 6 of the pipeline. Every argument is checked (dtype, shape, device, strides) before any launch,
-and a bad one raises ValueError naming it. CUDA tensors run the compiled kernels; CPU tensors run the
-very same generated modules through the Triton interpreter.
+Step 6 of the pipeline. Every argument is checked (dtype, shape, device, strides) by the kernel's
+op before anything launches, and a bad one raises ValueError naming it. Each call goes through a
+registered torch.library op (dsagen::<kernel>), so `torch.compile(fullgraph=True)` traces it as one
+node and CUDA graphs capture it; the schedule is resolved, and the module written and imported,
+when the op first runs eagerly for a shape bucket (`prepare()` does it ahead of time), never while
+tracing. CUDA tensors run the compiled kernels; CPU tensors run the interpreted Triton rendering
+or TVM's llvm kernels.
 """
 from __future__ import annotations
 
-import logging
-import math
-import threading
-from dataclasses import dataclass
+import functools
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
 import torch
 
 from . import backends
-from .backends.source_cache import materialize
 from .backends import tvm as tvm_backend
-from .codegen import render
-from .errors import BackendError, ScheduleError
-from .gpus import GPUS, cpu_type, get_gpu, gpu_type_from_device_name
-from .lower import kernel_context
-from .pipeline import DEFAULT_GPU
-from .plan import problem_symbols
-from .schedule import choose, load_space
-from .spec import ALL_KERNELS, KERNELS, Spec
-from .tuning import db as tuning_db
-from .tuning.buckets import bucket_of
-
-log = logging.getLogger("dsagen")
-
-_TORCH_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+from .backends.source_cache import materialize
+from .errors import BackendError
+from .ops import get_op, names as op_names
+from .resolve import DEFAULT_GPU, Resolved, Resolver, detected_gpu, gpu_context  # noqa: F401  (re-exported)
+from .spec import Spec
+from . import torch_ops
 
 
 class DSAOutput(NamedTuple):
@@ -40,51 +32,26 @@ class DSAOutput(NamedTuple):
     indices: torch.Tensor  # [S, k] int32, -1 padded
 
 
-# ---------------------------------------------------------------------------------------------
-# argument checks
-
-def _check(name: str, t, dtype, shape: tuple, device: torch.device | None = None,
-           contiguous_last: bool = True) -> None:
-    """shape entries: an int (must match) or None (any size)."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, but the other inputs are on {device}")
-    if t.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"{name} is on {t.device}: dsagen runs on cuda (compiled) or cpu (interpreted)")
-    if contiguous_last and t.numel() > 0 and t.dim() > 0 and t.stride(-1) != 1 and t.shape[-1] > 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
+def _refuse_grad(kernel: str, args) -> None:
+    """No backward yet: an input that requires grad would silently lose its graph."""
+    if torch.is_grad_enabled():
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                raise RuntimeError(
+                    f"dsagen.{kernel}: an input requires grad, but dsagen has no backward pass yet, so the "
+                    "result would silently carry no gradient; call it under torch.no_grad() or on detached "
+                    "tensors (.detach())")
 
 
-def _check_out(name: str, t, dtype, shape: tuple, device) -> None:
-    if t is not None:
-        _check(name, t, dtype, shape, device)
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """The schedule one kernel runs with at one shape bucket, where it came from, and its module."""
-
-    kernel: str
-    point: dict
-    source: str  # "override", "tuned (exact bucket ...)", ..., "pinned", "default", ...
-    bucket: str | None  # None: not looked up by shape (CPU interpreter, override, no GPU type)
-    module_name: str
-    path: Path
-    stale: tuple[str, ...] = ()
+TARGETS = {"triton": ("cuda", "cpu"), "tvm": ("llvm", "cuda")}
 
 
 class DSAKernels:
-    """The three generated kernels of one spec, plus their composition.
+    """The kernels of one spec on one backend, and their composition `dsa()`.
 
-    The schedule of each kernel is resolved per shape bucket at the first call that has it:
-    `schedules=` override -> tuning database (exact bucket -> nearest bucket -> another GPU type of
-    the same compute capability) -> the spec's pinned knobs -> defaults. `explain()` says which.
+    The schedule of each kernel is resolved per shape bucket at the first call that has it (see
+    dsagen.resolve: override -> tuning database -> the spec's pinned knobs -> defaults ->
+    nearest legal point); `explain()` says which.
     """
 
     def __init__(self, spec: Spec, backend: str = "triton", gpu_type: str | None = None,
@@ -94,178 +61,114 @@ class DSAKernels:
         self.spec = spec
         self.backend = backend
         self.target = target  # None: follow the tensors' device
-        self.gpu_type = gpu_type  # None: no tuning database (no GPU known)
-        self.compute_capability = compute_capability
-        self.plan_gpu = get_gpu(gpu_type) if gpu_type in GPUS else get_gpu(DEFAULT_GPU)
-        self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
-        self.use_db = use_db
-        self._resolved: dict[tuple[str, str | None], Resolved] = {}
-        self._lock = threading.Lock()
-        for kernel in self.overrides:  # a bad override fails at build time, naming the knob
-            if kernel not in ALL_KERNELS:
-                raise ValueError(f"schedules: unknown kernel {kernel!r}: allowed {', '.join(ALL_KERNELS)}")
-            self.resolve(kernel)
+        self.resolver = Resolver(spec, backend, gpu_type, compute_capability, overrides, use_db)
+        self.gpu_type = gpu_type
+        self._paths: dict[str, Path] = {}
+        self.handle = torch_ops.register_build(self)
+
+    # -- schedules and modules --------------------------------------------------------------
+    @property
+    def plan_gpu(self):
+        return self.resolver.plan_gpu
+
+    def kernels(self) -> list[str]:
+        """The kernels this build offers (every registered op with a template for its backend)."""
+        return [name for name in op_names() if get_op(name).enabled(self.spec, self.backend)]
 
     def resolve(self, kernel: str, S: int | None = None, SKV: int | None = None,
                 device_type: str = "cuda") -> Resolved:
         """The schedule and module `kernel` uses for a problem of S queries and SKV keys."""
-        db_type = self._db_type(device_type)
-        by_shape = (kernel not in self.overrides and self.use_db and db_type is not None
-                    and S is not None and SKV is not None and S > 0 and SKV > 0)
-        bucket = bucket_of(S, SKV) if by_shape else None
-        with self._lock:
-            interpret = device_type == "cpu" and self.backend == "triton"
-            hit = self._resolved.get((kernel, bucket, db_type, interpret))
-            if hit is None:
-                hit = self._resolved[(kernel, bucket, db_type, interpret)] = self._resolve(
-                    kernel, S, SKV, bucket, db_type, interpret)
-                log.info("dsagen: %s%s uses %s (%s), module %s", kernel, f" {bucket}" if bucket else "",
-                         hit.point, hit.source, hit.module_name)
-                if hit.stale:
-                    log.warning("dsagen: the tuned schedule of %s %s is stale but used: %s", kernel, bucket,
-                                "; ".join(hit.stale))
-        return hit
+        return self.resolver.resolve(kernel, S, SKV, device_type)
 
-    def _db_type(self, device_type: str) -> str | None:
-        """Whose tuning database applies: the GPU type on CUDA; the CPU type for TVM on the CPU;
-        none for the Triton interpreter (its timings mean nothing)."""
-        if device_type == "cuda":
-            return self.gpu_type
-        return cpu_type() if self.backend == "tvm" else None
-
-    def _resolve(self, kernel: str, S, SKV, bucket: str | None, db_type: str | None, interpret: bool) -> Resolved:
-        stale: tuple[str, ...] = ()
-        if kernel in self.overrides:
-            choice = choose(self.spec, kernel, self.plan_gpu, self.backend, self.overrides[kernel])
-            point, source = choice.point, "override"
-        else:
-            found = self._lookup(kernel, S, SKV, db_type) if bucket else None
-            if found is not None:
-                point, source, stale = found.entry.schedule, f"{found.source}, {found.path}", tuple(found.stale)
-            else:
-                choice = choose(self.spec, kernel, self.plan_gpu, self.backend)
-                point, source = choice.point, choice.source
-        generated = render(self.backend, kernel_context(self.spec, kernel, point, self.backend, interpret))
-        return Resolved(kernel, dict(point), source, bucket, generated.module_name,
-                        materialize(generated), stale)
-
-    def _lookup(self, kernel: str, S: int, SKV: int, db_type: str):
-        """A tuning-database entry whose schedule is legal for this spec here, else None (logged)."""
-        cc = self.compute_capability if db_type == self.gpu_type else "cpu"
-        space = load_space(self.backend, kernel)
-        found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=self.spec.semantic_hash(kernel),
-                                 S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc,
-                                 usable=lambda entry: space.names_every_knob(entry.schedule))
-        if found is None:
-            return None
-        pinned = self.spec.pinned(kernel)
-        if any(found.entry.schedule.get(k) != v for k, v in pinned.items()):
-            log.info("dsagen: the tuned schedule of %s in %s disagrees with the spec's pinned knobs %s: not used",
-                     kernel, found.path, pinned)
-            return None
-        try:
-            space.check_names(found.entry.schedule, "tuned schedule")
-            broken = space.violations(found.entry.schedule, problem_symbols(self.spec, kernel, self.plan_gpu))
-        except ScheduleError as exc:
-            broken = [str(exc)]
-        if broken:
-            log.warning("dsagen: ignoring the tuned schedule of %s in %s: it does not fit today's search space "
-                        "(%s)", kernel, found.path, "; ".join(broken))
-            return None
-        return found
+    def path(self, resolved: Resolved) -> Path:
+        """The resolved module's file in the cache (written once)."""
+        name = resolved.module_name
+        if name not in self._paths:
+            self._paths[name] = materialize(resolved.generated)
+        return self._paths[name]
 
     def launcher(self, kernel: str, device: torch.device, S: int | None = None, SKV: int | None = None):
-        """The generated launcher for a device: compiled for CUDA, interpreted for CPU."""
+        """The generated launcher for a device: compiled for CUDA, interpreted (or llvm) for CPU."""
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendError("CUDA tensors were given but torch sees no CUDA device")
-        if self.target is not None and self.target != ("cuda" if device.type == "cuda" else
-                                                       ("llvm" if self.backend == "tvm" else "cpu")):
+        want = "cuda" if device.type == "cuda" else ("llvm" if self.backend == "tvm" else "cpu")
+        if self.target is not None and self.target != want:
             raise ValueError(f"these kernels were built with target={self.target!r} but got {device.type} tensors")
         hit = self.resolve(kernel, S, SKV, device.type)
-        return backends.launcher(self.backend, hit.path, kernel, device.type)
+        return backends.launcher(self.backend, self.path(hit), kernel, device.type)
 
-    def explain(self, S: int | None = None, SKV: int | None = None, device_type: str = "cuda") -> dict[str, dict]:
-        """Per kernel: schedule, where it came from, module and file, for a problem of (S, SKV)."""
+    def prepare(self, S: int, SKV: int, device: str | torch.device = "cuda") -> dict[str, str]:
+        """Resolve, write and import every kernel for (S, SKV) on `device` now (before a CUDA-graph
+        capture or a compiled region's first call); returns kernel -> module name."""
+        dev = torch.device(device)
         out = {}
-        for kernel in KERNELS:
-            hit = self.resolve(kernel, S, SKV, device_type)
-            out[kernel] = {"schedule": hit.point, "source": hit.source, "bucket": hit.bucket,
-                           "module": hit.module_name, "path": str(hit.path), "stale": list(hit.stale)}
+        for kernel in self.kernels():
+            self.launcher(kernel, dev, S, SKV)
+            out[kernel] = self.resolve(kernel, S, SKV, dev.type).module_name
         return out
 
-    # -- stage 1 ---------------------------------------------------------------------------
-    def _check_indexer_inputs(self, q, k, k_scale, weights, ks, ke) -> tuple[torch.device, int, int]:
-        ix = self.spec.indexer
-        dtype = _TORCH_DTYPES[ix.dtype]
-        _check("q", q, dtype, (None, ix.heads, ix.head_dim))
-        dev = q.device
-        n_q = q.shape[0]
-        _check("k", k, dtype, (None, ix.head_dim), dev)
-        n_kv = k.shape[0]
-        if k_scale is not None:
-            _check("k_scale", k_scale, torch.float32, (n_kv,), dev)
-        _check("weights", weights, torch.float32, (n_q, ix.heads), dev)
-        _check("ks", ks, torch.int32, (n_q,), dev)
-        _check("ke", ke, torch.int32, (n_q,), dev)
-        return dev, n_q, n_kv
+    def explain(self, S: int | None = None, SKV: int | None = None, device_type: str = "cuda") -> dict[str, dict]:
+        """Per kernel: schedule, where it came from, bucket and module, for a problem of (S, SKV)."""
+        out = {}
+        for kernel in self.kernels():
+            hit = self.resolve(kernel, S, SKV, device_type)
+            out[kernel] = {"schedule": hit.point, "source": hit.source, "bucket": hit.bucket,
+                           "module": hit.module_name, "stale": list(hit.stale)}
+        return out
+
+    # -- calls ------------------------------------------------------------------------------
+    def run(self, kernel: str, *args, **outs):
+        """Check the arguments, then run `kernel` (through its torch.library op unless output
+        buffers are given, which are written in place)."""
+        op = get_op(kernel)
+        if not op.enabled(self.spec, self.backend):
+            raise BackendError(f"{kernel} has no {self.backend} template (its backends: {', '.join(op.backends)})")
+        op.check_args(self.spec, *args, **outs)
+        _refuse_grad(kernel, args)
+        args, outs = op.launch_args(self.spec, args, outs)
+        if any(v is not None for v in outs.values()):
+            return self.launch(kernel, args, outs)
+        return torch_ops.call(kernel, args, self.handle)
+
+    def launch(self, kernel: str, args: tuple, outs: dict | None = None):
+        """Run the generated launcher on checked, filled-in arguments (eager; what the op runs)."""
+        outs = {k: v for k, v in (outs or {}).items() if v is not None}
+        call = get_op(kernel).check_args(self.spec, *args, **outs)
+        return self.launcher(kernel, call.device, call.S, call.SKV)(*args, **outs)
+
+    def __getattr__(self, name: str):
+        """A kernel registered outside dsagen is a method too: kernels.<name>(*args, out=...)."""
+        if name.startswith("_") or name not in op_names():
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+        return functools.partial(self.run, name)
 
     def indexer(self, q, k, k_scale, weights, ks, ke, *, out=None):
         """logits [S, SKV] fp32: k_scale[s] * sum_j weights[t,j] * relu(q[t,j] . k[s]) in [ks[t], ke[t])."""
-        dev, n_q, n_kv = self._check_indexer_inputs(q, k, k_scale, weights, ks, ke)
-        _check_out("out", out, torch.float32, (n_q, n_kv), dev)
-        return self.launcher("indexer", dev, n_q, n_kv)(q, k, k_scale, weights, ks, ke, out=out)
+        return self.run("indexer", q, k, k_scale, weights, ks, ke, out=out)
 
-    # -- stages 1 + 2 fused ------------------------------------------------------------------
     def indexer_topk(self, q, k, k_scale, weights, ks, ke, *, out=None):
         """indices [S, k] int32: the k largest indexer logits of each row's window, selected while
         they are computed (the S x SKV logits are never written). Triton backend only."""
-        dev, n_q, n_kv = self._check_indexer_inputs(q, k, k_scale, weights, ks, ke)
-        _check_out("out", out, torch.int32, (n_q, self.spec.topk.k), dev)
-        if self.backend != "triton":
-            raise BackendError(f"the fused indexer_topk has a Triton template only (backend={self.backend!r})")
-        return self.launcher("indexer_topk", dev, n_q, n_kv)(q, k, k_scale, weights, ks, ke, out=out)
+        return self.run("indexer_topk", q, k, k_scale, weights, ks, ke, out=out)
 
-    # -- stage 2 ---------------------------------------------------------------------------
     def topk(self, logits, ks, ke, *, out=None):
         """indices [S, k] int32: the k largest logits of each row's window [ks, ke), then -1 padding."""
-        _check("logits", logits, torch.float32, (None, None))
-        dev = logits.device
-        n_q = logits.shape[0]
-        _check("ks", ks, torch.int32, (n_q,), dev)
-        _check("ke", ke, torch.int32, (n_q,), dev)
-        _check_out("out", out, torch.int32, (n_q, self.spec.topk.k), dev)
-        return self.launcher("topk", dev, n_q, logits.shape[1])(logits, ks, ke, out=out)
+        return self.run("topk", logits, ks, ke, out=out)
 
-    # -- stage 3 ---------------------------------------------------------------------------
     def sparse_attention(self, q, kv, indices, sm_scale: float | None = None, *, out=None, lse=None):
-        """(out [S, H, Dv] bf16, lse [S, H] fp32): softmax over each query's valid selected kv rows."""
-        at = self.spec.attention
-        dtype = _TORCH_DTYPES[at.dtype]
-        _check("q", q, dtype, (None, at.heads, at.qk_dim))
-        dev = q.device
-        n_q = q.shape[0]
-        _check("kv", kv, dtype, (None, at.qk_dim), dev)
-        _check("indices", indices, torch.int32, (n_q, self.spec.topk.k), dev)
-        if sm_scale is not None:
-            if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) \
-                    or not math.isfinite(sm_scale) or sm_scale <= 0:
-                raise ValueError(f"sm_scale={sm_scale!r} must be a finite number > 0")
-        _check_out("out", out, dtype, (n_q, at.heads, at.v_dim), dev)
-        _check_out("lse", lse, torch.float32, (n_q, at.heads), dev)
-        if kv.shape[0] >= 2**31 - 1:
-            raise ValueError(f"kv has {kv.shape[0]} rows: int32 indices address at most 2**31 - 2")
-        return self.launcher("sparse_attention", dev, n_q, kv.shape[0])(
-            q, kv, indices, at.softmax_scale if sm_scale is None else float(sm_scale), out=out, lse=lse)
+        """(out [S, H, Dv] bf16, lse [S, H] fp32): softmax over each query's valid selected kv rows.
+        sm_scale: None uses the spec's."""
+        return self.run("sparse_attention", q, kv, indices, sm_scale, out=out, lse=lse)
 
-    # -- all three -------------------------------------------------------------------------
     def dsa(self, q, kv, index_q, index_k, index_k_scale, index_weights, ks, ke,
             sm_scale: float | None = None) -> DSAOutput:
-        """Indexer -> top-k -> sparse attention for one flattened batch of S query tokens."""
+        """Indexer -> top-k -> sparse attention for one flattened batch of S query tokens (see
+        dsagen.varlen for the windows of a batch of sequences)."""
         if isinstance(q, torch.Tensor) and isinstance(index_q, torch.Tensor) and q.shape[0] != index_q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens but index_q has {index_q.shape[0]}")
         if isinstance(kv, torch.Tensor) and isinstance(index_k, torch.Tensor) and kv.shape[0] != index_k.shape[0]:
             raise ValueError(f"kv has {kv.shape[0]} rows but index_k has {index_k.shape[0]}")
-        if self.spec.topk.fused and self.backend == "triton":
+        if self.spec.topk.fused and get_op("indexer_topk").enabled(self.spec, self.backend):
             indices = self.indexer_topk(index_q, index_k, index_k_scale, index_weights, ks, ke)
         else:
             logits = self.indexer(index_q, index_k, index_k_scale, index_weights, ks, ke)
@@ -274,21 +177,10 @@ class DSAKernels:
         return DSAOutput(out, lse, indices)
 
 
-def detected_gpu() -> tuple[str, str] | None:
-    """(GPU type, compute capability) of cuda:0, or None without CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability(0)
-    return gpu_type_from_device_name(torch.cuda.get_device_name(0)), f"{major}.{minor}"
-
-
-TARGETS = {"triton": ("cuda", "cpu"), "tvm": ("llvm", "cuda")}
-
-
 def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
           schedules: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True,
           target: str | None = None) -> DSAKernels:
-    """The three kernels of `spec` for `backend`, generated (or fetched from the cache) on first use.
+    """The kernels of `spec` for `backend`, generated (or fetched from the cache) on first use.
 
     target: None follows each call's tensors (CUDA tensors -> GPU kernels; CPU tensors -> the Triton
     interpreter or TVM's llvm kernels); "llvm"/"cuda" (TVM) or "cuda"/"cpu" (Triton) accept only
@@ -303,16 +195,5 @@ def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
                          "or None (follow the tensors)")
     if backend == "tvm" and (problem := tvm_backend.available()):
         raise BackendError(problem)
-    detected = detected_gpu()
-    if gpu is not None:
-        get_gpu(gpu)  # a named GPU type must be one dsagen knows
-        cc = detected[1] if detected and detected[0] == gpu else None
-        gpu_type, capability = gpu, cc
-    elif detected is not None:
-        gpu_type, capability = detected
-        if gpu_type not in GPUS:
-            log.warning("dsagen: GPU %r is not in dsagen's table; limits of %s are used for legality",
-                        gpu_type, DEFAULT_GPU)
-    else:
-        gpu_type, capability = None, None
+    gpu_type, capability = gpu_context(gpu)
     return DSAKernels(spec, backend, gpu_type, capability, schedules, use_db, target)

@@ -17,7 +17,7 @@ import sympy as sp
 from .errors import ScheduleError
 from .gpus import GPU
 from .plan import problem_symbols
-from .resources import data_dir
+from .ops import get_op
 from .spec import Spec
 
 try:
@@ -112,7 +112,10 @@ def _parse_expr(text: str, where: str) -> sp.Expr:
 def load_space(backend: str, kernel: str) -> Space:
     if backend not in BACKENDS:
         raise ScheduleError(f"backend={backend!r} is not supported: allowed {', '.join(BACKENDS)}")
-    path = data_dir("schedules") / backend / f"{kernel}.toml"
+    op = get_op(kernel)
+    if backend not in op.backends:
+        raise ScheduleError(f"{kernel} has no {backend} template: its backends are {', '.join(op.backends)}")
+    path = op.root("schedules") / backend / f"{kernel}.toml"
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -21,10 +22,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from .errors import SpecError
 
+# the three DSA stages, in pipeline order (every kernel, fused ones too: dsagen.ops.names())
 KERNELS = ("indexer", "topk", "sparse_attention")
-# kernels that fuse stages: indexer + top-k without materializing the S x SKV logits
-FUSED_KERNELS = ("indexer_topk",)
-ALL_KERNELS = KERNELS + FUSED_KERNELS
 
 INDEXER_DTYPES = ("fp8_e4m3", "bf16")
 ATTENTION_DTYPES = ("bf16",)
@@ -92,34 +91,19 @@ class Spec:
         frozen = {k: MappingProxyType(dict(v)) for k, v in self.schedule.items()}
         object.__setattr__(self, "schedule", MappingProxyType(frozen))
 
-    def section(self, kernel: str) -> IndexerSpec | TopKSpec | AttentionSpec:
-        """The spec section a kernel's semantics depend on (the fused kernel: the indexer's)."""
-        return {"indexer": self.indexer, "topk": self.topk, "sparse_attention": self.attention,
-                "indexer_topk": self.indexer}[kernel]
-
     def semantic_hash(self, kernel: str | None = None) -> str:
-        """Hash of what the math depends on (not the name, not the schedule).
+        """Hash of what the math depends on (not the name, not the schedule, not the run-time
+        softmax scale).
 
-        With a kernel name, only that kernel's section counts, so an indexer tuned for one model is
-        reused by another with the same indexer.
+        With a kernel name, only the spec fields that kernel reads count (its op declares them), so
+        an indexer tuned for one model is reused by another with the same indexer.
         """
-        kernels = KERNELS if kernel is None else (kernel,)
-        if kernel is not None and kernel not in ALL_KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}: allowed {', '.join(ALL_KERNELS)}")
-        payload = {k: self._semantic_fields(k) for k in kernels}
+        from .ops import get_op, stages
+
+        kernels = stages() if kernel is None else (kernel,)
+        payload = {k: get_op(k).semantic_fields(self) for k in kernels}
         text = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def _semantic_fields(self, kernel: str) -> dict:
-        """The numbers a kernel's math depends on, normalised (the scale actually used, as float)."""
-        fields = asdict(self.section(kernel))
-        fields.pop("fused", None)  # execution choice, not math
-        if kernel == "indexer_topk":
-            fields["k"] = self.topk.k
-        if kernel == "sparse_attention":
-            fields["sm_scale"] = float(self.attention.softmax_scale)
-            fields["topk"] = self.topk.k  # the width of the index rows it reads
-        return fields
 
     def pinned(self, kernel: str) -> dict[str, int]:
         return dict(self.schedule.get(kernel, {}))
@@ -146,6 +130,23 @@ def _check_enum(where: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise SpecError(f"{where}={value!r} is not supported: allowed {', '.join(map(repr, allowed))}")
 
 
+FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 1.1754943508222875e-38  # the smallest normal fp32
+
+
+def softmax_scale_value(value: Any) -> tuple[float | None, str | None]:
+    """(the scale as a float, None) or (None, what is wrong): a real number (Python or NumPy, not
+    a bool), finite, > 0 and inside the fp32 range the kernels compute in."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real):
+        return None, f"must be a finite number > 0 (a float or int), got {type(value).__name__}"
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        return None, "must be a finite number > 0"
+    if not FP32_TINY <= number <= FP32_MAX:
+        return None, f"is outside the fp32 range the kernels compute in ({FP32_TINY:.3g} .. {FP32_MAX:.3g})"
+    return number, None
+
+
 def validate(spec: Spec) -> None:
     """Raise SpecError naming the key, the value and what is allowed; return None if valid."""
     ix, tk, at = spec.indexer, spec.topk, spec.attention
@@ -168,16 +169,19 @@ def validate(spec: Spec) -> None:
         )
     _check_enum("attention.dtype", at.dtype, ATTENTION_DTYPES)
     if at.sm_scale is not None:
-        s = at.sm_scale
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise SpecError(f"attention.sm_scale={s!r} must be a finite number > 0")
+        number, problem = softmax_scale_value(at.sm_scale)
+        if problem:
+            raise SpecError(f"attention.sm_scale={at.sm_scale!r} {problem}")
+        object.__setattr__(at, "sm_scale", number)  # a NumPy scalar becomes a plain float
     if not isinstance(spec.name, str) or not spec.name:
         raise SpecError(f"name={spec.name!r} must be a non-empty string")
     if not isinstance(spec.schedule, Mapping):
         raise SpecError("schedule must be a table of [schedule.<kernel>] tables")
+    from .ops import names as op_names
+
     for kernel, knobs in spec.schedule.items():
-        if kernel not in ALL_KERNELS:
-            raise SpecError(f"schedule.{kernel} is not a kernel: allowed {', '.join(ALL_KERNELS)}")
+        if kernel not in op_names():
+            raise SpecError(f"schedule.{kernel} is not a kernel: allowed {', '.join(op_names())}")
         if not isinstance(knobs, Mapping):
             raise SpecError(f"schedule.{kernel} must be a table of knob = integer")
         for knob, value in knobs.items():

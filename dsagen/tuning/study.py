@@ -25,11 +25,11 @@ from pathlib import Path
 
 from ..codegen import template_digest
 from ..gpus import GPUS, get_gpu
-from ..pipeline import DEFAULT_GPU
+from ..resolve import DEFAULT_GPU
 from ..plan import problem_symbols
 from ..schedule import load_space
 from ..spec import Spec
-from .buckets import bucket_of
+from ..db.buckets import bucket_of
 from .storage import open_storage
 from .worker import EVENTS_TIMING, GRAPH_TIMING, Job, Outcome, Worker
 
@@ -359,7 +359,7 @@ def _seed_points(req: TuneRequest, legal: list[dict], plan_gpu: str) -> list[dic
     """Where TPE starts: the schedule a build would use untuned, then the winners of this kernel at
     other shape buckets on this GPU type (a good schedule at one shape is a good guess at the next)."""
     from ..schedule import choose
-    from . import db as tuning_db
+    from .. import db as tuning_db
 
     legal_keys = {_point_key(p) for p in legal}
     seeds = [choose(req.spec, req.kernel, get_gpu(plan_gpu), req.backend).point]
@@ -436,10 +436,10 @@ def _device_facts(device: str) -> tuple[str, str]:
 
 
 def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: float, evaluated: int) -> str:
-    from ..workloads import WORKLOADS
-    from . import db as tuning_db
+    from ..workloads import rates as workload_rates
+    from .. import db as tuning_db
 
-    rates = WORKLOADS[req.kernel].rates(req.spec, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
+    rates = workload_rates(req.spec, req.kernel, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
     device_name, cc = _device_facts(req.device)
     entry = tuning_db.Entry(
         kernel=req.kernel, backend=req.backend, spec_hash=req.spec.semantic_hash(req.kernel),

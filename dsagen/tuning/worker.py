@@ -4,6 +4,8 @@ A candidate may crash its process (an illegal memory access poisons the CUDA con
 kills it) or hang. Each worker is a separate spawned process that evaluates candidates one after
 another, keeping Triton's compile cache warm; the parent gives every candidate a time limit, and a
 crash or a timeout costs that one trial: the worker is killed and a fresh one starts for the next.
+A fresh worker first imports what it needs and says it is ready; only then does a candidate's time
+limit start, so a slow process start on a busy CPU is never mistaken for a hanging candidate.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ from ..timing import cpu_ms, cuda_events_ms, cuda_graph_ms
 _CUDA_FATAL = ("illegal memory access", "CUDA error", "unspecified launch failure", "misaligned address",
                "device-side assert", "an illegal instruction")
 
+
+# a (re)started worker process's imports (torch, triton, dsagen) must end within this, apart from the
+# candidate's own time limit
+STARTUP_TIMEOUT_S = 600.0
 
 GRAPH_TIMING = {"mode": "graph", "rep": 100}
 EVENTS_TIMING = {"mode": "events", "warmup": 100, "rep": 500}
@@ -60,25 +66,36 @@ class Outcome:
         return self.status == "ok"
 
 
+def _warm_up() -> None:
+    """Import what evaluate needs before the worker says it is ready, so that a candidate's time
+    limit is spent on the candidate, not on this process's imports (seconds on a busy CPU)."""
+    import torch  # noqa: F401
+
+    from .. import backends  # noqa: F401
+    from ..backends.source_cache import materialize  # noqa: F401
+    from ..resolve import Resolver  # noqa: F401
+    from ..verify import Mismatch  # noqa: F401
+    from ..workloads import make_inputs  # noqa: F401
+
+
 def evaluate(job: Job) -> Outcome:
     """Run one candidate in this process. Wrong results and Python-level errors become Outcomes."""
     import torch
 
     from .. import backends
     from ..backends.source_cache import materialize
-    from ..pipeline import kernel_source
+    from ..resolve import Resolver
     from ..spec import spec_from_dict
     from ..verify import Mismatch
-    from ..workloads import WORKLOADS, check, poisoned_outputs, sample_rows
+    from ..workloads import check, make_inputs, poisoned_outputs, sample_rows
 
     spec = spec_from_dict(job.spec)
     t0 = time.perf_counter()
     try:
-        src = kernel_source(spec, job.kernel, job.backend, job.plan_gpu, override=job.point,
-                            interpret=job.device == "cpu")
-        path = materialize(src.generated)
+        resolver = Resolver(spec, job.backend, job.plan_gpu, overrides={job.kernel: job.point})
+        path = materialize(resolver.resolve(job.kernel, device_type=job.device).generated)
         fn = backends.launcher(job.backend, path, job.kernel, job.device)
-        inputs = WORKLOADS[job.kernel].make_inputs(spec, job.S, job.SKV, job.device, job.seed)
+        inputs = make_inputs(spec, job.kernel, job.S, job.SKV, job.device, job.seed)
         outs = poisoned_outputs(spec, job.kernel, inputs)
         result = fn(*inputs, **outs)  # the first call compiles
         if job.device == "cuda":
@@ -118,9 +135,38 @@ def _first_line(exc: BaseException) -> str:
     return (lines[-1] if len(lines) > 3 else " ".join(lines))[:400]
 
 
+READY = "ready"  # the worker's first message: imports done, jobs welcome
+
+# Test hook, set only by tests/test_tune.py (and documented there): DSAGEN_TEST_HOLD_JOB="<n>:<file>"
+# makes a worker process, on receiving its n-th job, create <file> and then hold that job, never
+# evaluating it, until its parent kills it or closes the pipe (then it exits). A test thereby knows
+# for certain that a trial is in flight when it interrupts or kills the tuning process, however fast
+# the machine runs the other trials. Tuning never sets it.
+HOLD_ENV = "DSAGEN_TEST_HOLD_JOB"
+
+
+def _hold_if_asked(served: int, recv: Connection) -> None:
+    value = os.environ.get(HOLD_ENV)
+    if not value:
+        return
+    n, _, path = value.partition(":")
+    if not n.isdigit() or int(n) != served or not path:
+        return
+    Path(path).write_text(f"{os.getpid()}\n")
+    while not recv.poll(1.0):  # anything readable here is the parent's EOF (it waits for our outcome)
+        pass
+    os._exit(0)
+
+
 def _serve(recv: Connection, send: Connection) -> None:
     """Worker main loop: receive Jobs, send Outcomes; exit after a CUDA error (the context is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        _warm_up()
+    except Exception:  # evaluate meets the same error and reports it as the candidate's
+        pass
+    send.send(READY)
+    served = 0
     while True:
         try:
             job = recv.recv()
@@ -128,6 +174,8 @@ def _serve(recv: Connection, send: Connection) -> None:
             return
         if job is None:
             return
+        served += 1
+        _hold_if_asked(served, recv)
         try:
             outcome = evaluate(job)
         except Exception as exc:  # a bug outside the candidate's own code path
@@ -178,11 +226,16 @@ class Worker:
         return self._proc is not None and self._proc.poll() is None
 
     def run(self, job: Job, timeout_s: float) -> Outcome:
+        """Evaluate one job; its time limit starts when a (re)started worker has said it is ready,
+        so a busy CPU's slow process start never costs a candidate its trial."""
         if not self.alive():
             if self._proc is not None:
                 self.restarts += 1
                 self.kill()
             self._start()
+            failed = self._await_ready()
+            if failed is not None:
+                return failed
         try:
             self._send.send(job)
             if not self._recv.poll(timeout_s):
@@ -193,16 +246,34 @@ class Worker:
                 self.kill()  # it exits by itself; make sure the next job goes to a fresh one
             return outcome
         except (EOFError, OSError, ValueError, AttributeError):  # died, or killed by another thread
-            proc = self._proc
-            if proc is None:
-                return Outcome("crashed", reason="worker stopped")
-            try:
-                code = proc.wait(5)
-            except subprocess.TimeoutExpired:
-                code = None
-            tail = self._log_tail()
+            return self._died()
+
+    def _await_ready(self) -> Outcome | None:
+        """Wait for a fresh worker's READY; an Outcome if it died or never got there."""
+        try:
+            if not self._recv.poll(STARTUP_TIMEOUT_S):
+                tail = self._log_tail()
+                self.kill()
+                return Outcome("error", reason=f"the worker process did not start within {STARTUP_TIMEOUT_S:g} s{tail}")
+            message = self._recv.recv()
+        except (EOFError, OSError, ValueError, AttributeError):
+            return self._died()
+        if message != READY:
             self.kill()
-            return Outcome("crashed", reason=f"worker process died ({_describe_exit(code)}){tail}")
+            return Outcome("error", reason=f"the worker process said {message!r} instead of {READY!r}")
+        return None
+
+    def _died(self) -> Outcome:
+        proc = self._proc
+        if proc is None:
+            return Outcome("crashed", reason="worker stopped")
+        try:
+            code = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        tail = self._log_tail()
+        self.kill()
+        return Outcome("crashed", reason=f"worker process died ({_describe_exit(code)}){tail}")
 
     def _log_tail(self) -> str:
         try:

@@ -1,0 +1,114 @@
+"""The op registry: every kernel family dsagen knows, found by name by every stage.
+
+dsagen's own ops (the indexer, top-k, sparse attention and the fused indexer + top-k) register
+when this package is imported. A kernel defined outside dsagen registers with `register(op)` in
+the process, or for every process (the CLI, tuning workers) through the `DSAGEN_OPS` environment
+variable (importable module names or paths of `.py` files, separated by commas) or the
+`dsagen.ops` entry-point group of an installed package.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+from ..errors import DsagenError
+from .base import Call, Cost, Op
+
+PLUGINS_ENV = "DSAGEN_OPS"
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_REGISTRY: dict[str, Op] = {}
+_LOCK = threading.RLock()
+_plugins_loaded = False
+
+
+def register(op: Op) -> Op:
+    """Add a kernel family; its name must be new (registering the same class again is a no-op)."""
+    if not isinstance(op, Op):
+        raise TypeError(f"register() takes a dsagen.ops.Op instance, got {type(op).__name__}")
+    if not isinstance(op.name, str) or not _NAME.match(op.name):
+        raise DsagenError(f"op name {op.name!r} must be lower-case letters, digits and '_' (a letter first)")
+    with _LOCK:
+        old = _REGISTRY.get(op.name)
+        if old is not None and type(old) is not type(op):
+            raise DsagenError(f"op {op.name!r} is already registered (by {type(old).__module__})")
+        _REGISTRY[op.name] = op
+    return op
+
+
+def _import_plugin(item: str) -> None:
+    if item.endswith(".py") or os.sep in item:
+        path = Path(item).expanduser().resolve()
+        name = f"dsagen_plugin_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{abs(hash(str(path))) % 10**8}"
+        if name in sys.modules:
+            return
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None or not path.is_file():
+            raise DsagenError(f"{PLUGINS_ENV}: cannot import {path}: no such Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise DsagenError(f"{PLUGINS_ENV}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            importlib.import_module(item)
+        except ImportError as exc:
+            raise DsagenError(f"{PLUGINS_ENV}: cannot import module {item!r}: {exc}") from exc
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    with _LOCK:
+        if _plugins_loaded:
+            return
+        _plugins_loaded = True
+        for item in filter(None, (s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(","))):
+            _import_plugin(item)
+        try:
+            from importlib.metadata import entry_points
+
+            for ep in entry_points(group="dsagen.ops"):
+                ep.load()
+        except Exception as exc:  # a broken third-party package must not take dsagen down
+            raise DsagenError(f"an installed 'dsagen.ops' entry point failed to load: {exc}") from exc
+
+
+def get_op(name: str) -> Op:
+    """The registered op `name`; an unknown name is an error listing the known ones."""
+    _load_plugins()
+    op = _REGISTRY.get(name) if isinstance(name, str) else None
+    if op is None:
+        raise DsagenError(f"unknown kernel {name!r}: known kernels are {', '.join(names())}")
+    return op
+
+
+def all_ops() -> list[Op]:
+    """Every registered op, dsagen's own first, in registration order."""
+    _load_plugins()
+    return list(_REGISTRY.values())
+
+
+def names() -> tuple[str, ...]:
+    return tuple(op.name for op in all_ops())
+
+
+def stages() -> tuple[str, ...]:
+    """The DSA stages in pipeline order: indexer, top-k, sparse attention."""
+    return tuple(op.name for op in all_ops() if op.stage)
+
+
+def enabled(spec, backend: str) -> list[Op]:
+    """The ops a build of `spec` on `backend` offers (what check, generate and show list)."""
+    return [op for op in all_ops() if op.enabled(spec, backend)]
+
+
+from . import indexer, topk, sparse_attention, indexer_topk  # noqa: E402,F401  (dsagen's own ops register)
+
+__all__ = ["Call", "Cost", "Op", "PLUGINS_ENV", "all_ops", "enabled", "get_op", "names", "register", "stages"]

@@ -1,0 +1,221 @@
+"""What a kernel family is to dsagen: one `Op` subclass per family declares everything every stage
+needs, so no stage switches on a kernel's name.
+
+An op names the spec fields its math reads (its semantic hash), its problem symbols (what its
+schedule files are written in), its FLOPs and minimum bytes (sympy), its templates per backend
+and their folder, its argument checks, its float64 reference and its workload (inputs, poisoned
+outputs, the check, naive PyTorch) used alike by the tests, the tuner and `dsagen bench`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import sympy as sp
+import torch
+
+from ..resources import data_dir
+from ..spec import softmax_scale_value
+
+# the problem sizes every op's costs are written in: S queries (rows), SKV keys, and the mean
+# window length W (causal queries at the end of the context see fewer than SKV keys)
+S, SKV, W = sp.symbols("S SKV W", positive=True, integer=True)
+
+TORCH_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}
+ELEM_BYTES = {"fp8_e4m3": 1, "bf16": 2, "fp32": 4}
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): tiles are padded to it and masked."""
+    p = minimum
+    while p < n:
+        p *= 2
+    return p
+
+
+def causal_window_mean(s: int, skv: int) -> float:
+    """Mean window length when the S queries are the last S positions of a causal SKV context."""
+    return skv - s + (s + 1) / 2
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs and the fewest bytes (each input read once, each output written once) as sympy
+    expressions of S, SKV, W; `compute_unit` names the peak the FLOPs run at."""
+
+    kernel: str
+    flops: sp.Expr
+    bytes: sp.Expr
+    compute_unit: str  # "bf16", "fp8" or "none"
+
+    def evaluate(self, sizes: Mapping[str, float]) -> tuple[float, float]:
+        subs = {S: sizes["S"], SKV: sizes["SKV"], W: sizes.get("W", sizes["SKV"])}
+        return float(sp.sympify(self.flops).subs(subs)), float(sp.sympify(self.bytes).subs(subs))
+
+    def floor_ms(self, sizes: Mapping[str, float], gpu) -> tuple[float, str]:
+        """Roofline floor in ms on `gpu` and which term binds ('compute' or 'memory')."""
+        flops, nbytes = self.evaluate(sizes)
+        mem_ms = nbytes / (gpu.bandwidth_tbps * 1e12) * 1e3
+        peak = {"bf16": gpu.bf16_tflops, "fp8": gpu.fp8_tflops or gpu.bf16_tflops, "none": None}[self.compute_unit]
+        comp_ms = flops / (peak * 1e12) * 1e3 if peak else 0.0
+        return (comp_ms, "compute") if comp_ms >= mem_ms else (mem_ms, "memory")
+
+
+def check_tensor(name: str, t, dtype, shape: tuple, device: torch.device | None = None,
+                 contiguous_last: bool = True) -> None:
+    """Raise ValueError naming `name` unless t is a tensor of `dtype` and `shape` (None: any size)
+    on `device`, with a unit stride in its last dimension."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but the other inputs are on {device}")
+    if t.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{name} is on {t.device}: dsagen runs on cuda (compiled) or cpu (interpreted)")
+    if contiguous_last and t.numel() > 0 and t.dim() > 0 and t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
+
+
+def check_out(name: str, t, dtype, shape: tuple, device) -> None:
+    """An optional output buffer: None, or a tensor exactly as the kernel would allocate it."""
+    if t is not None:
+        check_tensor(name, t, dtype, shape, device)
+
+
+def check_scale(name: str, value) -> float:
+    """A run-time softmax scale as a float, or ValueError naming `name` and what is allowed."""
+    number, problem = softmax_scale_value(value)
+    if problem:
+        raise ValueError(f"{name}={value!r} {problem}")
+    return number
+
+
+def generator(device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def causal_windows(S_: int, SKV_: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ks = 0, ke[t] = SKV - S + t + 1: query t sees itself and everything before it."""
+    ks = torch.zeros(S_, dtype=torch.int32, device=device)
+    ke = torch.arange(SKV_ - S_ + 1, SKV_ + 1, dtype=torch.int32, device=device)
+    return ks, ke
+
+
+@dataclass(frozen=True)
+class Call:
+    """One checked call of a kernel: its device and the (S, SKV) its schedule is looked up by."""
+
+    device: torch.device
+    S: int
+    SKV: int
+
+
+class Op:
+    """A kernel family. Subclasses set the class attributes and implement the methods below.
+
+    Templates live in `<data_root>/templates/<backend>/<name>.py.j2` and search spaces in
+    `<data_root>/schedules/<backend>/<name>.toml`; `data_root` defaults to dsagen's own data, and a
+    kernel defined outside dsagen points it at its own folder.
+    """
+
+    name: str = ""
+    summary: str = ""  # one line for `dsagen check` and the docs
+    backends: tuple[str, ...] = ("triton",)
+    stage: bool = False  # one of the three DSA stages (dsa() and the spec's semantic hash use them)
+    fuses: tuple[str, ...] = ()  # the stages a fused op replaces
+    data_root: Path | None = None
+    short_names: Mapping[str, str] = {}  # knob -> its spelling in Triton module names
+    naive_name: str = "naive PyTorch"
+    # the launcher's positional arguments as (name, torch schema type: Tensor, Tensor?, float,
+    # int), and its keyword outputs in the order it returns them
+    args: tuple[tuple[str, str], ...] = ()
+    outputs: tuple[str, ...] = ("out",)
+
+    # -- where its files are ----------------------------------------------------------------
+    def root(self, kind: str) -> Path:
+        """The folder holding this op's `templates` or `schedules`."""
+        return (self.data_root / kind) if self.data_root is not None else data_dir(kind)
+
+    # -- spec -> numbers ------------------------------------------------------------------
+    def semantic_fields(self, spec) -> dict[str, Any]:
+        """The numbers this op's math depends on (hashed for the tuning database)."""
+        raise NotImplementedError
+
+    def enabled(self, spec, backend: str) -> bool:
+        """Whether a build of `spec` on `backend` offers this kernel."""
+        return backend in self.backends
+
+    def template_fields(self, spec) -> dict[str, Any]:
+        """Validated numbers and enum strings the template reads (never free text)."""
+        return self.semantic_fields(spec)
+
+    def module_stem(self, spec) -> str:
+        """The start of the module's name: the op and its specialization."""
+        fields = self.template_fields(spec)
+        return self.name + "".join(f"_{k.replace('_', '')}{v}" for k, v in fields.items())
+
+    def derived(self, spec, point: Mapping[str, int], backend: str) -> dict[str, Any]:
+        """Sizes a template needs beyond the spec and the schedule (padded tile shapes)."""
+        return {}
+
+    def problem_symbols(self, spec) -> dict[str, int]:
+        """The numbers this op's schedule footprints and constraints are written in."""
+        return {}
+
+    def cost(self, spec) -> Cost:
+        raise NotImplementedError
+
+    # -- run time ---------------------------------------------------------------------------
+    def check_args(self, spec, *args, **outs) -> Call:
+        """Check every argument (dtype, shape, device, strides), raising ValueError naming the bad
+        one; return the device and the (S, SKV) its schedule is chosen by."""
+        raise NotImplementedError
+
+    def launch_args(self, spec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments as the generated launcher takes them (defaults filled in from the spec)."""
+        return args, kwargs
+
+    def fake(self, spec, *args):
+        """Outputs of the right shape, dtype and device without running (torch.compile's tracing)."""
+        raise NotImplementedError
+
+    # -- tests, tuner, bench ----------------------------------------------------------------
+    def reference(self, spec, *args):
+        """The float64 result written from the math."""
+        raise NotImplementedError
+
+    def inputs(self, spec, S_: int, SKV_: int, device, seed: int) -> tuple:
+        """Benchmark/tuning inputs at (S, SKV): the launcher's positional arguments."""
+        raise NotImplementedError
+
+    def poisoned_outputs(self, spec, inputs) -> dict[str, torch.Tensor]:
+        """Output buffers filled with values no kernel writes (NaN, -7), as launcher keywords."""
+        raise NotImplementedError
+
+    def check(self, spec, inputs, result, rows: torch.Tensor) -> str:
+        """Raise verify.Mismatch if `result` is wrong on `rows`; else say what was checked."""
+        raise NotImplementedError
+
+    def naive(self, spec, inputs) -> Callable[[], object]:
+        """A zero-argument callable running naive PyTorch on `inputs` (the speed-up baseline)."""
+        raise NotImplementedError
+
+    def shape_info(self, spec, S_: int, SKV_: int) -> dict[str, Any]:
+        """The shape as `dsagen bench` reports it."""
+        return {"S": S_, "SKV": SKV_}
+
+    def sizes(self, S_: int, SKV_: int) -> dict[str, float]:
+        """The cost model's symbols at a workload's shape (its mean window for W)."""
+        return {"S": S_, "SKV": SKV_, "W": SKV_}
+
+    def bench_warning(self, spec, S_: int, SKV_: int) -> str | None:
+        """Why a benchmark at this shape would mislead, or None."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<dsagen op {self.name} ({', '.join(self.backends)})>"

@@ -1,0 +1,162 @@
+"""Step 3 of the pipeline: the one place a kernel's schedule is decided, for `build`, `tune`,
+`check`, `show`, `generate` and `explain` alike.
+
+Order: an override (`build(schedules=...)`, a tuning trial) -> the tuning database (this GPU type's
+exact shape bucket, its nearest bucket, then another GPU type of the same compute capability) ->
+the spec's pinned knobs -> the search space's defaults -> the nearest legal point. The answer says
+where it came from, and carries the rendered module (lower + render) that runs it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from . import db as tuning_db
+from .codegen import GeneratedSource, render
+from .db.buckets import bucket_of
+from .errors import ScheduleError
+from .gpus import GPUS, cpu_type, get_gpu, gpu_type_from_device_name
+from .lower import kernel_context
+from .ops import get_op
+from .plan import problem_symbols
+from .schedule import choose, load_space
+from .spec import Spec
+
+log = logging.getLogger("dsagen")
+
+DEFAULT_GPU = "nvidia-h200"  # the GPU type whose limits and database apply when none is named or seen
+DEVICE_TYPES = ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The schedule one kernel runs with at one shape bucket on one device type, where it came
+    from, and the generated module that runs it."""
+
+    kernel: str
+    point: dict
+    source: str  # "override", "tuned (exact bucket ...), FILE", "pinned", "default", ...
+    bucket: str | None  # None: not looked up by shape (interpreter, override, no GPU type)
+    device_type: str
+    generated: GeneratedSource
+    stale: tuple[str, ...] = field(default=())
+
+    @property
+    def module_name(self) -> str:
+        return self.generated.module_name
+
+
+def detected_gpu() -> tuple[str, str] | None:
+    """(GPU type, compute capability) of cuda:0, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return gpu_type_from_device_name(torch.cuda.get_device_name(0)), f"{major}.{minor}"
+
+
+def gpu_context(gpu: str | None, default: str | None = None) -> tuple[str | None, str | None]:
+    """(GPU type, compute capability) for a named GPU type, else the one torch sees, else `default`
+    (the CLI's offline commands: the H200 of the shipped database) or None (no database on a GPU)."""
+    detected = detected_gpu()
+    if gpu is not None:
+        get_gpu(gpu)  # a named GPU type must be one dsagen knows
+        return gpu, (detected[1] if detected and detected[0] == gpu else None)
+    if detected is not None:
+        if detected[0] not in GPUS:
+            log.warning("dsagen: GPU %r is not in dsagen's table; limits of %s are used for legality",
+                        detected[0], DEFAULT_GPU)
+        return detected
+    return default, None
+
+
+class Resolver:
+    """Decides and remembers, per (kernel, shape bucket, device type), the schedule and module."""
+
+    def __init__(self, spec: Spec, backend: str = "triton", gpu_type: str | None = None,
+                 compute_capability: str | None = None, overrides: Mapping[str, Mapping[str, int]] | None = None,
+                 use_db: bool = True):
+        self.spec = spec
+        self.backend = backend
+        self.gpu_type = gpu_type  # None: no tuning database for CUDA (no GPU known)
+        self.compute_capability = compute_capability
+        self.plan_gpu = get_gpu(gpu_type) if gpu_type in GPUS else get_gpu(DEFAULT_GPU)
+        self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+        self.use_db = use_db
+        self._memo: dict[tuple, Resolved] = {}
+        self._lock = threading.Lock()
+        for kernel in self.overrides:  # a bad override fails at once, naming the kernel or the knob
+            get_op(kernel)
+            self.resolve(kernel)
+
+    def db_type(self, device_type: str) -> str | None:
+        """Whose tuning database applies: the GPU type on CUDA; the CPU type for TVM on the CPU;
+        none for the Triton interpreter (its timings mean nothing)."""
+        if device_type not in DEVICE_TYPES:
+            raise ValueError(f"device type {device_type!r}: allowed {', '.join(DEVICE_TYPES)}")
+        if device_type == "cuda":
+            return self.gpu_type
+        return cpu_type() if self.backend == "tvm" else None
+
+    def resolve(self, kernel: str, S: int | None = None, SKV: int | None = None,
+                device_type: str = "cuda") -> Resolved:
+        """The schedule and module `kernel` uses for a problem of S queries and SKV keys."""
+        db_type = self.db_type(device_type)
+        by_shape = (kernel not in self.overrides and self.use_db and db_type is not None
+                    and S is not None and SKV is not None and S > 0 and SKV > 0)
+        bucket = bucket_of(S, SKV) if by_shape else None
+        interpret = device_type == "cpu" and self.backend == "triton"
+        key = (kernel, bucket, db_type, interpret)
+        with self._lock:
+            hit = self._memo.get(key)
+            if hit is None:
+                hit = self._memo[key] = self._resolve(kernel, S, SKV, bucket, db_type, device_type, interpret)
+                log.info("dsagen: %s%s uses %s (%s), module %s", kernel, f" {bucket}" if bucket else "",
+                         hit.point, hit.source, hit.module_name)
+                if hit.stale:
+                    log.warning("dsagen: the tuned schedule of %s %s is stale but used: %s", kernel, bucket,
+                                "; ".join(hit.stale))
+        return hit
+
+    def _resolve(self, kernel, S, SKV, bucket, db_type, device_type, interpret) -> Resolved:
+        stale: tuple[str, ...] = ()
+        if kernel in self.overrides:
+            point, source = choose(self.spec, kernel, self.plan_gpu, self.backend, self.overrides[kernel]).point, \
+                "override"
+        else:
+            found = self._lookup(kernel, S, SKV, db_type) if bucket else None
+            if found is not None:
+                point, source, stale = found.entry.schedule, f"{found.source}, {found.path}", tuple(found.stale)
+            else:
+                choice = choose(self.spec, kernel, self.plan_gpu, self.backend)
+                point, source = choice.point, choice.source
+        generated = render(self.backend, kernel_context(self.spec, kernel, point, self.backend, interpret))
+        return Resolved(kernel, dict(point), source, bucket, device_type, generated, stale)
+
+    def _lookup(self, kernel: str, S: int, SKV: int, db_type: str):
+        """A tuning-database entry whose schedule is legal for this spec here, else None (logged)."""
+        cc = self.compute_capability if db_type == self.gpu_type else "cpu"
+        space = load_space(self.backend, kernel)
+        found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=self.spec.semantic_hash(kernel),
+                                 S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc,
+                                 usable=lambda entry: space.names_every_knob(entry.schedule))
+        if found is None:
+            return None
+        pinned = self.spec.pinned(kernel)
+        if any(found.entry.schedule.get(k) != v for k, v in pinned.items()):
+            log.info("dsagen: the tuned schedule of %s in %s disagrees with the spec's pinned knobs %s: not used",
+                     kernel, found.path, pinned)
+            return None
+        try:
+            space.check_names(found.entry.schedule, "tuned schedule")
+            broken = space.violations(found.entry.schedule, problem_symbols(self.spec, kernel, self.plan_gpu))
+        except ScheduleError as exc:
+            broken = [str(exc)]
+        if broken:
+            log.warning("dsagen: ignoring the tuned schedule of %s in %s: it does not fit today's search space "
+                        "(%s)", kernel, found.path, "; ".join(broken))
+            return None
+        return found
