@@ -64,7 +64,10 @@ def _import_plugin(item: str) -> None:
 
 
 def _load_plugins() -> None:
+    """Import the plugins once; afterwards a plain flag check (no lock: traced code calls this)."""
     global _plugins_loaded
+    if _plugins_loaded:
+        return
     with _LOCK:
         if _plugins_loaded:
             return
