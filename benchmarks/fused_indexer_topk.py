@@ -49,7 +49,7 @@ def main() -> None:
         else [kernels]
     rows = []
     for skv in args.SKV:
-        q, k, k_scale, w, ks, ke = workloads.indexer_inputs(spec, args.S, skv, "cuda", 0)
+        q, k, k_scale, w, ks, ke = workloads.make_inputs(spec, "indexer", args.S, skv, "cuda", 0)
         inputs = (q, k, k_scale, w, ks, ke)
         checked_rows = workloads.sample_rows(args.S, 8, 0)
 

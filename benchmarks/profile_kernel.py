@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsagen  # noqa: E402
-from dsagen.workloads import WORKLOADS  # noqa: E402
+from dsagen.workloads import make_inputs  # noqa: E402
 
 SHAPES = {"sparse_attention": (4096, 8192), "indexer": (4096, 32768), "topk": (4096, 32768),
           "indexer_topk": (4096, 32768)}
@@ -33,11 +33,10 @@ def main() -> None:
     spec = dsagen.load_spec(args.spec)
     kernels = dsagen.build(spec, schedules={args.kernel: args.schedule} if args.schedule else None)
     S, SKV = SHAPES[args.kernel]
-    inputs = WORKLOADS[args.kernel].make_inputs(spec, S, SKV, "cuda", 0)
-    method = getattr(kernels, args.kernel)
+    inputs = make_inputs(spec, args.kernel, S, SKV, "cuda", 0)
     print(f"{args.kernel} S={S} SKV={SKV} schedule {kernels.resolve(args.kernel, S, SKV, 'cuda').point}")
     for _ in range(args.launches):
-        method(*inputs)
+        kernels.launch(args.kernel, inputs)
     torch.cuda.synchronize()
 
 

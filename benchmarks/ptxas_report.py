@@ -23,8 +23,8 @@ import triton  # noqa: E402
 
 import dsagen  # noqa: E402
 from dsagen.backends import triton as triton_backend  # noqa: E402
-from dsagen.pipeline import kernel_source  # noqa: E402
-from dsagen.spec import ALL_KERNELS  # noqa: E402
+from dsagen.resolve import resolve_kernel  # noqa: E402
+from dsagen.ops import names as kernel_names  # noqa: E402
 
 
 def ptxas_lines(ptx: str) -> list[str]:
@@ -40,14 +40,14 @@ def ptxas_lines(ptx: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=list(ALL_KERNELS))
+    ap.add_argument("kernel", choices=list(kernel_names()))
     ap.add_argument("--spec", type=Path, default=Path(__file__).resolve().parents[1] / "specs" / "deepseek_v32.toml")
     ap.add_argument("--schedule", type=json.loads, action="append", default=None,
                     help="JSON object of knobs (repeatable); default: the resolved schedule")
     args = ap.parse_args()
     spec = dsagen.load_spec(args.spec)
     for override in args.schedule or [None]:
-        src = kernel_source(spec, args.kernel, "triton", "nvidia-h200", override)
+        src = resolve_kernel(spec, args.kernel, "triton", "nvidia-h200", override)
         module = triton_backend.load(triton_backend.materialize(src.generated), interpret=False)
         for compiled in triton_backend.compile_for(module, arch=90, aligned_strides=True):
             print(f"{compiled.metadata.name} {override or 'default'}: shared {compiled.metadata.shared} B; "

@@ -47,6 +47,13 @@ class Resolved:
     def module_name(self) -> str:
         return self.generated.module_name
 
+    @property
+    def path(self):
+        """The module's file in the cache (written once, on first ask)."""
+        from .backends.source_cache import materialize
+
+        return materialize(self.generated)
+
 
 def detected_gpu() -> tuple[str, str] | None:
     """(GPU type, compute capability) of cuda:0, or None without CUDA."""
@@ -117,7 +124,7 @@ class Resolver:
                 log.info("dsagen: %s%s uses %s (%s), module %s", kernel, f" {bucket}" if bucket else "",
                          hit.point, hit.source, hit.module_name)
                 if hit.stale:
-                    log.warning("dsagen: the tuned schedule of %s %s is stale but used: %s", kernel, bucket,
+                    log.info("dsagen: the tuned schedule of %s %s is stale but used: %s", kernel, bucket,
                                 "; ".join(hit.stale))
         return hit
 
@@ -160,3 +167,11 @@ class Resolver:
                         "(%s)", kernel, found.path, "; ".join(broken))
             return None
         return found
+
+
+def resolve_kernel(spec: Spec, kernel: str, backend: str = "triton", gpu: str | None = DEFAULT_GPU,
+                   override: Mapping[str, int] | None = None, S: int | None = None, SKV: int | None = None,
+                   device_type: str = "cuda", use_db: bool = True) -> Resolved:
+    """One kernel's schedule and module without a build (tools, tests): the same resolver."""
+    resolver = Resolver(spec, backend, gpu, None, {kernel: override} if override is not None else None, use_db)
+    return resolver.resolve(kernel, S, SKV, device_type)

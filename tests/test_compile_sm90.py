@@ -10,7 +10,7 @@ import pytest
 import dsagen
 from dsagen.backends import triton as triton_backend
 from dsagen.gpus import get_gpu
-from dsagen.pipeline import kernel_source
+from dsagen.resolve import resolve_kernel
 
 V32 = dsagen.load_spec("specs/deepseek_v32.toml")
 ODD = dsagen.Spec(
@@ -43,7 +43,7 @@ CASES = [
 @pytest.mark.parametrize("name,spec,kernel,override", CASES,
                          ids=[f"{c[0]}-{c[2]}-{'default' if c[3] is None else 'variant'}" for c in CASES])
 def test_compiles_for_sm90(name, spec, kernel, override):
-    src = kernel_source(spec, kernel, "triton", "nvidia-h200", override)
+    src = resolve_kernel(spec, kernel, "triton", "nvidia-h200", override)
     module = triton_backend.load(triton_backend.materialize(src.generated), interpret=False)
     for compiled in triton_backend.compile_for(module, arch=90):
         assert compiled.asm.get("cubin"), "no sm_90 machine code produced"

@@ -40,7 +40,18 @@ def register(op: Op) -> Op:
     return op
 
 
-def _import_plugin(item: str) -> None:
+def unregister(name: str) -> None:
+    """Forget a kernel registered from outside dsagen (tests; a plugin being reloaded): its plugin
+    file is imported again by the next load_plugin."""
+    with _LOCK:
+        op = _REGISTRY.pop(name, None)
+        module = type(op).__module__ if op is not None else ""
+        if module.startswith("dsagen_plugin_"):
+            sys.modules.pop(module, None)
+
+
+def load_plugin(item: str) -> None:
+    """Import one kernel module (a module name or a .py path), which registers its op(s)."""
     if item.endswith(".py") or os.sep in item:
         path = Path(item).expanduser().resolve()
         name = f"dsagen_plugin_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{abs(hash(str(path))) % 10**8}"
@@ -73,7 +84,7 @@ def _load_plugins() -> None:
             return
         _plugins_loaded = True
         for item in filter(None, (s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(","))):
-            _import_plugin(item)
+            load_plugin(item)
         try:
             from importlib.metadata import entry_points
 
@@ -114,4 +125,5 @@ def enabled(spec, backend: str) -> list[Op]:
 
 from . import indexer, topk, sparse_attention, indexer_topk  # noqa: E402,F401  (dsagen's own ops register)
 
-__all__ = ["Call", "Cost", "Op", "PLUGINS_ENV", "all_ops", "enabled", "get_op", "names", "register", "stages"]
+__all__ = ["Call", "Cost", "Op", "PLUGINS_ENV", "all_ops", "enabled", "get_op", "load_plugin", "names", "register",
+           "stages", "unregister"]

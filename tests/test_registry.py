@@ -1,0 +1,225 @@
+"""One kernel = one unit: the op registry, the one schedule resolver, the torch.library ops.
+
+A kernel defined outside dsagen (tests/data/ops/masked_scale: an op module, its templates for
+both backends and its schedule files) goes through build, show, tune (CPU) and bench without any
+edit of dsagen/; `show` prints what `build` runs; `torch.compile(fullgraph=True)` traces dsa() and
+each kernel with no graph break.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dsagen
+from dsagen.cli import app
+from dsagen.ops import get_op, load_plugin, names
+
+ROOT = Path(__file__).resolve().parents[1]
+V32 = ROOT / "specs" / "deepseek_v32.toml"
+PLUGIN = ROOT / "tests" / "data" / "ops" / "masked_scale" / "op.py"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+runner = CliRunner()
+
+
+def invoke(*args, env=None):
+    result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", "NO_COLOR": "1", **(env or {})})
+    result.plain = ANSI.sub("", result.output)
+    return result
+
+
+@pytest.fixture
+def plugin(monkeypatch, tmp_path):
+    """The test kernel, registered here and (DSAGEN_OPS) in every child process."""
+    monkeypatch.setenv("DSAGEN_OPS", str(PLUGIN))
+    monkeypatch.setenv("DSAGEN_CACHE_DIR", str(tmp_path / "cache"))
+    load_plugin(str(PLUGIN))
+    yield get_op("masked_scale")
+    dsagen.ops.unregister("masked_scale")
+
+
+def small_spec():
+    return dsagen.Spec(indexer=dsagen.IndexerSpec(heads=3, head_dim=40, dtype="bf16"), topk=dsagen.TopKSpec(k=9),
+                       attention=dsagen.AttentionSpec(heads=5, qk_dim=80, v_dim=48))
+
+
+# ------------------------------------------------------------------------------------------------
+# the registry
+
+def test_dsagens_own_kernels_are_registered_ops():
+    assert {"indexer", "topk", "sparse_attention", "indexer_topk"} <= set(names())
+    assert dsagen.ops.stages() == ("indexer", "topk", "sparse_attention")
+    with pytest.raises(dsagen.DsagenError, match="unknown kernel 'nope': known kernels are indexer"):
+        get_op("nope")
+
+
+def test_an_op_name_must_be_an_identifier():
+    class Bad(dsagen.ops.Op):
+        name = "Bad-Name"
+
+    with pytest.raises(dsagen.DsagenError, match="lower-case letters"):
+        dsagen.ops.register(Bad())
+
+
+def test_a_kernel_from_outside_dsagen_builds_and_runs_on_both_backends(plugin, gen):
+    spec = dsagen.load_spec(V32)
+    for backend in ("triton", "tvm"):
+        kernels = dsagen.build(spec, backend=backend)
+        assert "masked_scale" in kernels.kernels()
+        x, scale, ks, ke = plugin.inputs(spec, 7, 45, "cpu", int(torch.randint(0, 1000, (1,), generator=gen)))
+        out = torch.full_like(x, math.nan)
+        kernels.masked_scale(x, scale, ks, ke, out=out)  # written in place
+        assert torch.equal(out, plugin.reference(spec, x, scale, ks, ke).float())  # one fp32 product: exact
+        assert torch.equal(kernels.masked_scale(x, scale, ks, ke), out)  # through dsagen::masked_scale
+        with pytest.raises(ValueError, match="scale must have dtype torch.float32"):
+            kernels.masked_scale(x, scale.double(), ks, ke)
+
+
+def test_a_kernel_from_outside_dsagen_goes_through_show_tune_and_bench(plugin, tmp_path):
+    shown = invoke("show", V32, "-k", "masked_scale", "--S", "8", "--SKV", "40")
+    assert shown.exit_code == 0, shown.plain
+    assert "def masked_scale(" in shown.stdout and "_masked_scale_kernel" in shown.stdout
+    checked = invoke("check", V32, "--S", "8", "--SKV", "40")
+    assert checked.exit_code == 0 and "[masked_scale]" in checked.plain
+
+    db = tmp_path / "db" / "cpu-triton-interpreter.json"
+    tuned = invoke("tune", V32, "-k", "masked_scale", "--S", "5", "--SKV", "40", "--device", "cpu", "-q",
+                   "--trials", "2", "--db", db, "--storage", tmp_path / "study.journal")
+    assert tuned.exit_code == 0, tuned.plain
+    entries = json.loads(db.read_text())["entries"]
+    assert [e["kernel"] for e in entries] == ["masked_scale"]
+
+    benched = invoke("bench", V32, "-k", "masked_scale", "--S", "6", "--SKV", "50", "--backend", "tvm",
+                     "--device", "cpu")
+    assert benched.exit_code == 0, benched.plain
+    assert re.search(r"^masked_scale\s+6\s+50\s", benched.plain, re.M), benched.plain
+
+
+# ------------------------------------------------------------------------------------------------
+# one resolver: show, generate, check and explain print what build runs
+
+@pytest.mark.parametrize("S,SKV", [(4096, 32768), (1024, 8192), (300, 5000)], ids=lambda v: str(v))
+def test_show_and_build_agree(S, SKV):
+    spec = dsagen.load_spec(V32)
+    kernels = dsagen.build(spec, gpu="nvidia-h200")
+    for kernel in kernels.kernels():
+        hit = kernels.resolve(kernel, S, SKV, "cuda")
+        shown = invoke("show", V32, "-k", kernel, "--S", S, "--SKV", SKV, "--gpu", "nvidia-h200")
+        assert shown.exit_code == 0, shown.plain
+        assert shown.stdout == hit.generated.source, kernel
+        assert f"schedule {hit.point}, from {hit.source}" in shown.stderr
+    explained = invoke("explain", V32, "--S", S, "--SKV", SKV, "--gpu", "nvidia-h200").plain
+    for kernel in kernels.kernels():
+        assert kernels.resolve(kernel, S, SKV, "cuda").module_name in explained
+
+
+def test_generate_and_check_list_every_kernel_with_its_source(tmp_path):
+    out = invoke("generate", V32, "-o", tmp_path, "--S", "4096", "--SKV", "32768", "--gpu", "nvidia-h200")
+    assert out.exit_code == 0, out.plain
+    for kernel in ("indexer", "topk", "sparse_attention", "indexer_topk"):
+        assert re.search(rf"^{kernel}: .*from tuned \(exact bucket S4096-SKV32768\)", out.plain, re.M), out.plain
+    checked = invoke("check", V32, "--S", "4096", "--SKV", "32768", "--gpu", "nvidia-h200").plain
+    assert "kernels (triton): indexer, topk, sparse_attention, indexer_topk" in checked
+    assert checked.count("from: tuned (exact bucket S4096-SKV32768)") == 4
+
+
+def test_generate_for_the_tvm_cpu_uses_the_tuned_cpu_entries(tmp_path):
+    from dsagen.gpus import cpu_type
+
+    if cpu_type() != "cpu-x86-64":
+        pytest.skip("the shipped CPU entries are for x86-64")
+    out = invoke("generate", V32, "-o", tmp_path, "--backend", "tvm", "--device", "cpu", "--S", "256",
+                 "--SKV", "4096")
+    assert out.exit_code == 0, out.plain
+    assert out.plain.count("tuned (exact bucket S256-SKV4096)") == 3, out.plain
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch integration
+
+def dsa_inputs(spec, gen, S=6, SKV=37):
+    ix, at = spec.indexer, spec.attention
+    q_idx = torch.randn(S, ix.heads, ix.head_dim, generator=gen).bfloat16()
+    k_idx = torch.randn(SKV, ix.head_dim, generator=gen).bfloat16()
+    ks = torch.zeros(S, dtype=torch.int32)
+    ke = torch.arange(SKV - S + 1, SKV + 1, dtype=torch.int32)
+    q = torch.randn(S, at.heads, at.qk_dim, generator=gen).bfloat16()
+    kv = torch.randn(SKV, at.qk_dim, generator=gen).bfloat16()
+    return (q, kv, q_idx, k_idx, torch.rand(SKV, generator=gen) + 0.5, torch.randn(S, ix.heads, generator=gen),
+            ks, ke)
+
+
+def test_dsa_and_each_kernel_trace_with_no_graph_break(gen):
+    import torch._dynamo
+
+    kernels = dsagen.build(small_spec())
+    args = dsa_inputs(kernels.spec, gen)
+    eager = kernels.dsa(*args)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(kernels.dsa)(*args)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(kernels.dsa, fullgraph=True)(*args)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    q, kv, q_idx, k_idx, k_scale, w, ks, ke = args
+    logits = kernels.indexer(q_idx, k_idx, k_scale, w, ks, ke)
+    calls = {"indexer": (q_idx, k_idx, k_scale, w, ks, ke), "topk": (logits, ks, ke),
+             "sparse_attention": (q, kv, eager.indices, 0.07), "indexer_topk": (q_idx, k_idx, k_scale, w, ks, ke)}
+    for kernel, call in calls.items():
+        torch._dynamo.reset()
+        fn = getattr(kernels, kernel)
+        assert torch._dynamo.explain(fn)(*call).graph_break_count == 0, kernel
+        for a, b in zip(torch.utils._pytree.tree_leaves(fn(*call)),
+                        torch.utils._pytree.tree_leaves(torch.compile(fn, fullgraph=True)(*call))):
+            assert torch.equal(a, b), kernel
+
+
+def test_an_input_that_requires_grad_is_refused_until_backward_exists(gen):
+    kernels = dsagen.build(small_spec())
+    q, kv, *_ = dsa_inputs(kernels.spec, gen)
+    idx = torch.zeros(q.shape[0], 9, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="no backward pass yet"):
+        kernels.sparse_attention(q.requires_grad_(), kv, idx)
+    with torch.no_grad():
+        out, _ = kernels.sparse_attention(q, kv, idx)
+    assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("value,message", [
+    (1e308, "outside the fp32 range"), (1e-300, "outside the fp32 range"), (math.inf, "finite number > 0"),
+    (-0.5, "finite number > 0"), (True, "finite number > 0"), ("0.1", "finite number > 0"),
+])
+def test_sm_scale_outside_what_the_kernels_compute_in_is_refused(value, message, gen):
+    kernels = dsagen.build(small_spec())
+    q, kv, *_ = dsa_inputs(kernels.spec, gen)
+    idx = torch.zeros(q.shape[0], 9, dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"sm_scale=.*{re.escape(message)}"):
+        kernels.sparse_attention(q, kv, idx, value)
+    with pytest.raises(dsagen.SpecError, match=f"attention.sm_scale=.*{re.escape(message)}"):
+        dsagen.Spec(attention=dsagen.AttentionSpec(heads=5, qk_dim=80, v_dim=48, sm_scale=value))
+
+
+def test_a_numpy_scale_is_a_number(gen):
+    import numpy as np
+
+    spec = dsagen.Spec(indexer=small_spec().indexer, topk=small_spec().topk,
+                       attention=dsagen.AttentionSpec(heads=5, qk_dim=80, v_dim=48, sm_scale=np.float32(0.1)))
+    assert type(spec.attention.sm_scale) is float
+    kernels = dsagen.build(small_spec())
+    q, kv, *_ = dsa_inputs(kernels.spec, gen)
+    idx = torch.randint(0, kv.shape[0], (q.shape[0], 9), generator=gen, dtype=torch.int32)
+    a, _ = kernels.sparse_attention(q, kv, idx, np.float32(0.25))
+    b, _ = kernels.sparse_attention(q, kv, idx, 0.25)
+    assert torch.equal(a, b)
+
+
+def test_the_run_time_scale_is_not_part_of_a_module():
+    a = dsagen.build(small_spec()).resolve("sparse_attention", device_type="cpu").module_name
+    other = dsagen.Spec(indexer=small_spec().indexer, topk=small_spec().topk,
+                        attention=dsagen.AttentionSpec(heads=5, qk_dim=80, v_dim=48, sm_scale=0.3))
+    assert dsagen.build(other).resolve("sparse_attention", device_type="cpu").module_name == a
