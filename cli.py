@@ -142,7 +142,7 @@ def show(
 
 def _shapes(S: list[int] | None, SKV: list[int] | None, shape_set: str | None) -> list[tuple[int, int]]:
     """--shapes NAME, or every (S, SKV) pair of --S x --SKV with S <= SKV."""
-    from dsagen.tuning.buckets import SHAPE_SETS
+    from dsagen.db.buckets import SHAPE_SETS
 
     if shape_set is not None:
         if S or SKV:

@@ -243,7 +243,11 @@ def load_spec(path: str | Path) -> Spec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # the parser recurses per nested array or inline table
+        raise SpecError(f"{path}: not valid TOML: nested too deeply") from None
     try:
         return spec_from_dict(data)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
+    except RecursionError:  # a value deep enough to parse, but not to check or print
+        raise SpecError(f"{path}: a value is nested too deeply") from None

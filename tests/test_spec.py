@@ -326,6 +326,30 @@ def test_toml_nan_sm_scale_is_rejected(tmp_path):
         dsagen.load_spec(path)
 
 
+@pytest.mark.parametrize("text", ["a = " + "[" * 100000, "a = " + "{b = " * 100000,
+                                  "[indexer]\nheads = " + "[" * 3000 + "]" * 3000 + "\n"],
+                         ids=["arrays", "inline-tables", "closed-arrays-in-a-key"])
+def test_deeply_nested_toml_is_one_error_naming_the_file(tmp_path, text):
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as info:
+        dsagen.load_spec(path)
+    assert str(info.value) == f"{path}: not valid TOML: nested too deeply"
+
+
+def test_a_value_too_deep_to_check_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    """Parsed, but too deep for the checks that print it: still a SpecError naming the file."""
+    import dsagen.spec as spec_module
+
+    def too_deep(data):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(spec_module, "spec_from_dict", too_deep)
+    with pytest.raises(SpecError) as info:
+        spec_module.load_spec(V32)
+    assert str(info.value) == f"{V32}: a value is nested too deeply"
+
+
 def test_schedule_table_with_unknown_kernel(tmp_path):
     path = tmp_path / "sched.toml"
     path.write_text(V32.read_text() + "\n[schedule.flash_attention]\nblock_h = 64\n")

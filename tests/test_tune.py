@@ -25,8 +25,8 @@ import dsagen
 from dsagen.schedule import load_space
 from dsagen.plan import problem_symbols
 from dsagen.gpus import get_gpu
-from dsagen.tuning import db as tuning_db
-from dsagen.tuning.buckets import bucket_of
+from dsagen import db as tuning_db
+from dsagen.db.buckets import bucket_of
 from dsagen.tuning.study import TuneRequest, tune_kernel
 
 from dsagen.backends.triton import interpreter_problem

@@ -1,4 +1,4 @@
-"""The per-GPU tuning database (dsagen.tuning.db), its shape buckets and `dsagen db`.
+"""The per-GPU tuning database (dsagen.db), its shape buckets, its file writes and `dsagen db`.
 
 Everything runs on files under tmp_path; DSAGEN_CACHE_DIR points into tmp_path too, so the user's
 real tuning database is never read or written.
@@ -6,17 +6,22 @@ real tuning database is never read or written.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from dsagen.tuning import db
-from dsagen.tuning.buckets import SHAPE_SETS, bucket_distance, bucket_of, parse_bucket
+import dsagen
+from dsagen import db
+from dsagen.db.buckets import SHAPE_SETS, bucket_distance, bucket_of, parse_bucket
+from dsagen.errors import DsagenError
+from dsagen.fileio import CacheDirError, atomic_write_text, file_lock, make_dirs
 from dsagen.tuning.db_cli import db_app
 
 HASH = "0123456789abcdef"
@@ -159,7 +164,8 @@ def _set_entry_line(path: Path, lines: list[str], number: int, change) -> None:
     (lambda e: e.update(trials=1.5), "entry field 'trials' must be an integer >= 0, got 1.5"),
     (lambda e: e.update(schedule={"block_h": "64"}), "entry field 'schedule' must be an object of knob -> integer"),
     (lambda e: e.pop("date"), "entry is missing field 'date'"),
-    (lambda e: e.update(kernel="flash"), """entry field 'kernel' must be one of indexer, topk, sparse_attention, indexer_topk, got "flash\""""),
+    (lambda e: e.update(kernel="Flash-Attn"), "entry field 'kernel' must be a kernel name like \"sparse_attention\" "
+     "(lowercase letters, digits and '_', starting with a letter), got \"Flash-Attn\""),
     (lambda e: e.update(spec_hash="abc"), "entry field 'spec_hash' must be 16 lowercase hex characters"),
     (lambda e: e.update(bucket="S4000-SKV8192"), "entry field 'bucket' must be a bucket"),
     (lambda e: e.update(bucket="S1024-SKV8192"), "entry field 'bucket' is \"S1024-SKV8192\" but shape S=2048"),
@@ -167,7 +173,7 @@ def _set_entry_line(path: Path, lines: list[str], number: int, change) -> None:
     (lambda e: e["versions"].pop("cuda"), "entry field 'versions' must be an object with exactly the keys"),
     (lambda e: e.update(speedup=2), "entry has unknown field 'speedup'"),
     (lambda e: e.update(gpu_type="nvidia-h100"), "entry field 'gpu_type' is \"nvidia-h100\" but this is the file of"),
-], ids=["ms-string", "ms-zero", "trials-float", "schedule-value-string", "missing-date", "unknown-kernel",
+], ids=["ms-string", "ms-zero", "trials-float", "schedule-value-string", "missing-date", "bad-kernel-name",
         "short-spec-hash", "bucket-not-pow2", "bucket-not-the-shapes", "bad-date", "versions-missing-cuda",
         "unknown-field", "entry-of-another-gpu"])
 def test_bad_entry_names_file_and_line(tmp_path, change, message):
@@ -436,11 +442,14 @@ def test_lookup_raises_on_a_corrupt_file(tmp_path):
 
 def test_running_versions_and_stale_fields():
     running = db.running_versions()
-    assert set(running) == {"dsagen", "torch", "triton", "cuda"} and running["dsagen"] == db.__version__
+    assert set(running) == {"dsagen", "torch", "triton", "cuda"} and running["dsagen"] == dsagen.__version__
     assert db.stale_fields(make_entry()) == []
     entry = make_entry(versions=dict(running, dsagen="0.0.1", cuda="12.8"))
     assert db.stale_fields(entry, dict(running, cuda="12.9")) == [
         f"dsagen 0.0.1 != {running['dsagen']}", "cuda 12.8 != 12.9"]
+    # an absent version (a CPU-only torch has no CUDA) reads "none"
+    assert db.stale_fields(make_entry(versions=dict(running, cuda="13.0")), dict(running, cuda=None)) == [
+        "cuda 13.0 != none"]
 
 
 def test_effective_entries_user_over_shipped(tmp_path):
@@ -497,7 +506,9 @@ def test_cli_list(two_dirs):
     assert lines[0].split() == ["FILE", "GPU", "KERNEL", "BUCKET", "SPEC", "MS", "%ROOF", "DATE", "STALE", "SCHEDULE"]
     assert len(lines) == 1 + 5
     indexer = next(line for line in lines if " indexer " in line)
-    assert indexer.split()[-2:] == ["stale", "block_n=128"]
+    # says why, on the entry's own line: recorded version != running version
+    assert f"  stale: torch 2.11.0 != {db.running_versions()['torch']}  " in indexer
+    assert indexer.endswith("  block_n=128")
     assert str(user / "nvidia-h200.json") in indexer
     first = next(line for line in lines if "0.25" in line)
     assert first.split()[1:8] == ["nvidia-h200", "sparse_attention", "S1024-SKV32768", HASH[:8], "0.25", "61.5",
@@ -569,10 +580,315 @@ def test_cli_corrupt_file_is_one_error_line(two_dirs):
     path = user / "nvidia-h200.json"
     text = path.read_text()
     assert text.splitlines()[2].startswith('  {"kernel": "indexer"')
-    path.write_text(text.replace('"kernel": "indexer"', '"kernel": "indexr"'))
+    path.write_text(text.replace('"kernel": "indexer"', '"kernel": "Indexer"'))
     for args in (["list", "--dir", user], ["show", "--dir", user], ["export", "--gpu", "nvidia-h200", "--dir", user],
                  ["merge", shipped / "nvidia-h200.json", path]):
         result = invoke(*args)
         assert result.exit_code == 1, args
         assert result.output.count("\n") == 1 and "Traceback" not in result.output
-        assert result.output.startswith(f"error: {path}:3: entry field 'kernel' must be one of"), result.output
+        assert result.output.startswith(f"error: {path}:3: entry field 'kernel' must be a kernel name"), result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# kernel names are checked by form: a kernel this install does not know loads, and never matches
+
+
+def test_a_well_formed_unknown_kernel_loads_and_never_answers_a_lookup(tmp_path):
+    plugin = make_entry(kernel="flash_sparse_attention", schedule={"tile": 64})
+    path = write_db(tmp_path / "nvidia-h200.json", plugin, make_entry(S=1024))
+    assert plugin.key in db.load(path).entries
+    found = _lookup([tmp_path])
+    assert (found.entry.kernel, found.entry.bucket) == ("sparse_attention", "S1024-SKV32768")
+    assert db.lookup(kernel="topk", backend="triton", spec_hash=HASH, S=4096, SKV=32768, gpu_type="nvidia-h200",
+                     compute_capability="9.0", dirs=[tmp_path]) is None
+    assert db.record(path, make_entry(kernel="my_op2", S=2048)) == "added"
+    assert len(db.load(path).entries) == 3
+
+
+@pytest.mark.parametrize("name", ["Flash", "2d_attention", "_private", "flash-attn", "../x", "", 7],
+                         ids=["upper", "digit-first", "underscore-first", "dash", "path", "empty", "int"])
+def test_kernel_name_must_have_the_form(name):
+    with pytest.raises(db.TuningDBError, match="^here: entry field 'kernel' must be a kernel name"):
+        db.Entry.from_json(dict(make_entry().to_json(), kernel=name), "here")
+
+
+# ------------------------------------------------------------------------------------------------
+# entries passed over are warned about, once per entry and process
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "dsagen" and r.levelno == logging.WARNING]
+
+
+def _line_of(path: Path, bucket: str, where: str = "") -> int:
+    """The line (1-based) of the entry of a bucket (and holding `where`) in a file."""
+    return next(i + 1 for i, line in enumerate(path.read_text().splitlines())
+                if f'"bucket": "{bucket}"' in line and where in line)
+
+
+def test_lookup_warns_once_about_an_empty_schedule_and_passes_it_over(tmp_path, caplog):
+    path = write_db(tmp_path / "nvidia-h200.json", make_entry(schedule={}), make_entry(S=1024))
+    caplog.set_level(logging.WARNING, logger="dsagen")
+    for _ in range(3):
+        assert _lookup([tmp_path]).entry.bucket == "S1024-SKV32768"  # the nearest usable bucket answers
+    line = _line_of(path, "S4096-SKV32768")
+    assert _warnings(caplog) == [f"dsagen: {path}:{line}: skipped the tuned entry of sparse_attention "
+                                 f"(triton, S4096-SKV32768, spec {HASH}): its schedule is empty"]
+
+
+def test_lookup_warns_once_when_usable_rejects_an_entry(tmp_path, caplog):
+    """`usable` is the caller's check (a build: the schedule names exactly today's knobs)."""
+    path = write_db(tmp_path / "nvidia-h200.json", make_entry(schedule={"block_h": 64}),  # from an older space
+                    make_entry(S=1024), make_entry(kernel="topk", schedule={"old_knob": 1}))
+    caplog.set_level(logging.WARNING, logger="dsagen")
+    calls = []
+
+    def usable(entry: db.Entry) -> bool:
+        calls.append(entry.key)
+        return set(entry.schedule) == {"block_h", "num_warps"}
+
+    for _ in range(2):
+        found = db.lookup(kernel="sparse_attention", backend="triton", spec_hash=HASH, S=4096, SKV=32768,
+                          gpu_type="nvidia-h200", compute_capability="9.0", dirs=[tmp_path], usable=usable)
+        assert found.entry.bucket == "S1024-SKV32768"
+    assert all(key[0] == "sparse_attention" for key in calls)  # only entries of the kernel asked for
+    line = _line_of(path, "S4096-SKV32768", "sparse_attention")
+    assert _warnings(caplog) == [
+        f"dsagen: {path}:{line}: skipped the tuned entry of sparse_attention (triton, S4096-SKV32768, spec {HASH}): "
+        "its schedule block_h=64 does not fit today's search space (unknown or missing knobs); "
+        "`dsagen db prune FILE` removes such entries"]
+
+
+def test_a_shadowed_entry_is_not_judged_or_warned_about(tmp_path, caplog):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    write_db(user / "nvidia-h200.json", make_entry())
+    write_db(shipped / "nvidia-h200.json", make_entry(schedule={}))
+    caplog.set_level(logging.WARNING, logger="dsagen")
+    assert _lookup([user, shipped]).path == user / "nvidia-h200.json"
+    assert _warnings(caplog) == []
+
+
+def test_an_unusable_user_entry_lets_the_shipped_one_answer(tmp_path, caplog):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    write_db(user / "nvidia-h200.json", make_entry(schedule={"block_h": 64}))
+    write_db(shipped / "nvidia-h200.json", make_entry())
+    caplog.set_level(logging.WARNING, logger="dsagen")
+    found = db.lookup(kernel="sparse_attention", backend="triton", spec_hash=HASH, S=4096, SKV=32768,
+                      gpu_type="nvidia-h200", compute_capability="9.0", dirs=[user, shipped],
+                      usable=lambda e: len(e.schedule) == 2)
+    assert found.path == shipped / "nvidia-h200.json"
+    [warning] = _warnings(caplog)
+    assert warning.startswith(f"dsagen: {user / 'nvidia-h200.json'}:3: skipped the tuned entry of sparse_attention")
+
+
+def test_effective_entries_and_export_leave_out_empty_schedules_with_a_warning(tmp_path, caplog):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    path = write_db(user / "nvidia-h200.json", make_entry(S=1024, schedule={}), make_entry(S=2048, schedule={}))
+    write_db(shipped / "nvidia-h200.json", make_entry(S=1024, study="theirs"))
+    caplog.set_level(logging.WARNING, logger="dsagen")
+    effective = db.effective_entries("nvidia-h200", [user, shipped])
+    assert [(e.bucket, e.study) for e in effective.entries.values()] == [("S1024-SKV32768", "theirs")]
+    assert _warnings(caplog) == [
+        f"dsagen: {path}:{_line_of(path, b)}: skipped the tuned entry of sparse_attention (triton, {b}, spec {HASH}): "
+        "its schedule is empty" for b in ("S1024-SKV32768", "S2048-SKV32768")]
+    listed = invoke("list", "--dir", user).output
+    assert listed.count("(empty: skipped by builds)") == 2
+
+
+def test_prune_drops_empty_schedules_and_keeps_kernels_it_cannot_judge(tmp_path):
+    current = make_entry(S=1024, kernel="topk", schedule={})
+    plugin = make_entry(kernel="flash_sparse_attention", schedule={"tile": 64})
+    path = write_db(tmp_path / "nvidia-h200.json", current, plugin)
+    result = invoke("prune", path)
+    assert result.exit_code == 0, result.output
+    assert "kept flash_sparse_attention triton S4096-SKV32768: no search space here" in result.output
+    assert "1 entries dropped" in result.output
+    assert list(db.load(path).entries) == [plugin.key]
+
+
+# ------------------------------------------------------------------------------------------------
+# writes follow symbolic links and keep the file's mode
+
+
+def _linked_db(tmp_path: Path, mode: int = 0o600) -> tuple[Path, Path]:
+    """A database reached through a symbolic link (say, into a shared checkout), mode `mode`."""
+    real = write_db(tmp_path / "real" / "nvidia-h200.json", make_entry(S=1024, ms=1.0))
+    real.chmod(mode)
+    link = tmp_path / "links" / "nvidia-h200.json"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    return link, real
+
+
+def _still_linked(link: Path, real: Path, mode: int = 0o600) -> None:
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert stat.S_IMODE(real.stat().st_mode) == mode
+    assert [p.name for p in link.parent.iterdir()] == ["nvidia-h200.json"]  # no temp file or lock beside the link
+    assert sorted(p.name for p in real.parent.iterdir()) == [".nvidia-h200.json.lock", "nvidia-h200.json"]
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o444], ids=["0600", "0640", "read-only"])
+def test_record_through_a_symlink_keeps_the_link_and_the_mode(tmp_path, mode):
+    link, real = _linked_db(tmp_path, mode)
+    assert db.record(link, make_entry(S=2048)) == "added"
+    _still_linked(link, real, mode)
+    assert len(db.load(real).entries) == 2
+
+
+def test_merge_through_symlinks_keeps_the_links_and_the_mode(tmp_path):
+    link, real = _linked_db(tmp_path)
+    b = write_db(tmp_path / "b" / "nvidia-h200.json", make_entry(S=1024, ms=0.5), make_entry(S=2048))
+    assert db.merge(link, b) == {"added": 1, "replaced": 1, "kept": 0, "total": 2}
+    _still_linked(link, real)
+    assert {e.bucket: e.ms for e in db.load(real).entries.values()} == {"S1024-SKV32768": 0.5, "S2048-SKV32768": 1.5}
+    # and as the -o target of the CLI
+    out_real = write_db(tmp_path / "out-real" / "nvidia-h200.json")
+    out_real.chmod(0o600)
+    out = tmp_path / "out" / "nvidia-h200.json"
+    out.parent.mkdir()
+    out.symlink_to(out_real)
+    result = invoke("merge", b, real, "-o", out)
+    assert result.exit_code == 0, result.output
+    _still_linked(out, out_real)
+    assert len(db.load(out_real).entries) == 2
+
+
+def test_prune_through_a_symlink_keeps_the_link_and_the_mode(tmp_path):
+    link, real = _linked_db(tmp_path)
+    db.record(link, make_entry(S=2048, schedule={"block_h": 16}))
+    assert [e.bucket for e in db.prune(link, lambda e: e.schedule.get("block_h") != 16)] == ["S2048-SKV32768"]
+    _still_linked(link, real)
+    assert [e.bucket for e in db.load(real).entries.values()] == ["S1024-SKV32768"]
+
+
+def test_export_to_a_symlink_keeps_the_link_and_the_mode(two_dirs, tmp_path):
+    user, shipped = two_dirs
+    link, real = _linked_db(tmp_path)
+    result = invoke("export", "--gpu", "nvidia-h200", "--dir", user, "--dir", shipped, "-o", link)
+    assert result.exit_code == 0, result.output
+    _still_linked(link, real)
+    assert len(db.load(real).entries) == 3
+
+
+def test_a_dangling_symlink_is_written_through(tmp_path):
+    real = tmp_path / "real" / "nvidia-h200.json"
+    real.parent.mkdir()
+    link = tmp_path / "nvidia-h200.json"
+    link.symlink_to(real)
+    assert db.record(link, make_entry()) == "added"
+    assert link.is_symlink() and len(db.load(real).entries) == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_a_new_file_gets_the_umask_default(tmp_path, umask, mode):
+    path = tmp_path / "nvidia-h200.json"
+    old = os.umask(umask)
+    try:
+        db.record(path, make_entry())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+# ------------------------------------------------------------------------------------------------
+# an unusable cache folder is one error that points at DSAGEN_CACHE_DIR
+
+
+@pytest.fixture
+def blocked_cache(tmp_path, monkeypatch) -> Path:
+    """DSAGEN_CACHE_DIR below a regular file: the folder can never be created (also as root)."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    cache = blocker / "cache"
+    monkeypatch.setenv("DSAGEN_CACHE_DIR", str(cache))
+    return cache
+
+
+def _assert_cache_error(info, cache: Path) -> None:
+    assert isinstance(info.value, DsagenError) and isinstance(info.value, OSError)
+    message = str(info.value)
+    assert message.startswith(f"cannot write to the dsagen cache folder {cache} (")
+    assert message.endswith(f"DSAGEN_CACHE_DIR={cache} is not usable: set DSAGEN_CACHE_DIR to a writable folder")
+
+
+def test_an_unusable_cache_folder_names_it_and_dsagen_cache_dir(blocked_cache):
+    def lock():
+        with file_lock(blocked_cache / "triton" / ".module.lock"):
+            pass
+
+    for action in (lambda: db.record(db.db_path("nvidia-h200"), make_entry()), lock,
+                   lambda: atomic_write_text(blocked_cache / "triton" / "module.py", "x = 1\n"),
+                   lambda: make_dirs(blocked_cache / "tuning" / "logs")):
+        with pytest.raises(CacheDirError) as info:
+            action()
+        _assert_cache_error(info, blocked_cache)
+
+
+def test_an_unusable_cache_folder_is_one_cli_error_line(blocked_cache, two_dirs):
+    user, _ = two_dirs
+    result = invoke("export", "--gpu", "nvidia-h200", "--dir", user, "-o", db.db_path("nvidia-h200"))
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith(f"error: cannot write to the dsagen cache folder {blocked_cache} (")
+
+
+def test_without_dsagen_cache_dir_the_hint_still_names_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("DSAGEN_CACHE_DIR")
+    blocker = tmp_path / "xdg"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(CacheDirError) as info:
+        db.record(db.db_path("nvidia-h200"), make_entry())
+    assert str(info.value).startswith(f"cannot write to the dsagen cache folder {blocker / 'dsagen'} (")
+    assert str(info.value).endswith("; set DSAGEN_CACHE_DIR to a writable folder")
+
+
+def test_a_read_only_empty_cache_folder(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes into read-only folders: refuse as the kernel would for a user
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if self.parent == cache and not self.exists():
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+    try:
+        with pytest.raises(CacheDirError) as info:
+            db.record(db.db_path("nvidia-h200"), make_entry())
+        _assert_cache_error(info, cache)
+    finally:
+        cache.chmod(0o755)
+
+
+def test_lookups_only_read_so_an_unusable_cache_is_no_error_for_them(blocked_cache):
+    assert _lookup(None, spec_hash=OTHER_HASH) is None
+
+
+def test_paths_outside_the_cache_keep_their_plain_os_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError) as info:
+        db.record(blocker / "nvidia-h200.json", make_entry())
+    assert not isinstance(info.value, CacheDirError)
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON nested too deeply is one error naming the file
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, '{"format": "dsagen-autotune-db", "version": 1, "entries": [' + "[" * 100000,
+                                  '{"format": "dsagen-autotune-db", "version": 1, "gpu_type": "nvidia-h200", "entries": ['
+                                  + "[" * 5000 + "]" * 5000 + "]}"],
+                         ids=["open-arrays", "inside-entries", "closed-arrays"])
+def test_deeply_nested_json_is_one_error_naming_the_file(tmp_path, text):
+    path = tmp_path / "nvidia-h200.json"
+    path.write_text(text)
+    assert error_of(path) == f"{path}: invalid JSON: nested too deeply (a tuning database holds flat entries, one per line)"
+    with pytest.raises(db.TuningDBError, match="nested too deeply"):
+        db.record(path, make_entry())
+    assert path.read_text() == text  # never written over
+    result = invoke("list", "--dir", tmp_path)
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert result.output.startswith(f"error: {path}: invalid JSON: nested too deeply")

@@ -20,7 +20,7 @@ from dsagen.backends import tvm as tvm_backend
 from dsagen.backends.triton import interpreter_problem
 from dsagen.gpus import cpu_type
 from dsagen.schedule import load_space
-from dsagen.tuning import db as tuning_db
+from dsagen import db as tuning_db
 from dsagen.verify import assert_close, assert_topk
 
 pytestmark = pytest.mark.skipif(tvm_backend.available() is not None, reason=str(tvm_backend.available()))

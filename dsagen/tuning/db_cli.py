@@ -1,4 +1,4 @@
-"""`dsagen db ...`: look at, merge and export the per-GPU tuning databases (dsagen.tuning.db)."""
+"""`dsagen db ...`: look at, merge, export and prune the per-GPU tuning databases (dsagen.db)."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ from typing import List, Optional
 
 import typer
 
+from .. import db as tdb
 from ..cliutil import friendly_errors
-from . import db as tdb
-from .buckets import parse_bucket
+from ..db.buckets import parse_bucket
 
 db_app = typer.Typer(
     help="Inspect, merge and export the tuning databases (one JSON file per GPU type; the user's "
@@ -63,6 +63,18 @@ def _number(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _stale(entry: tdb.Entry) -> str:
+    """The STALE cell: empty when current, else which versions differ (recorded != running)."""
+    why = tdb.stale_fields(entry)
+    return f"stale: {', '.join(why)}" if why else ""
+
+
+def _schedule(entry: tdb.Entry) -> str:
+    if not entry.schedule:
+        return "(empty: skipped by builds)"
+    return " ".join(f"{k}={v}" for k, v in sorted(entry.schedule.items()))
+
+
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -75,12 +87,15 @@ def list_entries(
     kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="only this kernel"),
     dirs: Optional[List[Path]] = typer.Option(None, "--dir", help=_DIR_HELP),
 ) -> None:
-    """List the tuned entries, one line each (a 'stale' entry was tuned with other versions)."""
+    """List the tuned entries, one line each.
+
+    STALE says why an entry was tuned with other versions than this process runs, recorded
+    version != running version, e.g. "stale: torch 2.11.0+cu130 != 2.13.0+cpu".
+    """
     rows = [["FILE", "GPU", "KERNEL", "BUCKET", "SPEC", "MS", "%ROOF", "DATE", "STALE", "SCHEDULE"]]
     for label, _, e in _matching(_dirs(dirs), gpu, kernel):
         rows.append([label, e.gpu_type, e.kernel, e.bucket, e.spec_hash[:8], _number(e.ms, ".4g"),
-                     _number(e.pct_of_roofline, ".1f"), e.date[:10], "stale" if tdb.stale_fields(e) else "",
-                     " ".join(f"{k}={v}" for k, v in sorted(e.schedule.items()))])
+                     _number(e.pct_of_roofline, ".1f"), e.date[:10], _stale(e), _schedule(e)])
     typer.echo(_table(rows) if len(rows) > 1 else "no tuned entries")
 
 
@@ -123,21 +138,31 @@ def prune(
 
     After a template grows a knob, entries recorded before it name only the old knobs; builds
     already pass over them, and pruning removes them from the file so it says what is really used.
+    An entry with an empty schedule is dropped too. Entries of a kernel or backend this install has
+    no search space for (say, a plugin that is not installed here) cannot be judged and are kept.
     """
-    from ..errors import ScheduleError
+    from ..errors import DsagenError, ScheduleError
     from ..schedule import load_space
+
+    unjudged: list[tuple[tdb.Entry, str]] = []
 
     def fits(entry: tdb.Entry) -> bool:
         try:
             space = load_space(entry.backend, entry.kernel)
+        except DsagenError as exc:
+            unjudged.append((entry, str(exc)))
+            return True
+        try:
             space.check_names(entry.schedule, "schedule")
         except ScheduleError:
             return False
-        return space.names_every_knob(entry.schedule)
+        return bool(entry.schedule) and space.names_every_knob(entry.schedule)
 
     if not path.is_file():
         raise tdb.TuningDBError(f"{path}: no such database file")
     dropped = tdb.prune(path, fits, dry_run=dry_run)
+    for e, why in unjudged:
+        typer.echo(f"kept {e.kernel} {e.backend} {e.bucket}: no search space here ({why})")
     for e in dropped:
         typer.echo(f"{'would drop' if dry_run else 'dropped'} {e.kernel} {e.backend} {e.bucket} {e.schedule}")
     typer.echo(f"{len(dropped)} entries {'would be ' if dry_run else ''}dropped from {path}")

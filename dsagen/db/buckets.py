@@ -2,6 +2,7 @@
 
 A schedule tuned at S=4096, SKV=32768 serves every shape that rounds up to the same powers of
 two, so the database stays small and a new shape finds a tuned neighbour by bucket distance.
+SHAPE_SETS names the shape lists a tuning run or a benchmark covers (`--shapes v32`).
 """
 from __future__ import annotations
 

@@ -1,0 +1,190 @@
+"""What a build asks the tuning database: the tuned schedule of a kernel at a shape on a GPU type.
+
+Entries that cannot be used are passed over with a warning on the "dsagen" logger, once per entry
+and process: an empty schedule, or a schedule the caller's `usable` check rejects (typically one
+recorded before the search space grew a knob). The next usable entry answers instead.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..__version__ import __version__
+from ..gpus import GPUS
+from .buckets import bucket_distance, bucket_of, parse_bucket
+from .schema import VERSION_KEYS, Entry, Key, TuningDB
+from .store import db_files, db_path, default_dirs, load
+
+log = logging.getLogger("dsagen")
+
+# ------------------------------------------------------------------------------------------------
+# versions
+
+
+@functools.lru_cache(maxsize=1)
+def _running_versions() -> tuple[tuple[str, str | None], ...]:
+    import torch
+
+    try:
+        import triton
+
+        triton_version: str | None = str(triton.__version__)
+    except ImportError:
+        triton_version = None
+    return (("dsagen", __version__), ("torch", str(torch.__version__)), ("triton", triton_version),
+            ("cuda", torch.version.cuda))
+
+
+def running_versions() -> dict[str, str | None]:
+    """dsagen, torch, triton and CUDA versions of this process (triton, cuda: None if absent)."""
+    return dict(_running_versions())
+
+
+def stale_fields(entry: Entry, running: dict[str, str | None] | None = None) -> list[str]:
+    """Why an entry may no longer be the fastest: its versions that differ from the running ones,
+    each as 'torch 2.11.0+cu130 != 2.13.0+cpu' (recorded != running; an absent version is 'none')."""
+    running = running_versions() if running is None else running
+    return [f"{k} {_shown(entry.versions.get(k))} != {_shown(running.get(k))}"
+            for k in VERSION_KEYS if entry.versions.get(k) != running.get(k)]
+
+
+def _shown(version: str | None) -> str:
+    return "none" if version is None else version  # null: triton absent, a CPU-only torch
+
+
+# ------------------------------------------------------------------------------------------------
+# entries passed over, with a warning once per entry and process
+
+_warned: set[tuple] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(db: TuningDB, entry: Entry, why: str) -> None:
+    token = (str(db.path), entry.key, tuple(sorted(entry.schedule.items())), why)
+    with _warned_lock:
+        if token in _warned:
+            return
+        _warned.add(token)
+    log.warning("dsagen: %s: skipped the tuned entry of %s: %s", db.where(entry.key), entry.describe(), why)
+
+
+EMPTY_SCHEDULE = "its schedule is empty"
+UNUSABLE_SCHEDULE = ("its schedule {schedule} does not fit today's search space (unknown or missing knobs); "
+                     "`dsagen db prune FILE` removes such entries")
+
+
+def _empty(db: TuningDB, entry: Entry) -> bool:
+    """An entry with an empty schedule tunes nothing: warn (once) and pass it over."""
+    if entry.schedule:
+        return False
+    _warn_once(db, entry, EMPTY_SCHEDULE)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# lookup
+
+
+@dataclass(frozen=True)
+class Found:
+    """A lookup's answer: the entry, how it was chosen (for `dsagen check`), its file, staleness."""
+
+    entry: Entry
+    source: str
+    path: Path
+    stale: list[str]
+
+
+def _by_bucket(paths: list[Path], match: Callable[[Entry], bool],
+               usable: Callable[[Entry], bool] | None) -> dict[str, tuple[Entry, Path]]:
+    """bucket -> (entry, file) over files in priority order: the first file holding a usable entry
+    for a bucket wins. Matching entries that cannot be used are warned about and passed over."""
+    found: dict[str, tuple[Entry, Path]] = {}
+    for path in paths:
+        db = load(path)
+        for entry in db.entries.values():
+            if not match(entry) or entry.bucket in found or _empty(db, entry):
+                continue
+            if usable is not None and not usable(entry):
+                schedule = " ".join(f"{k}={v}" for k, v in sorted(entry.schedule.items()))
+                _warn_once(db, entry, UNUSABLE_SCHEDULE.format(schedule=schedule))
+                continue
+            found[entry.bucket] = (entry, path)
+    return found
+
+
+def _rank(want: str, bucket: str) -> tuple[float, int, int]:
+    """Nearest first; on a tie the larger bucket (a larger problem's schedule is the safer guess)."""
+    S, SKV = parse_bucket(bucket)
+    return (bucket_distance(want, bucket), -S * SKV, -S)
+
+
+def _compute_capability_of(gpu_type: str) -> str | None:
+    gpu = GPUS.get(gpu_type)
+    return None if gpu is None else f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
+
+
+def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_type: str,
+           compute_capability: str | None, dirs: list[Path] | None = None,
+           usable: Callable[[Entry], bool] | None = None) -> Found | None:
+    """The tuned entry for a kernel at (S, SKV) on a GPU type, or None.
+
+    Order: this GPU type's exact bucket, then its nearest bucket, then another GPU type's entry
+    tuned on the same compute capability (exact, then nearest). dirs default to the user's folder,
+    then the shipped one; for the same key an earlier folder wins. compute_capability None: known
+    GPU types take theirs from dsagen.gpus, unknown ones skip the other-GPU step. Entries of other
+    kernels (also kernels this install does not know) never match. A matching entry with an empty
+    schedule, or one that `usable` rejects (say, a schedule recorded before the search space grew
+    a knob), is passed over with a warning, once per entry and process, so the nearest usable
+    bucket answers instead.
+    """
+    dirs = default_dirs() if dirs is None else [Path(d) for d in dirs]
+    want = bucket_of(S, SKV)
+    cc = compute_capability if compute_capability is not None else _compute_capability_of(gpu_type)
+
+    def same_kernel(entry: Entry) -> bool:
+        return (entry.kernel, entry.backend, entry.spec_hash) == (kernel, backend, spec_hash)
+
+    def found(hit: tuple[Entry, Path], source: str) -> Found:
+        return Found(hit[0], source, hit[1], stale_fields(hit[0]))
+
+    own = _by_bucket([db_path(gpu_type, d) for d in dirs], same_kernel, usable)
+    if want in own:
+        return found(own[want], f"tuned (exact bucket {want})")
+    if own:
+        near = min(own, key=lambda b: _rank(want, b))
+        return found(own[near], f"tuned (nearest bucket {near} for {want})")
+    if cc is None:
+        return None
+    others: dict[str, list[Path]] = {}
+    for d in dirs:
+        for path in db_files(d):
+            if path.stem != gpu_type:
+                others.setdefault(path.stem, []).append(path)
+    same_cc = {g: _by_bucket(paths, lambda e: same_kernel(e) and e.compute_capability == cc, usable)
+               for g, paths in sorted(others.items())}
+    for g, buckets in same_cc.items():
+        if want in buckets:
+            return found(buckets[want], f"tuned on {g} (same compute capability {cc}, bucket {want})")
+    candidates = [(_rank(want, b), g, b) for g, buckets in same_cc.items() for b in buckets]
+    if not candidates:
+        return None
+    _, g, near = min(candidates)
+    return found(same_cc[g][near], f"tuned on {g} (same compute capability {cc}, nearest bucket {near} for {want})")
+
+
+def effective_entries(gpu_type: str, dirs: list[Path] | None = None) -> TuningDB:
+    """One GPU type's entries over all folders, an earlier folder's entry winning (user over
+    shipped). Entries with an empty schedule are left out, with a warning."""
+    dirs = default_dirs() if dirs is None else [Path(d) for d in dirs]
+    entries: dict[Key, Entry] = {}
+    for d in dirs:
+        db = load(db_path(gpu_type, d))
+        for key, entry in db.entries.items():
+            if key not in entries and not _empty(db, entry):
+                entries[key] = entry
+    return TuningDB(db_path(gpu_type, dirs[0] if dirs else None), gpu_type, entries)
