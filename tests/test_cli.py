@@ -313,9 +313,9 @@ def test_error_in_a_real_process_has_no_traceback(tmp_path, child_env):
 
 def topk_source():
     from dsagen import Spec
-    from dsagen.pipeline import kernel_source
+    from dsagen.resolve import resolve_kernel
 
-    return kernel_source(Spec(), "topk").generated
+    return resolve_kernel(Spec(), "topk").generated
 
 
 @pytest.fixture
@@ -398,15 +398,15 @@ def test_eight_processes_materialize_the_same_source(cache, start):
 def test_module_key_covers_included_templates(tmp_path, monkeypatch):
     """A change in a template that another includes (_radix.j2 in topk) gives a new module key."""
     from dsagen.codegen import TEMPLATE_PATH_ENV
-    from dsagen.pipeline import kernel_source
+    from dsagen.resolve import resolve_kernel
 
     spec = dsagen_spec()
-    before = kernel_source(spec, "topk").generated
+    before = resolve_kernel(spec, "topk").generated
     (tmp_path / "triton").mkdir()
     original = (ROOT / "templates" / "triton" / "_radix.j2").read_text()
     (tmp_path / "triton" / "_radix.j2").write_text(original + "\n# changed\n")
     monkeypatch.setenv(TEMPLATE_PATH_ENV, str(tmp_path))
-    after = kernel_source(spec, "topk").generated
+    after = resolve_kernel(spec, "topk").generated
     assert after.key != before.key and "# changed" in after.source
 
 
