@@ -22,7 +22,7 @@ from dsagen import db
 from dsagen.db.buckets import SHAPE_SETS, bucket_distance, bucket_of, parse_bucket
 from dsagen.errors import DsagenError
 from dsagen.fileio import CacheDirError, atomic_write_text, file_lock, make_dirs
-from dsagen.tuning.db_cli import db_app
+from dsagen.cli.db import db_app
 
 HASH = "0123456789abcdef"
 OTHER_HASH = "fedcba9876543210"

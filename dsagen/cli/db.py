@@ -1,2 +1,193 @@
-"""`dsagen db ...` (moved here from dsagen.tuning.db_cli)."""
-from ..tuning.db_cli import db_app  # noqa: F401
+"""`dsagen db ...`: look at, merge, export and prune the per-GPU tuning databases (dsagen.db)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .. import db as tdb
+from .errors import friendly_errors
+from ..db.buckets import parse_bucket
+
+db_app = typer.Typer(
+    help="Inspect, merge and export the tuning databases (one JSON file per GPU type; the user's "
+         "folder is searched before the shipped autotune_db/).",
+    no_args_is_help=True,
+)
+
+_DIR_HELP = "database folder to read (repeatable); default: the user's folder, then the shipped one"
+
+
+def _dirs(given: Optional[List[Path]]) -> list[Path]:
+    return list(given) if given else tdb.default_dirs()
+
+
+def _label(directory: Path, path: Path) -> str:
+    """'user' or 'shipped' for the two standard folders, else the file's path."""
+    named = {"user": tdb.user_db_dir()}
+    try:
+        named["shipped"] = tdb.shipped_db_dir()
+    except FileNotFoundError:
+        pass
+    for name, folder in named.items():
+        if Path(directory).resolve() == Path(folder).resolve():
+            return name
+    return str(path)
+
+
+def _matching(dirs: list[Path], gpu: str | None, kernel: str | None = None, bucket: str | None = None,
+              spec_hash: str | None = None):
+    """(label, file, entry) for every entry in the folders that passes the filters, in file order."""
+    if gpu is not None:
+        tdb.check_gpu_type(gpu)
+    if bucket is not None:
+        parse_bucket(bucket)
+    for directory in dirs:
+        for path in tdb.db_files(directory):
+            if gpu is not None and path.stem != gpu:
+                continue
+            label = _label(directory, path)
+            for entry in tdb.load(path).entries.values():
+                if kernel is not None and entry.kernel != kernel:
+                    continue
+                if bucket is not None and entry.bucket != bucket:
+                    continue
+                if spec_hash is not None and not entry.spec_hash.startswith(spec_hash):
+                    continue
+                yield label, path, entry
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _stale(entry: tdb.Entry) -> str:
+    """The STALE cell: empty when current, else which versions differ (recorded != running)."""
+    why = tdb.stale_fields(entry)
+    return f"stale: {', '.join(why)}" if why else ""
+
+
+def _schedule(entry: tdb.Entry) -> str:
+    if not entry.schedule:
+        return "(empty: skipped by builds)"
+    return " ".join(f"{k}={v}" for k, v in sorted(entry.schedule.items()))
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+@db_app.command("list")
+@friendly_errors
+def list_entries(
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="only this GPU type, e.g. nvidia-h200"),
+    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="only this kernel"),
+    dirs: Optional[List[Path]] = typer.Option(None, "--dir", help=_DIR_HELP),
+) -> None:
+    """List the tuned entries, one line each.
+
+    STALE says why an entry was tuned with other versions than this process runs, recorded
+    version != running version, e.g. "stale: torch 2.11.0+cu130 != 2.13.0+cpu".
+    """
+    rows = [["FILE", "GPU", "KERNEL", "BUCKET", "SPEC", "MS", "%ROOF", "DATE", "STALE", "SCHEDULE"]]
+    for label, _, e in _matching(_dirs(dirs), gpu, kernel):
+        rows.append([label, e.gpu_type, e.kernel, e.bucket, e.spec_hash[:8], _number(e.ms, ".4g"),
+                     _number(e.pct_of_roofline, ".1f"), e.date[:10], _stale(e), _schedule(e)])
+    typer.echo(_table(rows) if len(rows) > 1 else "no tuned entries")
+
+
+@db_app.command("show")
+@friendly_errors
+def show(
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="only this GPU type"),
+    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="only this kernel"),
+    bucket: Optional[str] = typer.Option(None, "--bucket", help="only this bucket, e.g. S4096-SKV32768"),
+    spec_hash: Optional[str] = typer.Option(None, "--spec-hash", help="only spec hashes starting with this"),
+    dirs: Optional[List[Path]] = typer.Option(None, "--dir", help=_DIR_HELP),
+) -> None:
+    """Print the matching entries with all their fields as JSON, each with the file it came from."""
+    shown = [{"file": str(path), "folder": label if label in ("user", "shipped") else "--dir",
+              "stale": tdb.stale_fields(entry), "entry": entry.to_json()}
+             for label, path, entry in _matching(_dirs(dirs), gpu, kernel, bucket, spec_hash)]
+    typer.echo(json.dumps(shown, indent=2) if shown else "no tuned entries match")
+
+
+@db_app.command("merge")
+@friendly_errors
+def merge(
+    a: Path = typer.Argument(..., metavar="A", help="database to merge into (<gpu>.json)"),
+    b: Path = typer.Argument(..., metavar="B", help="database to merge from (same GPU type)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="write the result here instead of into A"),
+) -> None:
+    """Merge database B into A (or into OUT): per entry the faster one wins, on a tie the later date."""
+    counts = tdb.merge(a, b, out)
+    typer.echo(f"merged {b} into {out if out is not None else a}: {counts['added']} added, "
+               f"{counts['replaced']} replaced, {counts['kept']} kept, {counts['total']} entries in total")
+
+
+@db_app.command("prune")
+@friendly_errors
+def prune(
+    path: Path = typer.Argument(..., metavar="FILE", help="database file to prune (<gpu>.json)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be dropped"),
+) -> None:
+    """Drop entries whose schedule no longer fits today's search spaces (schedules/<backend>/<kernel>.toml).
+
+    After a template grows a knob, entries recorded before it name only the old knobs; builds
+    already pass over them, and pruning removes them from the file so it says what is really used.
+    An entry with an empty schedule is dropped too. Entries of a kernel or backend this install has
+    no search space for (say, a plugin that is not installed here) cannot be judged and are kept.
+    """
+    from ..errors import DsagenError, ScheduleError
+    from ..schedule import load_space
+
+    unjudged: list[tuple[tdb.Entry, str]] = []
+
+    def fits(entry: tdb.Entry) -> bool:
+        try:
+            space = load_space(entry.backend, entry.kernel)
+        except DsagenError as exc:
+            unjudged.append((entry, str(exc)))
+            return True
+        try:
+            space.check_names(entry.schedule, "schedule")
+        except ScheduleError:
+            return False
+        return bool(entry.schedule) and space.names_every_knob(entry.schedule)
+
+    if not path.is_file():
+        raise tdb.TuningDBError(f"{path}: no such database file")
+    dropped = tdb.prune(path, fits, dry_run=dry_run)
+    for e, why in unjudged:
+        typer.echo(f"kept {e.kernel} {e.backend} {e.bucket}: no search space here ({why})")
+    for e in dropped:
+        typer.echo(f"{'would drop' if dry_run else 'dropped'} {e.kernel} {e.backend} {e.bucket} {e.schedule}")
+    typer.echo(f"{len(dropped)} entries {'would be ' if dry_run else ''}dropped from {path}")
+
+
+@db_app.command("export")
+@friendly_errors
+def export(
+    gpu: str = typer.Option(..., "--gpu", help="GPU type to export, e.g. nvidia-h200"),
+    out: str = typer.Option("-", "-o", "--out", help="file to write (<gpu>.json), or - for stdout"),
+    dirs: Optional[List[Path]] = typer.Option(None, "--dir", help=_DIR_HELP),
+) -> None:
+    """Export one GPU type's effective entries (user over shipped) in the database file format.
+
+    This is how tuning results become the committed autotune_db/<gpu>.json:
+    `dsagen db export --gpu nvidia-h200 -o autotune_db/nvidia-h200.json`.
+    """
+    db = tdb.effective_entries(gpu, _dirs(dirs))
+    if out == "-":
+        typer.echo(tdb.dump(db), nl=False)
+        return
+    path = Path(out)
+    if path.stem != gpu:
+        raise tdb.TuningDBError(f"{path}: the database of {gpu} must be written to a file named {gpu}.json")
+    db.path = path
+    with tdb.lock_for(path):
+        tdb.save(db)
+    typer.echo(f"exported {len(db.entries)} entries of {gpu} to {path}", err=True)

@@ -22,14 +22,20 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from ..codegen import template_digest
 from ..gpus import GPUS, get_gpu
 from ..resolve import DEFAULT_GPU
 from ..plan import problem_symbols
-from ..schedule import load_space
+from ..schedule import choose, load_space
 from ..spec import Spec
+<<<<<<< /tmp/ours.py
+from . import db as tuning_db
+from .buckets import bucket_of
+=======
 from ..db.buckets import bucket_of
+>>>>>>> /tmp/theirs.py
 from .storage import open_storage
 from .worker import EVENTS_TIMING, GRAPH_TIMING, Job, Outcome, Worker
 
@@ -73,6 +79,9 @@ class TuneResult:
     best_ms: float | None
     db_outcome: str
     interrupted: bool = False
+    # why the winner could not be recorded (a corrupt or unwritable database file), else None; the
+    # study itself is kept, and `dsagen tune` goes on with the next study and exits 1 at the end
+    record_error: str | None = None
 
 
 def study_name(spec: Spec, kernel: str, backend: str, gpu_type: str, bucket: str, sampler: str) -> str:
@@ -286,7 +295,8 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     space = load_space(req.backend, req.kernel)
     pinned = req.spec.pinned(req.kernel)
     space.check_names(pinned, f"schedule.{req.kernel}")
-    fixed = fixed_knobs(space, req.device) | pinned  # the spec's pins, and knobs of the other target
+    untuned = choose(req.spec, req.kernel, get_gpu(plan_gpu), req.backend)  # legal, the pins kept
+    fixed = fixed_knobs(space, req.device, untuned.point) | pinned  # the pins; the other target's knobs
     legal = [p for p in space.legal_points(problem_symbols(req.spec, req.kernel, get_gpu(plan_gpu)))
              if all(p[k] == v for k, v in fixed.items())]
     if not legal:
@@ -309,7 +319,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     study.set_user_attr("legal_points", len(legal))
 
     if sampler_kind == "tpe" and not _counted(study.get_trials(deepcopy=False)):
-        for point in _seed_points(req, legal, plan_gpu):
+        for point in _seed_points(req, legal, untuned.point):
             study.enqueue_trial(point, skip_if_exists=True)
     run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu, fixed)
     bar = Progress(f"[{req.kernel} {bucket} {sampler_kind}]", budget, enabled=progress)
@@ -340,33 +350,78 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
             for w in workers:
                 w.close()
     evaluated = len(_counted(study.get_trials(deepcopy=False)))
-    db_outcome = "nothing recorded: no candidate passed its check" if best_point is None else \
-        _record(req, name, sampler_kind, best_point, best_ms, evaluated)
+    record_error = None
+    if best_point is None:
+        db_outcome = "nothing recorded: no candidate passed its check"
+    else:
+        try:
+            db_outcome = _record(req, name, sampler_kind, best_point, best_ms, evaluated)
+        except (tuning_db.TuningDBError, OSError, ValueError) as exc:  # the measurements stay in the study
+            record_error = f"{req.kernel} S={req.S} SKV={req.SKV}: the winner was not recorded: {exc}"
+            db_outcome = f"NOT RECORDED: {exc}"
     return TuneResult(name, sampler_kind, len(legal), budget, evaluated, evaluated_here, failures, best_point,
-                      best_ms, db_outcome, interrupted)
+                      best_ms, db_outcome, interrupted, record_error)
 
 
 TARGET_KNOB_PREFIXES = {"cpu": "cpu_", "cuda": "cuda_"}
 
 
-def fixed_knobs(space, device: str) -> dict[str, int]:
-    """Knobs that only matter on the other target (named cpu_* / cuda_*), held at their defaults."""
+def fixed_knobs(space, device: str, around: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Knobs that only matter on the other target (named cpu_* / cuda_*), held fixed: at their values
+    in `around`, else at their defaults.
+
+    A raw default can be illegal for a spec (cuda_block_h=8 with 3 heads), and then no point of the
+    tuned target would be legal; tune_kernel passes the point `choose` returns, which moves illegal
+    defaults to the nearest legal point.
+    """
     other = [p for d, p in TARGET_KNOB_PREFIXES.items() if d != device]
-    return {n: k.default for n, k in space.knobs.items() if any(n.startswith(p) for p in other)}
+    base = space.default_point() | dict(around or {})
+    return {n: int(base[n]) for n in space.knobs if any(n.startswith(p) for p in other)}
 
 
-def _seed_points(req: TuneRequest, legal: list[dict], plan_gpu: str) -> list[dict]:
+def _db_file(req: TuneRequest) -> Path:
+    return Path(req.db_path) if req.db_path is not None else tuning_db.db_path(req.gpu_type)
+
+
+def check_db_file(path: Path | None, gpu_type: str) -> Path:
+    """The tuning-database file a run on `gpu_type` records in (`path`, default the user's file of
+    that type), checked before any study starts: named <gpu_type>.json, loadable (or absent, in a
+    folder that exists or can be made, and is writable). Raises TuningDBError saying what is wrong."""
+    path = Path(path) if path is not None else tuning_db.db_path(gpu_type)
+    if path.name != f"{gpu_type}.json":
+        raise tuning_db.TuningDBError(
+            f"--db {path}: this run tunes on {gpu_type}, whose tuning database must be a file named "
+            f"{gpu_type}.json (the file name is the GPU type a build looks up)")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # recording makes the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise tuning_db.TuningDBError(f"--db {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise tuning_db.TuningDBError(f"--db {path}: cannot write in {folder} (no permission)")
+    if path.is_dir():
+        raise tuning_db.TuningDBError(f"--db {path}: is a folder, not a tuning-database file")
+    try:
+        tuning_db.load(path)  # TuningDBError names the file and line at fault
+    except OSError as exc:
+        raise tuning_db.TuningDBError(f"--db {path}: cannot read it: {exc.strerror or exc}") from None
+    return path
+
+
+def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict) -> list[dict]:
     """Where TPE starts: the schedule a build would use untuned, then the winners of this kernel at
     other shape buckets on this GPU type (a good schedule at one shape is a good guess at the next)."""
+<<<<<<< /tmp/ours.py
+=======
     from ..schedule import choose
     from .. import db as tuning_db
 
+>>>>>>> /tmp/theirs.py
     legal_keys = {_point_key(p) for p in legal}
-    seeds = [choose(req.spec, req.kernel, get_gpu(plan_gpu), req.backend).point]
-    path = req.db_path or tuning_db.db_path(req.gpu_type)
+    seeds = [untuned]
     try:
-        entries = tuning_db.load(path).entries.values()
-    except tuning_db.TuningDBError:
+        entries = tuning_db.load(_db_file(req)).entries.values()
+    except (tuning_db.TuningDBError, OSError):
         entries = []
     spec_hash = req.spec.semantic_hash(req.kernel)
     seeds += [e.schedule for e in sorted(entries, key=lambda e: e.ms)
@@ -426,21 +481,48 @@ def _best_ms(study) -> float | None:
     return best.value if best else None
 
 
-def _device_facts(device: str) -> tuple[str, str]:
+def cpu_model() -> str:
+    """This CPU's model name (/proc/cpuinfo), else what the platform module knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _device_facts(device: str, backend: str) -> tuple[str, str]:
+    """(device name, compute capability) of an entry: the GPU's, or on the CPU what ran the
+    candidates: TVM's llvm kernels (real times) or the Triton interpreter (times that mean nothing)."""
     import torch
 
     if device == "cuda":
         major, minor = torch.cuda.get_device_capability(0)
         return torch.cuda.get_device_name(0), f"{major}.{minor}"
-    return "cpu (Triton interpreter)", "cpu"
+    if backend == "triton":
+        return "cpu (Triton interpreter)", "cpu"
+    if backend == "tvm":
+        return f"cpu (TVM llvm, {cpu_model()})", "cpu"
+    return f"cpu ({backend}, {cpu_model()})", "cpu"
 
 
 def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: float, evaluated: int) -> str:
+<<<<<<< /tmp/ours.py
+    from ..workloads import WORKLOADS
+
+    rates = WORKLOADS[req.kernel].rates(req.spec, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
+    device_name, cc = _device_facts(req.device, req.backend)
+=======
     from ..workloads import rates as workload_rates
     from .. import db as tuning_db
 
     rates = workload_rates(req.spec, req.kernel, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
     device_name, cc = _device_facts(req.device)
+>>>>>>> /tmp/theirs.py
     entry = tuning_db.Entry(
         kernel=req.kernel, backend=req.backend, spec_hash=req.spec.semantic_hash(req.kernel),
         bucket=bucket_of(req.S, req.SKV), shape={"S": req.S, "SKV": req.SKV},
@@ -448,5 +530,5 @@ def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: flo
         pct_of_roofline=rates["pct_of_roofline"], gpu_type=req.gpu_type, device_name=device_name,
         compute_capability=cc, date=datetime.date.today().isoformat(), versions=tuning_db.running_versions(),
         trials=evaluated, sampler=sampler_kind, study=name)
-    path = req.db_path or tuning_db.db_path(req.gpu_type)
+    path = _db_file(req)
     return f"{path}: {tuning_db.record(path, entry)}"
