@@ -30,12 +30,8 @@ from ..resolve import DEFAULT_GPU
 from ..plan import problem_symbols
 from ..schedule import choose, load_space
 from ..spec import Spec
-<<<<<<< /tmp/ours.py
-from . import db as tuning_db
-from .buckets import bucket_of
-=======
+from .. import db as tuning_db
 from ..db.buckets import bucket_of
->>>>>>> /tmp/theirs.py
 from .storage import open_storage
 from .worker import EVENTS_TIMING, GRAPH_TIMING, Job, Outcome, Worker
 
@@ -411,12 +407,6 @@ def check_db_file(path: Path | None, gpu_type: str) -> Path:
 def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict) -> list[dict]:
     """Where TPE starts: the schedule a build would use untuned, then the winners of this kernel at
     other shape buckets on this GPU type (a good schedule at one shape is a good guess at the next)."""
-<<<<<<< /tmp/ours.py
-=======
-    from ..schedule import choose
-    from .. import db as tuning_db
-
->>>>>>> /tmp/theirs.py
     legal_keys = {_point_key(p) for p in legal}
     seeds = [untuned]
     try:
@@ -511,18 +501,10 @@ def _device_facts(device: str, backend: str) -> tuple[str, str]:
 
 
 def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: float, evaluated: int) -> str:
-<<<<<<< /tmp/ours.py
-    from ..workloads import WORKLOADS
-
-    rates = WORKLOADS[req.kernel].rates(req.spec, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
-    device_name, cc = _device_facts(req.device, req.backend)
-=======
     from ..workloads import rates as workload_rates
-    from .. import db as tuning_db
 
     rates = workload_rates(req.spec, req.kernel, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
-    device_name, cc = _device_facts(req.device)
->>>>>>> /tmp/theirs.py
+    device_name, cc = _device_facts(req.device, req.backend)
     entry = tuning_db.Entry(
         kernel=req.kernel, backend=req.backend, spec_hash=req.spec.semantic_hash(req.kernel),
         bucket=bucket_of(req.S, req.SKV), shape={"S": req.S, "SKV": req.SKV},
