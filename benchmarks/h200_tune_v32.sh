@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H200 tuning of the DeepSeek-V3.2 spec, in phases that each fit one device session call.
+# The H200 tuning of the DeepSeek-V3.2 spec, in phases that can be run separately.
 #   benchmarks/h200_tune_v32.sh quality OUT   exhaustive grid vs TPE on sparse attention (docs/tuning.md)
 #   benchmarks/h200_tune_v32.sh tune OUT      every kernel at S {1024,4096} x SKV {8192,32768,131072}
 #                                              (TPE, TRIALS=16 per study, seeded by the default schedule)

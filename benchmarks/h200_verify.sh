@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# On the H200: everything that still waits for a GPU, in one command per phase, results under OUT.
+# On the H200: the checks that need a GPU, in one command per phase, results under OUT.
 #   benchmarks/h200_verify.sh tests OUT     the whole test suite on CUDA (both backends: Triton, TVM cuda)
 #   benchmarks/h200_verify.sh bench OUT     targets-file shapes (tuned Triton), TVM cuda at V3.2 shapes,
 #                                           fused indexer + top-k against indexer-then-top-k (32K, 128K)
 #   benchmarks/h200_verify.sh profile OUT   Nsight Compute sections of each kernel's tuned launch (text)
-# Needs optuna and apache-tvm importable (see the device notes); run from the repository root.
+# Needs optuna and apache-tvm importable (pip install -e '.[tvm]'); run from the repository root.
 set -euo pipefail
 phase=${1:?phase: tests or bench}
 out=${2:?output directory}
