@@ -4,6 +4,12 @@ Interpreted timings mean nothing, but every path of the machinery is real: legal
 grid and TPE studies, the float64 check rejecting a fast wrong kernel, a crashing and a hanging
 candidate each costing one trial, Ctrl-C and resume, database writes and the lookup a build makes.
 The PostgreSQL test runs two tuning processes on one study through a real server (CI starts one).
+
+Nothing here depends on how fast the machine is: a test that must interrupt or kill a tuning process
+while a trial is in flight sets the worker's test hook (dsagen.tuning.worker.HOLD_ENV), which makes
+a worker hold its n-th trial and create a file; the test acts once that file exists. The one
+deliberate hang is killed by a trial time limit far above what the real candidates need on a
+loaded 2-core machine (the limit starts once a worker has finished its imports).
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from dsagen.plan import problem_symbols
 from dsagen.gpus import get_gpu
 from dsagen import db as tuning_db
 from dsagen.db.buckets import bucket_of
-from dsagen.tuning.study import TuneRequest, tune_kernel
+from dsagen.tuning.study import TuneRequest, cpu_model, tune_kernel
+from dsagen.tuning.worker import HOLD_ENV
 
 from dsagen.backends.triton import interpreter_problem
 
@@ -91,6 +98,28 @@ def tuning_storage(storage: str):
     return open_storage(storage)
 
 
+def hold_trial(n: int, flag: Path) -> dict:
+    """Environment for a tuning process whose worker holds its n-th trial and then creates `flag`."""
+    return {HOLD_ENV: f"{n}:{flag}"}
+
+
+def wait_until_held(flag: Path, proc: subprocess.Popen, what: str) -> None:
+    """Until the worker of `proc` holds a trial; the limit only keeps a broken run from hanging."""
+    deadline = time.monotonic() + 900
+    while not flag.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"{what} exited ({proc.returncode}) before its worker held a trial:\n{out}\n{err or ''}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{what}: no trial held within 900 s")
+        time.sleep(0.1)
+
+
+def spec_text(indexer_heads: int = 4) -> str:
+    return SMALL.replace("heads = 4\nhead_dim = 32", f"heads = {indexer_heads}\nhead_dim = 32")
+
+
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -101,13 +130,16 @@ def test_tune_without_cuda_says_it_needs_a_gpu(home):
 
 
 def test_wrong_crashing_and_hanging_candidates_cost_one_trial_each(home, monkeypatch):
-    """block_n 256 returns zeros fast, 512 aborts its process, 1024 hangs; 2048 and 4096 are real."""
+    """block_n 256 returns zeros fast, 512 aborts its process, 1024 hangs; 2048 and 4096 are real.
+
+    The real candidates take about a second each, 5 s on a 2-core machine busy with two other
+    CPU-bound processes: far inside the 45 s that kill the hanging one."""
     monkeypatch.setenv("DSAGEN_TEMPLATE_PATH", str(FAULTY))
     spec = write_spec(home, PIN_BLOCK_N_ONLY)
     db_file = home / "db" / f"{CPU_GPU_TYPE}.json"
     journal = str(home / "studies.journal")
     result = tune_cli(spec, "--kernel", "topk", "--S", "6", "--SKV", "300", "--storage", journal,
-                      "--trial-timeout", "25", "--db", db_file)
+                      "--trial-timeout", "45", "--db", db_file)
     assert result.exit_code == 0, result.output
     assert "5/5 trials (grid, 5 legal points" in result.output
     _, trials = counted_trials(journal, "topk")
@@ -116,9 +148,10 @@ def test_wrong_crashing_and_hanging_candidates_cost_one_trial_each(home, monkeyp
     errors = {json.loads(t.user_attrs["point"])["block_n"]: t.user_attrs.get("error", "") for t in trials}
     assert "rejected, wrong result" in errors[256]
     assert "SIGABRT" in errors[512]
-    assert "no result within 25 s" in errors[1024]
+    assert "no result within 45 s" in errors[1024]
     entry = next(iter(tuning_db.load(db_file).entries.values()))
     assert entry.schedule["block_n"] in (2048, 4096)  # never the fast wrong one
+    assert entry.device_name == "cpu (Triton interpreter)" and entry.compute_capability == "cpu"
     assert entry.trials == 5 and entry.sampler == "grid" and entry.bucket == bucket_of(6, 300)
 
 
@@ -149,35 +182,131 @@ def _small_dict() -> dict:
 
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(home, child_env):
+    """Ctrl-C arrives while the second trial is in flight (held by the worker's test hook), however
+    fast the machine ran the first; the same command then measures the rest."""
     spec = write_spec(home, PIN_TWO_FREE)
     journal = str(home / "studies.journal")
     db_file = home / "db" / f"{CPU_GPU_TYPE}.json"
     args = [sys.executable, str(ROOT / "cli.py"), "tune", str(spec), "--kernel", "topk", "--S", "4",
-            "--SKV", "200", "--storage", journal, "--device", "cpu", "--trials", "4", "--db", str(db_file)]
-    env = child_env
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        time.sleep(1)
-        try:
-            _, done = counted_trials(journal, "topk")
-        except (ValueError, KeyError):
-            continue
-        if done:
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+            "--SKV", "200", "--storage", journal, "--device", "cpu", "--trials", "4", "--db", str(db_file),
+            "--trial-timeout", "3600"]  # the held trial must wait for the signal, not time out
+    held = home / "held"
+    proc = subprocess.Popen(args, env={**child_env, **hold_trial(2, held)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_held(held, proc, "the tuning process")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 130, out + err
     assert "run the same command again to resume" in err
-    _, before = counted_trials(journal, "topk")
-    assert 1 <= len(before) < 4
-    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    study, before = counted_trials(journal, "topk")
+    assert len(before) == 1  # the first trial was measured; the held one is not a verdict
+    interrupted = [t for t in study.get_trials() if t.user_attrs.get("error") == "interrupted (Ctrl-C)"]
+    assert len(interrupted) == 1 and interrupted[0].state == optuna.trial.TrialState.FAIL
+    again = subprocess.run(args, env=child_env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     _, after = counted_trials(journal, "topk")
     assert len(after) == 4
     assert {t.number for t in before} <= {t.number for t in after}  # nothing measured was lost
-    assert f"{4 - len(before)} here" in again.stdout
+    assert "3 here" in again.stdout
     assert tuning_db.load(db_file).entries  # the winner was recorded
+
+
+@pytest.mark.skipif(__import__("dsagen.backends.tvm", fromlist=["available"]).available() is not None,
+                    reason="needs apache-tvm")
+@pytest.mark.parametrize("heads", [3, 1])
+def test_tvm_indexer_tunes_on_the_cpu_for_fewer_heads_than_a_cuda_default(home, heads):
+    """The CUDA knobs, held while the CPU ones are tuned, move off illegal defaults (cuda_block_h=8
+    with 3 heads) to the legal point a build would use; the entry names TVM and this CPU."""
+    from dsagen.gpus import cpu_type
+
+    spec = home / "few-heads.toml"
+    spec.write_text(spec_text(indexer_heads=heads))
+    db_file = home / "db" / f"{cpu_type()}.json"
+    result = tune_cli(spec, "--backend", "tvm", "--kernel", "indexer", "--S", "2", "--SKV", "40", "--trials", "1",
+                      "--storage", home / "studies.journal", "--db", db_file)
+    assert result.exit_code == 0, result.output
+    [entry] = tuning_db.load(db_file).entries.values()
+    assert entry.kernel == "indexer" and entry.backend == "tvm" and entry.trials == 1
+    space = load_space("tvm", "indexer")
+    problem = problem_symbols(dsagen.load_spec(spec), "indexer", get_gpu("nvidia-h200"))
+    assert not space.violations(entry.schedule, problem)  # cuda_head_block_within_heads included
+    assert entry.device_name == f"cpu (TVM llvm, {cpu_model()})" and entry.compute_capability == "cpu"
+
+
+def test_a_bad_db_fails_before_any_study_starts(home):
+    """--db (or the user's default file) is checked first: one error line, exit 1, no study."""
+    spec = write_spec(home, PIN_BLOCK_N_ONLY)
+    journal = home / "studies.journal"
+    folder = home / "db"
+    folder.mkdir()
+    corrupt = folder / "corrupt" / f"{CPU_GPU_TYPE}.json"
+    corrupt.parent.mkdir()
+    corrupt.write_text('{"format": "dsagen-autotune-db",\n "version": 1,\n oops\n')
+    other_type = folder / "other" / f"{CPU_GPU_TYPE}.json"  # a valid database of another GPU type, renamed
+    other_type.parent.mkdir()
+    other_type.write_text('{"format": "dsagen-autotune-db", "version": 1, "gpu_type": "nvidia-h200",\n "entries": [ ]}\n')
+    h200 = folder / "nvidia-h200.json"
+    h200.write_text('{"format": "dsagen-autotune-db", "version": 1, "gpu_type": "nvidia-h200",\n "entries": [ ]}\n')
+    a_file = home / "a-file"
+    a_file.write_text("not a folder\n")
+    (folder / "dir" / f"{CPU_GPU_TYPE}.json").mkdir(parents=True)
+    cases = {
+        folder / "winners.json": f"this run tunes on {CPU_GPU_TYPE}, whose tuning database must be a file named "
+                                 f"{CPU_GPU_TYPE}.json",
+        h200: f"this run tunes on {CPU_GPU_TYPE}",
+        corrupt: f"{corrupt}:3: invalid JSON",
+        other_type: "'gpu_type' is \"nvidia-h200\" but the file is named",
+        a_file / f"{CPU_GPU_TYPE}.json": f"{a_file} is not a folder",
+        folder / "dir" / f"{CPU_GPU_TYPE}.json": "is a folder, not a tuning-database file",
+    }
+    for db, message in cases.items():
+        result = tune_cli(spec, "--kernel", "topk", "--kernel", "indexer", "--S", "4", "--SKV", "200",
+                          "--storage", journal, "--db", db)
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (db, result.output)
+        assert message in lines[0], (db, lines[0])
+    user_file = tuning_db.db_path(CPU_GPU_TYPE)  # without --db: the user's file, checked the same way
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("[]\n")
+    result = tune_cli(spec, "--kernel", "topk", "--S", "4", "--SKV", "200", "--storage", journal)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and f"{user_file}:1: the top level must be" in lines[0], lines
+    assert not optuna.get_all_study_summaries(tuning_storage(str(journal)))  # no study was started
+    assert not list((home / "cache").glob("triton/*.py"))  # nothing was generated
+
+
+def test_a_winner_that_cannot_be_recorded_does_not_skip_the_studies_after_it(home, monkeypatch):
+    """The first study's write fails (a full disk); the second study still runs and records, and
+    the command ends with one error line naming the winner that is missing, and exit 1."""
+    real_record, calls = tuning_db.record, []
+
+    def full_disk_once(path, entry):
+        calls.append(entry.bucket)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_record(path, entry)
+
+    monkeypatch.setattr(tuning_db, "record", full_disk_once)
+    spec = write_spec(home, PIN_BLOCK_N_ONLY)
+    db_file = home / "db" / f"{CPU_GPU_TYPE}.json"
+    result = tune_cli(spec, "--kernel", "topk", "--S", "4", "--SKV", "200", "--SKV", "600", "--trials", "1",
+                      "--storage", home / "studies.journal", "--db", db_file)
+    assert result.exit_code == 1, result.output
+    assert calls == [bucket_of(4, 200), bucket_of(4, 600)]  # both studies ran to their record
+    assert "NOT RECORDED: [Errno 28] No space left on device" in result.output
+    assert "tuned 2 studies" in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: 1 of 2 winners not recorded: topk S=4 SKV=200: the winner was not recorded: "
+                      "[Errno 28] No space left on device"], result.output
+    [entry] = tuning_db.load(db_file).entries.values()
+    assert entry.bucket == bucket_of(4, 600)
+    r = tune_kernel(TuneRequest(dsagen.load_spec(spec), "topk", 4, 200, device="cpu", gpu_type=CPU_GPU_TYPE,
+                                trials=1, storage=str(home / "studies.journal"), db_path=db_file), progress=False)
+    assert r.record_error is None and r.db_outcome.endswith("added")  # the API: the study resumed, now recorded
 
 
 def test_tuned_entries_drive_the_build_lookup_chain(home, caplog):
@@ -274,22 +403,30 @@ def test_two_workers_share_one_study_through_postgresql_and_survive_a_kill(home,
             "--SKV", "200", "--storage", url, "--device", "cpu", "--sampler", "grid", "-q",
             "--db", str(home / "db" / f"{CPU_GPU_TYPE}.json")]
     env = child_env
-    a = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    b = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    killed = False
-    while time.monotonic() < deadline and not killed:
-        time.sleep(1)
-        try:
+    # B measures one point and holds its second (test hook); A joins; B is killed with that trial in
+    # flight once A has measured a point of its own. A cannot finish before: B's held point is running.
+    held = home / "held-b"
+    b = subprocess.Popen(args, env={**env, **hold_trial(2, held)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    a = None
+    try:
+        wait_until_held(held, b, "tuning process B")
+        a = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 900  # only keeps a broken run from hanging
+        while True:
             _, done = counted_trials_by_bucket(url, name_part, bucket_of(S, 200))
-        except (ValueError, KeyError):
-            continue
-        if any(t.user_attrs.get("pid") == b.pid for t in done):
-            b.kill()  # abrupt: no chance to clean up
-            killed = True
-    assert killed, "worker B never finished a trial"
-    b.wait()
-    out, _ = a.communicate(timeout=600)
+            if any(t.user_attrs.get("pid") == a.pid for t in done):
+                break
+            assert a.poll() is None, a.communicate()[0]
+            assert time.monotonic() < deadline, "tuning process A measured nothing in 900 s"
+            time.sleep(0.2)
+        b.kill()  # abrupt: no chance to clean up
+        b.wait()
+        out, _ = a.communicate(timeout=600)
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     assert a.returncode == 0, out
     study, done = counted_trials_by_bucket(url, name_part, bucket_of(S, 200))
     points = [t.user_attrs["point"] for t in done]

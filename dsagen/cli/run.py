@@ -93,6 +93,7 @@ def tune(
     from dsagen.gpus import cpu_type
     from dsagen.resolve import detected_gpu
     from dsagen.tuning.storage import describe, open_storage
+    from dsagen.tuning.study import check_db_file
     from dsagen.tuning.worker import Worker
 
     spec = load_checked_spec(spec_path, backend.value)
@@ -108,6 +109,7 @@ def tune(
         gpu_type = detected_gpu()[0]
     else:
         gpu_type = cpu_type() if backend == Backend.tvm else "cpu-triton-interpreter"
+    check_db_file(db, gpu_type)  # a misnamed, corrupt or unwritable database fails before any study
     n_jobs = jobs or (8 if device == Device.cuda else 1)  # CPU timings need the CPU to themselves
     typer.echo(f"tuning {spec.name!r} ({backend.value}) on {gpu_type}: kernels {', '.join(names)}; shapes "
                f"{', '.join(f'S={a} SKV={b}' for a, b in pairs)}; storage {describe(storage)}; {n_jobs} worker(s)")
@@ -127,6 +129,9 @@ def tune(
         for w in pool:
             w.close()
     typer.echo(f"tuned {len(results)} studies in {time.monotonic() - t0:.0f} s")
+    unrecorded = [r.record_error for r in results if r.record_error]
+    if unrecorded:  # each study ran; say that some winners are missing from the database
+        raise ValueError(f"{len(unrecorded)} of {len(results)} winners not recorded: {'; '.join(unrecorded)}")
 
 
 def _tune_all(spec, pairs, kernels: list[str], common: dict, pool, quiet: bool, results: list) -> None:

@@ -383,24 +383,25 @@ def check_db_file(path: Path | None, gpu_type: str) -> Path:
     """The tuning-database file a run on `gpu_type` records in (`path`, default the user's file of
     that type), checked before any study starts: named <gpu_type>.json, loadable (or absent, in a
     folder that exists or can be made, and is writable). Raises TuningDBError saying what is wrong."""
+    where = f"--db {path}" if path is not None else f"the tuning database {tuning_db.db_path(gpu_type)}"
     path = Path(path) if path is not None else tuning_db.db_path(gpu_type)
     if path.name != f"{gpu_type}.json":
         raise tuning_db.TuningDBError(
-            f"--db {path}: this run tunes on {gpu_type}, whose tuning database must be a file named "
+            f"{where}: this run tunes on {gpu_type}, whose tuning database must be a file named "
             f"{gpu_type}.json (the file name is the GPU type a build looks up)")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # recording makes the missing folders
         folder = folder.parent
     if not folder.is_dir():
-        raise tuning_db.TuningDBError(f"--db {path}: {folder} is not a folder")
+        raise tuning_db.TuningDBError(f"{where}: {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise tuning_db.TuningDBError(f"--db {path}: cannot write in {folder} (no permission)")
+        raise tuning_db.TuningDBError(f"{where}: cannot write in {folder} (no permission)")
     if path.is_dir():
-        raise tuning_db.TuningDBError(f"--db {path}: is a folder, not a tuning-database file")
+        raise tuning_db.TuningDBError(f"{where}: is a folder, not a tuning-database file")
     try:
         tuning_db.load(path)  # TuningDBError names the file and line at fault
     except OSError as exc:
-        raise tuning_db.TuningDBError(f"--db {path}: cannot read it: {exc.strerror or exc}") from None
+        raise tuning_db.TuningDBError(f"{where}: cannot read it: {exc.strerror or exc}") from None
     return path
 
 
