@@ -2,6 +2,10 @@
 
 The tests compare every generated kernel against these, and the tuner uses them to reject a fast
 but wrong candidate. They are slow on purpose: plain loops over rows where that is clearer.
+
+NaN (docs/numerics.md): it propagates to what it touches. A NaN input makes the indexer logits it
+enters NaN (relu keeps NaN); top-k ranks NaN above +inf, as torch.topk does; a NaN score makes that
+(token, head)'s attention out and lse NaN. The kernels of both backends follow these rules.
 """
 from __future__ import annotations
 
@@ -11,9 +15,13 @@ import torch
 
 
 def indexer(q, k, k_scale, weights, ks, ke):
-    """logits[t, s] = k_scale[s] * sum_j w[t, j] * relu(q[t, j] . k[s]) for ks[t] <= s < ke[t], else -inf."""
+    """logits[t, s] = k_scale[s] * sum_j w[t, j] * relu(q[t, j] . k[s]) for ks[t] <= s < ke[t], else -inf.
+
+    A NaN in q[t], w[t], k[s] or k_scale[s] makes logits[t, s] NaN inside the window (relu(NaN) is
+    NaN, and NaN * 0 is NaN); outside it, -inf as always."""
     q64, k64, w64 = q.double(), k.double(), weights.double()
-    scores = torch.einsum("thd,sd->ths", q64, k64).clamp_min(0)
+    scores = torch.einsum("thd,sd->ths", q64, k64)
+    scores = torch.where(scores < 0, torch.zeros_like(scores), scores)  # relu that keeps NaN
     logits = torch.einsum("ths,th->ts", scores, w64)
     if k_scale is not None:
         logits = logits * k_scale.double()[None, :]
@@ -33,7 +41,8 @@ def topk_values(logits, ks, ke, k: int):
     """Per row, the sorted (descending) k largest values of the window: what any exact top-k selects.
 
     Returns a list of float64 tensors, one per row, of length min(k, window length). Ties make the
-    selected *indices* ambiguous, never these values.
+    selected *indices* ambiguous, never these values. NaN ranks above +inf and NaNs tie (torch.topk's
+    order): a row's values start with its NaNs, up to k of them, then its largest other values.
     """
     rows = []
     skv = logits.shape[1]
@@ -41,7 +50,9 @@ def topk_values(logits, ks, ke, k: int):
         lo, hi = window(ks, ke, skv, t)
         vals = logits[t, lo:hi].double()
         n = min(k, hi - lo)
-        rows.append(torch.sort(vals, descending=True).values[:n])
+        nan = torch.isnan(vals)
+        ordered = torch.cat([vals[nan], torch.sort(vals[~nan], descending=True).values])
+        rows.append(ordered[:n])
     return rows
 
 
@@ -49,6 +60,8 @@ def sparse_attention(q, kv, indices, sm_scale: float, v_dim: int):
     """out[t, h] = sum_i softmax_i(sm_scale * q[t,h] . kv[idx_i]) * kv[idx_i, :v_dim] over valid idx_i.
 
     Valid: 0 <= idx < SKV. A row with no valid index gives out = 0 and lse = +inf. LSE is natural log.
+    A NaN score (a NaN in q[t, h] or anywhere in a selected kv row) makes out[t, h] and lse[t, h]
+    NaN: logsumexp and softmax propagate it.
     """
     n_tokens, heads, _ = q.shape
     skv = kv.shape[0]
