@@ -147,8 +147,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _fmt(value, spec: str, none: str = "-") -> str:
-    return none if value is None else format(value, spec)
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    """A number with its unit suffix, or "-" where there is none (no roofline on a CPU, say)."""
+    return "-" if value is None else format(value, spec) + suffix
 
 
 def format_table(rows: list[BenchRow]) -> str:
@@ -159,8 +160,8 @@ def format_table(rows: list[BenchRow]) -> str:
         sched = " ".join(f"{k}={v}" for k, v in r.schedule.items())
         tag = "tuned" if r.schedule_source.startswith("tuned") else r.schedule_source.split(" ")[0]
         lines.append(f"{r.kernel:<17}{r.shape['S']:>6}{r.shape['SKV']:>8}{r.ms:>9.3f}{_fmt(r.naive_ms, '.3f'):>10}"
-                     f"{_fmt(r.speedup_vs_naive, '.2f') + 'x':>9}{_fmt(r.tflops, '.0f' if (r.tflops or 0) >= 10 else '.3f'):>9}{_fmt(r.gbps, '.0f'):>7}"
-                     f"{_fmt(r.floor_ms, '.3f'):>10}{_fmt(r.pct_of_roofline, '.1f') + '%':>8}  {sched} ({tag})")
+                     f"{_fmt(r.speedup_vs_naive, '.2f', 'x'):>9}{_fmt(r.tflops, '.0f' if (r.tflops or 0) >= 10 else '.3f'):>9}{_fmt(r.gbps, '.0f'):>7}"
+                     f"{_fmt(r.floor_ms, '.3f'):>10}{_fmt(r.pct_of_roofline, '.1f', '%'):>8}  {sched} ({tag})")
     return "\n".join(lines)
 
 

@@ -102,7 +102,7 @@ def test_check_sparse_attention_floor_on_h200(v32_check):
 ])
 def test_check_prints_schedule_footprint_and_constraints(v32_check, kernel, constraints):
     text = section(v32_check, kernel)
-    assert "schedule (default): {" in text
+    assert re.search(r"schedule: \{.*\}\n  from: tuned \((exact|nearest) bucket .*nvidia-h200\.json\n", text), text
     assert "footprint: smem_bytes=" in text and "(smem limit 232448)" in text
     for name in constraints:
         assert re.search(rf"constraint {name}: .*\[ok\]", text), name
@@ -122,7 +122,7 @@ def test_check_other_gpu_moves_an_illegal_default():
     assert result.exit_code == 0, result.output
     text = section(result.plain, "sparse_attention")
     assert "roofline floor on nvidia-a100" in text
-    assert "schedule (default (nearest legal))" in text  # 229 KB of smem does not fit an A100
+    assert "from: default (nearest legal)" in text  # 229 KB of smem does not fit an A100
     assert "VIOLATED" not in text
 
 
@@ -150,13 +150,20 @@ def generated(tmp_path_factory):
     return out, result.plain
 
 
-def test_generate_writes_three_modules(generated):
+KERNELS = ("indexer_topk", "indexer", "topk", "sparse_attention")  # longest prefix first
+
+
+def kernel_of(file_name: str) -> str:
+    return next(k for k in KERNELS if file_name.startswith(k + "_"))
+
+
+def test_generate_writes_a_module_per_kernel(generated):
     out, text = generated
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) == 3 and all(f.endswith(".py") for f in files), files
-    for kernel in ("indexer", "topk", "sparse_attention"):
-        assert sum(f.startswith(kernel + "_") for f in files) == 1, kernel
-        assert re.search(rf"^{kernel}: {re.escape(str(out))}/{kernel}_\S+\.py  \(schedule \{{", text, re.M)
+    assert len(files) == 4 and all(f.endswith(".py") for f in files), files
+    assert sorted(kernel_of(f) for f in files) == sorted(KERNELS)
+    for kernel in KERNELS:
+        assert re.search(rf"^{kernel}: {re.escape(str(out))}/{kernel}_\S+\.py  \(schedule \{{.*\}}, from ", text, re.M)
 
 
 def test_generated_modules_import_alone_in_fresh_interpreters(generated, tmp_path):
@@ -165,7 +172,7 @@ def test_generated_modules_import_alone_in_fresh_interpreters(generated, tmp_pat
     env |= {"TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}  # no __pycache__ beside the files
     procs = {}
     for path in sorted(out.glob("*.py")):
-        kernel = next(k for k in ("indexer", "topk", "sparse_attention") if path.name.startswith(k + "_"))
+        kernel = kernel_of(path.name)
         procs[kernel] = subprocess.Popen(
             [sys.executable, "-c", IMPORT_ALONE, str(path), kernel], cwd=tmp_path, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -186,7 +193,8 @@ def test_generate_twice_writes_identical_files(generated, tmp_path):
 
 
 def test_generated_file_names_follow_the_content(generated, tmp_path):
-    """A different sm_scale changes the attention module's content key, and only that module."""
+    """The softmax scale is a run-time argument: a different sm_scale changes no module; a different
+    head count changes the attention module's name and key, and only that module."""
     out, _ = generated
     spec = tmp_path / "scaled.toml"
     spec.write_text(V32.read_text().replace("sm_scale = 0.13523", "sm_scale = 0.125"))
@@ -194,8 +202,12 @@ def test_generated_file_names_follow_the_content(generated, tmp_path):
     assert result.exit_code == 0, result.output
     before = {p.name for p in out.glob("*.py")}
     after = {p.name for p in (tmp_path / "scaled").glob("*.py")}
-    changed = sorted(after - before)
-    assert len(changed) == 1 and changed[0].startswith("sparse_attention_"), changed
+    assert after == before
+    spec.write_text(V32.read_text().replace("heads = 128", "heads = 96"))
+    result = invoke("generate", spec, "-o", tmp_path / "heads")
+    assert result.exit_code == 0, result.output
+    changed = sorted({p.name for p in (tmp_path / "heads").glob("*.py")} - before)
+    assert len(changed) == 1 and changed[0].startswith("sparse_attention_h96_"), changed
 
 
 def test_generated_source_matches_show(generated):

@@ -54,12 +54,16 @@ def load_checked_spec(path: Path, backend: str):
 
 def kernel_names(kernel: list[str] | None, default: tuple[str, ...] | None = None) -> list[str]:
     """--kernel values checked against the registry (default: the three stages)."""
+    from dsagen.errors import DsagenError
     from dsagen.ops import get_op, stages
 
     if not kernel:
         return list(default or stages())
     for name in kernel:
-        get_op(name)  # an unknown name is an error listing the known ones
+        try:
+            get_op(name)
+        except DsagenError as exc:  # bad usage: exit 2 with the known kernels
+            raise typer.BadParameter(str(exc), param_hint="'--kernel'") from None
     return list(dict.fromkeys(kernel))
 
 
