@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..fileio import cache_dir
+from ..fileio import cache_dir, make_dirs
 
 _RDB_SCHEMES = ("postgresql", "postgresql+psycopg2", "postgresql+psycopg", "mysql", "mysql+pymysql", "sqlite")
 
@@ -40,7 +40,7 @@ def open_storage(storage: str | None):
         if storage is not None and path.suffix != ".journal":
             raise ValueError(f"--storage {storage!r}: give a file ending in .journal or a database URL "
                              f"({', '.join(s + '://...' for s in ('postgresql', 'mysql', 'sqlite'))})")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     scheme = storage.split("://", 1)[0]
     if scheme not in _RDB_SCHEMES:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ..fileio import make_dirs
 from ..timing import cpu_ms, cuda_events_ms, cuda_graph_ms
 
 _CUDA_FATAL = ("illegal memory access", "CUDA error", "unspecified launch failure", "misaligned address",
@@ -210,7 +211,7 @@ class Worker:
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         log_dir = self.log_dir or cache_dir() / "tuning" / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(log_dir)
         self._log = log_dir / f"worker-{os.getpid()}-{self.restarts}.log"
         with open(self._log, "w") as log:
             self._proc = subprocess.Popen(
