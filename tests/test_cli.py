@@ -416,7 +416,9 @@ def test_module_key_covers_included_templates(tmp_path, monkeypatch):
     before = resolve_kernel(spec, "topk").generated
     (tmp_path / "triton").mkdir()
     original = (ROOT / "templates" / "triton" / "_radix.j2").read_text()
-    (tmp_path / "triton" / "_radix.j2").write_text(original + "\n# changed\n")
+    changed = original.replace("def _ordered_key(x):", "def _ordered_key(x):  # changed", 1)
+    assert changed != original
+    (tmp_path / "triton" / "_radix.j2").write_text(changed)
     monkeypatch.setenv(TEMPLATE_PATH_ENV, str(tmp_path))
     after = resolve_kernel(spec, "topk").generated
     assert after.key != before.key and "# changed" in after.source

@@ -179,7 +179,7 @@ def test_topk_bracket_settles_plain_rows_and_falls_back_on_a_full_bin(device, ge
     cap = 256 if row_reads == 2 else 1024  # the one-read band is wider than the two-read bin
     kernels = dsagen.build(make_spec(k=100), schedules={"topk": {"block_n": 256, "sample": 256, "candidates": cap,
                                                                  "resident_max": 0, "row_reads": row_reads}})
-    module = triton_backend.load(kernels.resolve("topk").path, interpret=device.type == "cpu")
+    module = triton_backend.load(kernels.resolve("topk", device_type=device.type).path, interpret=device.type == "cpu")
     S, SKV = 4, 3001
     x = rand(gen, S, SKV).to(device)
     x[2] = 0.5  # every key equal: the bin or band holds the whole row, more than the candidates cap
@@ -442,7 +442,8 @@ def test_fused_rows_kernel_settles_plain_rows(device, gen):
     got = kernels.indexer_topk(q, kk, None, w, ks, ke, out=poisoned)
     ref = reference.indexer(q.cpu(), kk.cpu(), None, w.cpu(), ks.cpu(), ke.cpu())
     assert_topk(got.cpu(), ref.float(), ks.cpu(), ke.cpu(), 20, tolerance=1e-3)
-    module = triton_backend.load(kernels.resolve("indexer_topk").path, interpret=device.type == "cpu")
+    module = triton_backend.load(kernels.resolve("indexer_topk", device_type=device.type).path,
+                                 interpret=device.type == "cpu")
     settled = torch.full((S,), -1, dtype=torch.int32, device=device)
     out = torch.full((S, 20), -7, dtype=torch.int32, device=device)
     cand_idx = torch.empty((S, 256), dtype=torch.int32, device=device)
@@ -451,7 +452,7 @@ def test_fused_rows_kernel_settles_plain_rows(device, gen):
         module._indexer_topk_rows_kernel[(2,)](
             q, kk, kk, w, ks, ke, out, settled, cand_idx, cand_val, S, SKV, q.stride(0), q.stride(1),
             kk.stride(0), w.stride(0), out.stride(0), cand_idx.stride(0),
-            **module._rows_constexprs(has_k_scale=False, interpret=device.type == "cpu"), num_warps=4)
+            **module._rows_constexprs(has_k_scale=False), num_warps=4)
     assert settled.tolist() == [1, 1, 0, 1, 1, 1]
 
 

@@ -66,21 +66,25 @@ def test_an_op_name_must_be_an_identifier():
         dsagen.ops.register(Bad())
 
 
-def test_a_kernel_from_outside_dsagen_builds_and_runs_on_both_backends(plugin, gen):
+def test_a_kernel_from_outside_dsagen_builds_and_runs_on_both_backends(plugin, gen, device):
     spec = dsagen.load_spec(V32)
-    for backend in ("triton", "tvm"):
+    for backend in ("triton", "tvm") if device.type == "cpu" else ("triton",):  # its TVM kernel is llvm only
         kernels = dsagen.build(spec, backend=backend)
         assert "masked_scale" in kernels.kernels()
-        x, scale, ks, ke = plugin.inputs(spec, 7, 45, "cpu", int(torch.randint(0, 1000, (1,), generator=gen)))
+        x, scale, ks, ke = plugin.inputs(spec, 7, 45, device, int(torch.randint(0, 1000, (1,), generator=gen)))
         out = torch.full_like(x, math.nan)
         kernels.masked_scale(x, scale, ks, ke, out=out)  # written in place
-        assert torch.equal(out, plugin.reference(spec, x, scale, ks, ke).float())  # one fp32 product: exact
+        assert torch.equal(out.cpu(), plugin.reference(spec, x, scale, ks, ke).float())  # one fp32 product: exact
         assert torch.equal(kernels.masked_scale(x, scale, ks, ke), out)  # through dsagen::masked_scale
         with pytest.raises(ValueError, match="scale must have dtype torch.float32"):
             kernels.masked_scale(x, scale.double(), ks, ke)
 
 
 def test_a_kernel_from_outside_dsagen_goes_through_show_tune_and_bench(plugin, tmp_path):
+    from dsagen.backends.triton import interpreter_problem
+
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())  # the CPU tuning runs the Triton interpreter
     shown = invoke("show", V32, "-k", "masked_scale", "--S", "8", "--SKV", "40")
     assert shown.exit_code == 0, shown.plain
     assert "def masked_scale(" in shown.stdout and "_masked_scale_kernel" in shown.stdout
@@ -142,7 +146,7 @@ def test_generate_for_the_tvm_cpu_uses_the_tuned_cpu_entries(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # PyTorch integration
 
-def dsa_inputs(spec, gen, S=6, SKV=37):
+def dsa_inputs(spec, gen, device, S=6, SKV=37):
     ix, at = spec.indexer, spec.attention
     q_idx = torch.randn(S, ix.heads, ix.head_dim, generator=gen).bfloat16()
     k_idx = torch.randn(SKV, ix.head_dim, generator=gen).bfloat16()
@@ -150,15 +154,15 @@ def dsa_inputs(spec, gen, S=6, SKV=37):
     ke = torch.arange(SKV - S + 1, SKV + 1, dtype=torch.int32)
     q = torch.randn(S, at.heads, at.qk_dim, generator=gen).bfloat16()
     kv = torch.randn(SKV, at.qk_dim, generator=gen).bfloat16()
-    return (q, kv, q_idx, k_idx, torch.rand(SKV, generator=gen) + 0.5, torch.randn(S, ix.heads, generator=gen),
-            ks, ke)
+    args = (q, kv, q_idx, k_idx, torch.rand(SKV, generator=gen) + 0.5, torch.randn(S, ix.heads, generator=gen), ks, ke)
+    return tuple(a.to(device) for a in args)
 
 
-def test_dsa_and_each_kernel_trace_with_no_graph_break(gen):
+def test_dsa_and_each_kernel_trace_with_no_graph_break(gen, device):
     import torch._dynamo
 
     kernels = dsagen.build(small_spec())
-    args = dsa_inputs(kernels.spec, gen)
+    args = dsa_inputs(kernels.spec, gen, device)
     eager = kernels.dsa(*args)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(kernels.dsa)(*args)
@@ -179,10 +183,10 @@ def test_dsa_and_each_kernel_trace_with_no_graph_break(gen):
             assert torch.equal(a, b), kernel
 
 
-def test_an_input_that_requires_grad_is_refused_until_backward_exists(gen):
+def test_an_input_that_requires_grad_is_refused_until_backward_exists(gen, device):
     kernels = dsagen.build(small_spec())
-    q, kv, *_ = dsa_inputs(kernels.spec, gen)
-    idx = torch.zeros(q.shape[0], 9, dtype=torch.int32)
+    q, kv, *_ = dsa_inputs(kernels.spec, gen, device)
+    idx = torch.zeros(q.shape[0], 9, dtype=torch.int32, device=device)
     with pytest.raises(RuntimeError, match="no backward pass yet"):
         kernels.sparse_attention(q.requires_grad_(), kv, idx)
     with torch.no_grad():
@@ -194,25 +198,25 @@ def test_an_input_that_requires_grad_is_refused_until_backward_exists(gen):
     (1e308, "outside the fp32 range"), (1e-300, "outside the fp32 range"), (math.inf, "finite number > 0"),
     (-0.5, "finite number > 0"), (True, "finite number > 0"), ("0.1", "finite number > 0"),
 ])
-def test_sm_scale_outside_what_the_kernels_compute_in_is_refused(value, message, gen):
+def test_sm_scale_outside_what_the_kernels_compute_in_is_refused(value, message, gen, device):
     kernels = dsagen.build(small_spec())
-    q, kv, *_ = dsa_inputs(kernels.spec, gen)
-    idx = torch.zeros(q.shape[0], 9, dtype=torch.int32)
+    q, kv, *_ = dsa_inputs(kernels.spec, gen, device)
+    idx = torch.zeros(q.shape[0], 9, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match=f"sm_scale=.*{re.escape(message)}"):
         kernels.sparse_attention(q, kv, idx, value)
     with pytest.raises(dsagen.SpecError, match=f"attention.sm_scale=.*{re.escape(message)}"):
         dsagen.Spec(attention=dsagen.AttentionSpec(heads=5, qk_dim=80, v_dim=48, sm_scale=value))
 
 
-def test_a_numpy_scale_is_a_number(gen):
+def test_a_numpy_scale_is_a_number(gen, device):
     import numpy as np
 
     spec = dsagen.Spec(indexer=small_spec().indexer, topk=small_spec().topk,
                        attention=dsagen.AttentionSpec(heads=5, qk_dim=80, v_dim=48, sm_scale=np.float32(0.1)))
     assert type(spec.attention.sm_scale) is float
     kernels = dsagen.build(small_spec())
-    q, kv, *_ = dsa_inputs(kernels.spec, gen)
-    idx = torch.randint(0, kv.shape[0], (q.shape[0], 9), generator=gen, dtype=torch.int32)
+    q, kv, *_ = dsa_inputs(kernels.spec, gen, device)
+    idx = torch.randint(0, kv.shape[0], (q.shape[0], 9), generator=gen, dtype=torch.int32).to(device)
     a, _ = kernels.sparse_attention(q, kv, idx, np.float32(0.25))
     b, _ = kernels.sparse_attention(q, kv, idx, 0.25)
     assert torch.equal(a, b)

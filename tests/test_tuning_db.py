@@ -885,8 +885,15 @@ def test_paths_outside_the_cache_keep_their_plain_os_error(tmp_path):
 def test_deeply_nested_json_is_one_error_naming_the_file(tmp_path, text):
     path = tmp_path / "nvidia-h200.json"
     path.write_text(text)
-    assert error_of(path) == f"{path}: invalid JSON: nested too deeply (a tuning database holds flat entries, one per line)"
-    with pytest.raises(db.TuningDBError, match="nested too deeply"):
+    message = error_of(path)
+    if message.startswith(f"{path}:1: an entry must be a JSON object"):
+        # Python 3.12's parser reads 5000 closed levels: the entry check refuses it, also one line
+        assert "\n" not in message and text.count("[") == 5001
+        match = "an entry must be a JSON object"
+    else:
+        assert message == f"{path}: invalid JSON: nested too deeply (a tuning database holds flat entries, one per line)"
+        match = "nested too deeply"
+    with pytest.raises(db.TuningDBError, match=match):
         db.record(path, make_entry())
     assert path.read_text() == text  # never written over
     result = invoke("list", "--dir", tmp_path)

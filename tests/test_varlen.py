@@ -51,7 +51,7 @@ def test_bad_offsets_are_refused(bad, match):
         windows_from_cu_seqlens(*bad)
 
 
-def test_dsa_over_a_varlen_batch_stays_inside_each_sequence(gen):
+def test_dsa_over_a_varlen_batch_stays_inside_each_sequence(gen, device):
     spec = dsagen.Spec(indexer=dsagen.IndexerSpec(heads=3, head_dim=40, dtype="bf16"), topk=dsagen.TopKSpec(k=6),
                        attention=dsagen.AttentionSpec(heads=5, qk_dim=80, v_dim=48))
     kernels = dsagen.build(spec)
@@ -63,9 +63,10 @@ def test_dsa_over_a_varlen_batch_stays_inside_each_sequence(gen):
     w = torch.randn(S, 3, generator=gen)
     q = torch.randn(S, 5, 80, generator=gen).bfloat16()
     kv = torch.randn(SKV, 80, generator=gen).bfloat16()
-    res = kernels.dsa(q, kv, q_idx, k_idx, None, w, ks, ke)
+    on = [t.to(device) for t in (q, kv, q_idx, k_idx, w, ks, ke)]
+    res = kernels.dsa(*on[:4], None, *on[4:])
     logits = reference.indexer(q_idx, k_idx, None, w, ks, ke)
     assert_topk(res.indices, logits, ks, ke, 6, tolerance=1e-5)
-    ref_out, ref_lse = reference.sparse_attention(q, kv, res.indices, spec.attention.softmax_scale, 48)
+    ref_out, ref_lse = reference.sparse_attention(q, kv, res.indices.cpu(), spec.attention.softmax_scale, 48)
     assert_close("sparse_attention.out", res.out, ref_out)
     assert_close("sparse_attention.lse", res.lse, ref_lse)
