@@ -50,9 +50,9 @@ def main() -> None:
     eager = kernels.dsa(*inputs)
     torch.cuda.synchronize()
 
-    import torch._dynamo
+    from torch import _dynamo
 
-    explained = torch._dynamo.explain(kernels.dsa)(*inputs)
+    explained = _dynamo.explain(kernels.dsa)(*inputs)
     compiled_fn = torch.compile(kernels.dsa, fullgraph=True)
     compiled = compiled_fn(*inputs)
     torch.cuda.synchronize()
