@@ -26,9 +26,9 @@ from typing import Mapping
 
 from ..codegen import template_digest
 from ..gpus import GPUS, get_gpu
-from ..resolve import DEFAULT_GPU
+from ..resolve import DEFAULT_GPU, Resolver
 from ..plan import problem_symbols
-from ..schedule import choose, load_space
+from ..schedule import load_space
 from ..spec import Spec
 from .. import db as tuning_db
 from ..db.buckets import bucket_of
@@ -291,7 +291,8 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     space = load_space(req.backend, req.kernel)
     pinned = req.spec.pinned(req.kernel)
     space.check_names(pinned, f"schedule.{req.kernel}")
-    untuned = choose(req.spec, req.kernel, get_gpu(plan_gpu), req.backend)  # legal, the pins kept
+    # what a build would run untuned (the one resolver, database left out): legal, the pins kept
+    untuned = Resolver(req.spec, req.backend, plan_gpu, use_db=False).resolve(req.kernel, device_type=req.device)
     fixed = fixed_knobs(space, req.device, untuned.point) | pinned  # the pins; the other target's knobs
     legal = [p for p in space.legal_points(problem_symbols(req.spec, req.kernel, get_gpu(plan_gpu)))
              if all(p[k] == v for k, v in fixed.items())]
@@ -367,7 +368,7 @@ def fixed_knobs(space, device: str, around: Mapping[str, int] | None = None) -> 
     in `around`, else at their defaults.
 
     A raw default can be illegal for a spec (cuda_block_h=8 with 3 heads), and then no point of the
-    tuned target would be legal; tune_kernel passes the point `choose` returns, which moves illegal
+    tuned target would be legal; tune_kernel passes the untuned point the resolver returns, which moves illegal
     defaults to the nearest legal point.
     """
     other = [p for d, p in TARGET_KNOB_PREFIXES.items() if d != device]
