@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .__version__ import __version__
-from .gpus import GPU
+from .gpus import GPU, cpu_model
 from .kernels import DSAKernels
 from .ops import get_op
 from .spec import KERNELS, Spec
@@ -131,20 +131,9 @@ def environment() -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:

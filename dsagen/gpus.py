@@ -54,3 +54,17 @@ def cpu_type() -> str:
 
     machine = (platform.machine() or "unknown").lower().replace("_", "-").replace("amd64", "x86-64")
     return f"cpu-{machine}"
+
+
+def cpu_model() -> str:
+    """This CPU's model name (/proc/cpuinfo), else what the platform module knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -33,7 +33,8 @@ from dsagen.plan import problem_symbols
 from dsagen.gpus import get_gpu
 from dsagen import db as tuning_db
 from dsagen.db.buckets import bucket_of
-from dsagen.tuning.study import TuneRequest, cpu_model, tune_kernel
+from dsagen.gpus import cpu_model
+from dsagen.tuning.study import TuneRequest, tune_kernel
 from dsagen.tuning.worker import HOLD_ENV
 
 from dsagen.backends.triton import interpreter_problem

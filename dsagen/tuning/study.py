@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..codegen import template_digest
-from ..gpus import GPUS, get_gpu
+from ..gpus import GPUS, cpu_model, get_gpu
 from ..resolve import DEFAULT_GPU, Resolver
 from ..plan import problem_symbols
 from ..schedule import load_space
@@ -471,20 +471,6 @@ def _best_trial(study):
 def _best_ms(study) -> float | None:
     best = _best_trial(study)
     return best.value if best else None
-
-
-def cpu_model() -> str:
-    """This CPU's model name (/proc/cpuinfo), else what the platform module knows."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _device_facts(device: str, backend: str) -> tuple[str, str]:
