@@ -1,13 +1,16 @@
 """dsagen: a compiler for DeepSeek Sparse Attention kernels.
 
-spec (TOML) -> plan (sympy) -> schedule -> render (Jinja) -> compile/load (Triton) -> run (torch).
+spec (TOML) -> plan (sympy) -> resolve a schedule -> lower -> render (Jinja) -> compile/load (Triton,
+TVM) -> run (torch, through the dsagen::<kernel> ops). Every kernel is an op of `dsagen.ops`.
 """
 from .__version__ import __version__
 from .errors import BackendError, DsagenError, ScheduleError, SpecError
+from . import ops, varlen
 from .kernels import DSAKernels, DSAOutput, build
 from .spec import AttentionSpec, IndexerSpec, Spec, TopKSpec, load_spec, spec_from_dict
 
 __all__ = [
     "__version__", "AttentionSpec", "BackendError", "DSAKernels", "DSAOutput", "DsagenError",
-    "IndexerSpec", "ScheduleError", "Spec", "SpecError", "TopKSpec", "build", "load_spec", "spec_from_dict",
+    "IndexerSpec", "ScheduleError", "Spec", "SpecError", "TopKSpec", "build", "load_spec", "ops", "spec_from_dict",
+    "varlen",
 ]
