@@ -7,7 +7,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import re
 import subprocess
 import sys

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import sympy as sp
 import torch
 
 from dsagen.ops import Call, Cost, Op, register
