@@ -7,10 +7,10 @@ from .__version__ import __version__
 from .errors import BackendError, DsagenError, ScheduleError, SpecError
 from . import ops, varlen
 from .kernels import DSAKernels, DSAOutput, build
-from .spec import AttentionSpec, IndexerSpec, Spec, TopKSpec, load_spec, spec_from_dict
+from .spec import AttentionSpec, CacheSpec, IndexerSpec, Spec, TopKSpec, load_spec, spec_from_dict
 
 __all__ = [
-    "__version__", "AttentionSpec", "BackendError", "DSAKernels", "DSAOutput", "DsagenError",
+    "__version__", "AttentionSpec", "BackendError", "CacheSpec", "DSAKernels", "DSAOutput", "DsagenError",
     "IndexerSpec", "ScheduleError", "Spec", "SpecError", "TopKSpec", "build", "load_spec", "ops", "spec_from_dict",
     "varlen",
 ]

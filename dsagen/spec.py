@@ -77,10 +77,21 @@ class AttentionSpec:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    """The paged KV caches of the decode path (dsagen.cache_formats): tokens per page and the
+    formats of the MLA cache and the indexer key cache, by name."""
+
+    page_size: int = 64
+    mla_format: str = "deepseek_v32_fp8"
+    index_format: str = "deepgemm_fp8"
+
+
+@dataclass(frozen=True)
 class Spec:
     indexer: IndexerSpec = field(default_factory=IndexerSpec)
     topk: TopKSpec = field(default_factory=TopKSpec)
     attention: AttentionSpec = field(default_factory=AttentionSpec)
+    cache: CacheSpec | None = None  # optional: without it, no decode kernel is offered
     # pinned schedule knobs per kernel: {"sparse_attention": {"block_h": 64, ...}}
     schedule: Mapping[str, Mapping[str, int]] = field(default_factory=dict, hash=False)
     name: str = "unnamed"
@@ -111,7 +122,8 @@ class Spec:
     def to_dict(self) -> dict[str, Any]:
         """Plain data that spec_from_dict turns back into an equal Spec (sent to worker processes)."""
         attention = {k: v for k, v in asdict(self.attention).items() if v is not None}
-        return {"name": self.name, "indexer": asdict(self.indexer), "topk": asdict(self.topk),
+        extra = {"cache": asdict(self.cache)} if self.cache is not None else {}
+        return extra | {"name": self.name, "indexer": asdict(self.indexer), "topk": asdict(self.topk),
                 "attention": attention, "schedule": {k: dict(v) for k, v in self.schedule.items()}}
 
 
@@ -147,6 +159,24 @@ def softmax_scale_value(value: Any) -> tuple[float | None, str | None]:
     return number, None
 
 
+def _validate_cache(spec: Spec) -> None:
+    from .cache_formats import INDEX_FORMATS, MLA_FORMATS, check_page_size
+
+    c, at, ix = spec.cache, spec.attention, spec.indexer
+    if not isinstance(c, CacheSpec):
+        raise SpecError("cache must be a [cache] table")
+    if (problem := check_page_size(c.page_size)) is not None:
+        raise SpecError(f"cache.page_size={c.page_size!r} {problem}")
+    _check_enum("cache.mla_format", c.mla_format, tuple(MLA_FORMATS))
+    _check_enum("cache.index_format", c.index_format, tuple(INDEX_FORMATS))
+    fmt = MLA_FORMATS[c.mla_format]
+    if (at.v_dim, at.rope_dim) != (fmt.latent_dim, fmt.rope_dim):
+        raise SpecError(f"cache.mla_format={c.mla_format!r} holds {fmt.latent_dim} latent + {fmt.rope_dim} rope "
+                        f"values per token, but attention has v_dim={at.v_dim} and qk_dim - v_dim={at.rope_dim}")
+    if ix.dtype != "fp8_e4m3":
+        raise SpecError(f"cache.index_format={c.index_format!r} stores fp8 keys, but indexer.dtype={ix.dtype!r}")
+
+
 def validate(spec: Spec) -> None:
     """Raise SpecError naming the key, the value and what is allowed; return None if valid."""
     ix, tk, at = spec.indexer, spec.topk, spec.attention
@@ -173,6 +203,8 @@ def validate(spec: Spec) -> None:
         if problem:
             raise SpecError(f"attention.sm_scale={at.sm_scale!r} {problem}")
         object.__setattr__(at, "sm_scale", number)  # a NumPy scalar becomes a plain float
+    if spec.cache is not None:
+        _validate_cache(spec)
     if not isinstance(spec.name, str) or not spec.name:
         raise SpecError(f"name={spec.name!r} must be a non-empty string")
     if not isinstance(spec.schedule, Mapping):
@@ -199,7 +231,10 @@ _SECTIONS: dict[str, tuple[type, set[str], set[str]]] = {
     "topk": (TopKSpec, {"k"}, {"fused"}),
     "attention": (AttentionSpec, {"heads", "qk_dim", "v_dim", "dtype"}, {"sm_scale"}),
 }
-_TOP_LEVEL = {"name", "indexer", "topk", "attention", "schedule"}
+_OPTIONAL_SECTIONS: dict[str, tuple[type, set[str], set[str]]] = {
+    "cache": (CacheSpec, set(), {"page_size", "mla_format", "index_format"}),
+}
+_TOP_LEVEL = {"name", "indexer", "topk", "attention", "cache", "schedule"}
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> Spec:
@@ -224,6 +259,17 @@ def spec_from_dict(data: Mapping[str, Any]) -> Spec:
         for key in sorted(required):
             if key not in table:
                 raise SpecError(f"missing key {name}.{key}")
+        sections[name] = cls(**table)
+    for name, (cls, required, optional) in _OPTIONAL_SECTIONS.items():
+        table = data.get(name)
+        if table is None:
+            continue
+        if not isinstance(table, Mapping):
+            raise SpecError(f"{name} must be a table [{name}]")
+        for key in table:
+            if key not in required | optional:
+                raise SpecError(
+                    f"unknown key {name}.{key}: allowed keys are {', '.join(sorted(required | optional))}")
         sections[name] = cls(**table)
     schedule = data.get("schedule", {})
     name = data.get("name", "unnamed")
