@@ -1,0 +1,209 @@
+"""Decode, the lightning indexer over the paged FP8 key cache (DeepGEMM's `fp8_paged_mqa_logits`
+contract, for any next_n >= 1 and any head count).
+
+    q [B, next_n, H, D] fp8 e4m3, index_cache uint8 [n_pages, page_size, 1, D + 4] (per page: its
+    page_size x D fp8 keys, then their page_size fp32 scales), weights [B * next_n, H] fp32 (q's scale
+    folded in), context_lens [B] int32, block_table [B, max_blocks] int32
+    -> logits [B * next_n, max_blocks * page_size] fp32.
+
+Row r = b * next_n + j is query j of request b; it sees the tokens s < context_lens[b] - next_n + j + 1
+(token s lives in page block_table[b, s // page_size] at slot s % page_size) and gets
+logits[r, s] = k_scale[s] * sum_h weights[r, h] * relu(q[b, j, h] . k[s]) there, -inf in every other
+column (a visible length <= 0 gives an all -inf row). Table entries past a request's context are
+never read, nor are keys past it. relu keeps NaN, as in the prefill indexer.
+
+Workload (tests, tuner, bench): S = B requests, each with a context of SKV tokens and next_n = 2
+query tokens, pages in a random order; the tuning database buckets a call by (B * next_n, max_blocks *
+page_size), and the sampled check rows are requests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..cache_formats import pack_index_pages, pow2_scale, unpack_index_pages
+from ..verify import assert_close
+from . import register
+from .base import SKV, Call, Cost, Op, S, W, check_out, check_tensor, generator, next_pow2
+
+WORKLOAD_NEXT_N = 2
+
+
+def paged_indexer_reference(q, index_cache, weights, context_lens, block_table):
+    """float64 logits written from the math: keys dequantized on the host, gathered through the
+    block table for the visible tokens only."""
+    n_req, next_n, heads, head_dim = q.shape
+    page_size = index_cache.shape[1]
+    n_cols = block_table.shape[1] * page_size
+    keys, scales = unpack_index_pages(index_cache.cpu(), head_dim)
+    q64, w64 = q.cpu().double(), weights.cpu().double().reshape(n_req, next_n, heads)
+    lens, table = context_lens.cpu().long(), block_table.cpu().long()
+    out = torch.full((n_req * next_n, n_cols), -math.inf, dtype=torch.float64)
+    for b in range(n_req):
+        n = min(int(lens[b]), n_cols)  # the last query row sees s < context_lens[b]
+        if n <= 0:
+            continue
+        s = torch.arange(n)
+        token = table[b, s // page_size] * page_size + s % page_size
+        scores = torch.einsum("jhd,sd->jhs", q64[b], keys[token])
+        scores = torch.where(scores < 0, torch.zeros_like(scores), scores)  # relu that keeps NaN
+        logits = torch.einsum("jhs,jh->js", scores, w64[b]) * scales[token][None, :]
+        for j in range(next_n):
+            visible = min(int(lens[b]) - next_n + j + 1, n_cols)
+            if visible > 0:
+                out[b * next_n + j, :visible] = logits[j, :visible]
+    return out
+
+
+def quantize_index_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float keys [n, D] -> (fp8 e4m3 keys, fp32 power-of-two scales): the cache's quantization."""
+    scale = pow2_scale(keys.double().abs().amax(-1))
+    codes = (keys.double() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return codes, scale.float()
+
+
+def paged_indexer_inputs(spec, n_req: int, context: int, device, seed: int, next_n: int = WORKLOAD_NEXT_N):
+    """B requests of `context` tokens each, pages shuffled across requests; q's scale is folded
+    into the weights (as the caller does)."""
+    ix, page_size = spec.indexer, spec.cache.page_size
+    g = generator(device, seed)
+    max_blocks = -(-context // page_size)
+    n_pages = n_req * max_blocks
+    q = (torch.randn(n_req, next_n, ix.heads, ix.head_dim, device=device, generator=g) * 4).to(torch.float8_e4m3fn)
+    keys, scales = quantize_index_keys(torch.randn(n_pages * page_size, ix.head_dim, device=device, generator=g))
+    cache = pack_index_pages(keys, scales, page_size)
+    table = torch.randperm(n_pages, device=device, generator=g).reshape(n_req, max_blocks).int()
+    weights = torch.randn(n_req * next_n, ix.heads, device=device, generator=g) / ix.heads
+    lens = torch.full((n_req,), context, dtype=torch.int32, device=device)
+    return q, cache, weights, lens, table
+
+
+def naive_paged_indexer(q, index_cache, weights, context_lens, block_table, chunk: int = 8):
+    """Gather each request's keys to a dense [B, max_ctx, D] with torch, then bf16 einsums (torch has
+    no fp8 einsum), in chunks of requests."""
+    n_req, next_n, heads, head_dim = q.shape
+    n_pages, page_size = index_cache.shape[:2]
+    n_cols = block_table.shape[1] * page_size
+    flat = index_cache.reshape(n_pages, -1)
+    keys = flat[:, :page_size * head_dim].contiguous().view(torch.float8_e4m3fn).reshape(n_pages, page_size, head_dim)
+    scales = flat[:, page_size * head_dim:].contiguous().view(torch.float32)
+    out = torch.empty(n_req * next_n, n_cols, dtype=torch.float32, device=q.device)
+    cols = torch.arange(n_cols, device=q.device)
+    table = block_table.long().clamp(0, n_pages - 1)  # entries past a context may be anything
+    for b0 in range(0, n_req, chunk):
+        t = table[b0:b0 + chunk]
+        k = keys[t].reshape(t.shape[0], n_cols, head_dim).to(torch.bfloat16)
+        scores = torch.einsum("bjhd,bsd->bjhs", q[b0:b0 + chunk].to(torch.bfloat16), k).float().relu_()
+        w = weights[b0 * next_n:(b0 + t.shape[0]) * next_n].reshape(t.shape[0], next_n, heads)
+        logits = torch.einsum("bjhs,bjh->bjs", scores, w) * scales[t].reshape(t.shape[0], 1, n_cols)
+        visible = context_lens[b0:b0 + chunk, None].long() - next_n + 1 + torch.arange(next_n, device=q.device)
+        logits = logits.masked_fill(cols[None, None, :] >= visible[..., None], -math.inf)
+        out[b0 * next_n:(b0 + t.shape[0]) * next_n] = logits.reshape(-1, n_cols)
+    return out
+
+
+class PagedIndexerOp(Op):
+    name = "paged_indexer"
+    summary = "decode lightning indexer over the paged fp8 key cache: logits [B*next_n, max_blocks*page_size]"
+    backends = ("triton",)
+    short_names = {"block_n": "n", "block_h": "hb", "key_blocks": "kb", "num_warps": "w", "num_stages": "s"}
+    naive_name = "gather pages to dense + bf16 einsum (chunks of 8 requests)"
+    args = (("q", "Tensor"), ("index_cache", "Tensor"), ("weights", "Tensor"), ("context_lens", "Tensor"),
+            ("block_table", "Tensor"))
+
+    def enabled(self, spec, backend):
+        return spec.cache is not None and backend == "triton"
+
+    def semantic_fields(self, spec):
+        ix, c = spec.indexer, spec.cache
+        return {"heads": ix.heads, "head_dim": ix.head_dim, "page_size": c.page_size, "index_format": c.index_format}
+
+    def template_fields(self, spec):
+        ix = spec.indexer
+        return {"heads": ix.heads, "head_dim": ix.head_dim, "page_size": spec.cache.page_size}
+
+    def module_stem(self, spec):
+        ix = spec.indexer
+        return f"paged_indexer_h{ix.heads}_d{ix.head_dim}_p{spec.cache.page_size}"
+
+    def derived(self, spec, point, backend):
+        return {"d_pad": next_pow2(spec.indexer.head_dim, 32)}
+
+    def problem_symbols(self, spec):
+        ix = spec.indexer
+        return {"heads": ix.heads, "heads_pad": next_pow2(ix.heads), "d_pad": next_pow2(ix.head_dim, 32),
+                "page_size": spec.cache.page_size}
+
+    def cost(self, spec):
+        """At the workload: S requests x next_n = 2 rows, SKV keys each (W: the mean visible length)."""
+        ix, n = spec.indexer, WORKLOAD_NEXT_N
+        nbytes = (S * n * ix.heads * ix.head_dim  # q
+                  + S * SKV * (ix.head_dim + 4)  # keys and scales, each read once
+                  + S * n * ix.heads * 4 + S * 4 + S * SKV / spec.cache.page_size * 4  # weights, lens, table
+                  + S * n * SKV * 4)  # logits
+        return Cost(self.name, 2 * S * n * W * ix.heads * ix.head_dim, nbytes, "fp8")
+
+    def check_args(self, spec, q, index_cache, weights, context_lens, block_table, out=None):
+        ix, page_size = spec.indexer, spec.cache.page_size
+        check_tensor("q", q, torch.float8_e4m3fn, (None, None, ix.heads, ix.head_dim))
+        dev, (n_req, next_n) = q.device, q.shape[:2]
+        if next_n < 1:
+            raise ValueError(f"q must hold next_n >= 1 query tokens per request (dim 1), got {next_n}")
+        check_tensor("index_cache", index_cache, torch.uint8, (None, None, 1, ix.head_dim + 4), dev)
+        if index_cache.shape[1] != page_size:
+            raise ValueError(f"index_cache has pages of {index_cache.shape[1]} tokens (dim 1), but the spec's "
+                             f"cache.page_size is {page_size}")
+        if index_cache.numel() and page_size > 1 and index_cache.stride(1) != ix.head_dim + 4:
+            raise ValueError(f"index_cache must be packed within each page (stride {ix.head_dim + 4} along "
+                             f"dim 1), got strides {index_cache.stride()}")
+        check_tensor("weights", weights, torch.float32, (n_req * next_n, ix.heads), dev)
+        check_tensor("context_lens", context_lens, torch.int32, (n_req,), dev)
+        check_tensor("block_table", block_table, torch.int32, (n_req, None), dev)
+        n_cols = block_table.shape[1] * page_size
+        check_out("out", out, torch.float32, (n_req * next_n, n_cols), dev)
+        strides = {"q": q.stride()[:3], "index_cache": index_cache.stride()[:1], "weights": weights.stride()[:1],
+                   "block_table": block_table.stride()[:1], "out": out.stride()[:1] if out is not None else ()}
+        for name, used in strides.items():
+            if max(used, default=0) >= 2**31:
+                raise ValueError(f"{name} has a stride of 2**31 or more: the kernel takes int32 strides")
+        return Call(dev, n_req * next_n, n_cols)
+
+    def fake(self, spec, q, index_cache, weights, context_lens, block_table):
+        rows = q.shape[0] * q.shape[1]
+        return q.new_empty((rows, block_table.shape[1] * spec.cache.page_size), dtype=torch.float32)
+
+    def reference(self, spec, q, index_cache, weights, context_lens, block_table):
+        return paged_indexer_reference(q, index_cache, weights, context_lens, block_table)
+
+    def inputs(self, spec, S_, SKV_, device, seed):
+        return paged_indexer_inputs(spec, S_, SKV_, device, seed)
+
+    def poisoned_outputs(self, spec, inputs):
+        q, block_table = inputs[0], inputs[4]
+        shape = (q.shape[0] * q.shape[1], block_table.shape[1] * spec.cache.page_size)
+        return {"out": torch.full(shape, math.nan, device=q.device)}
+
+    def check(self, spec, inputs, result, rows):
+        """rows: requests (the workload's S axis); each is checked on all its next_n logits rows."""
+        q, cache, weights, lens, table = inputs
+        next_n = q.shape[1]
+        b = rows.to(q.device).long()
+        r = (b[:, None] * next_n + torch.arange(next_n, device=q.device)).reshape(-1)
+        ref = paged_indexer_reference(q[b], cache, weights[r], lens[b], table[b])
+        ratio = assert_close("indexer.logits.fp8_e4m3", result[r], ref)
+        return f"float64 reference on {len(rows)} requests x {next_n} rows, RMS ratio {ratio:.2e}"
+
+    def naive(self, spec, inputs):
+        return lambda: naive_paged_indexer(*inputs)
+
+    def shape_info(self, spec, S_, SKV_):
+        ix = spec.indexer
+        return {"B": S_, "next_n": WORKLOAD_NEXT_N, "context": SKV_, "H": ix.heads, "D": ix.head_dim,
+                "page_size": spec.cache.page_size}
+
+    def sizes(self, S_, SKV_):
+        return {"S": S_, "SKV": SKV_, "W": SKV_ - (WORKLOAD_NEXT_N - 1) / 2}
+
+
+register(PagedIndexerOp())
