@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 import dsagen
+import dsagen.ops.paged_indexer  # noqa: F401  (registers the decode indexer)
 import dsagen.ops.mla_cache_write  # noqa: F401  (registers the cache writer)
 from dsagen.backends import triton as triton_backend
 from dsagen.gpus import get_gpu
@@ -19,6 +20,9 @@ ODD = dsagen.Spec(
     topk=dsagen.TopKSpec(k=7),
     attention=dsagen.AttentionSpec(heads=3, qk_dim=48, v_dim=48),
 )
+
+PAGED_V32 = dsagen.Spec(indexer=V32.indexer, cache=dsagen.CacheSpec())  # pages of 64 tokens
+PAGED_ODD = dsagen.Spec(indexer=dsagen.IndexerSpec(heads=3, head_dim=50), cache=dsagen.CacheSpec(page_size=16))
 
 CASES = [
     ("v32", V32, "indexer", None),
@@ -38,6 +42,10 @@ CASES = [
     ("v32", V32, "indexer_topk", {"block_m": 8, "block_h": 8, "block_n": 128, "sample": 256, "candidates": 512,
                                   "num_stages": 2}),
     ("odd", ODD, "indexer_topk", None),
+    ("v32", PAGED_V32, "paged_indexer", None),
+    ("v32", PAGED_V32, "paged_indexer", {"block_n": 128, "block_h": 16, "key_blocks": 2, "num_warps": 8,
+                                         "num_stages": 2}),
+    ("odd", PAGED_ODD, "paged_indexer", None),
     ("v32", dsagen.Spec(cache=dsagen.CacheSpec()), "mla_cache_write", None),
     ("odd", dsagen.Spec(cache=dsagen.CacheSpec(page_size=1)), "mla_cache_write", {"block_r": 16, "num_warps": 8}),
 ]
