@@ -10,6 +10,7 @@ import pytest
 import dsagen
 import dsagen.ops.paged_indexer  # noqa: F401  (registers the decode indexer)
 import dsagen.ops.mla_cache_write  # noqa: F401  (registers the cache writer)
+import dsagen.ops.sparse_decode  # noqa: F401  (registers the sparse FP8 decode)
 from dsagen.backends import triton as triton_backend
 from dsagen.gpus import get_gpu
 from dsagen.resolve import resolve_kernel
@@ -48,6 +49,11 @@ CASES = [
     ("odd", PAGED_ODD, "paged_indexer", None),
     ("v32", dsagen.Spec(cache=dsagen.CacheSpec()), "mla_cache_write", None),
     ("odd", dsagen.Spec(cache=dsagen.CacheSpec(page_size=1)), "mla_cache_write", {"block_r": 16, "num_warps": 8}),
+    ("v32", dsagen.Spec(topk=V32.topk, attention=V32.attention, cache=dsagen.CacheSpec()), "sparse_decode", None),
+    ("v32", dsagen.Spec(topk=V32.topk, attention=V32.attention, cache=dsagen.CacheSpec()), "sparse_decode",
+     {"block_h": 32, "block_n": 64, "k_split": 8, "num_warps": 4, "num_stages": 3}),
+    ("odd", dsagen.Spec(attention=dsagen.AttentionSpec(heads=3), topk=dsagen.TopKSpec(k=7),
+                        cache=dsagen.CacheSpec(page_size=1)), "sparse_decode", None),
 ]
 
 
