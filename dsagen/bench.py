@@ -64,7 +64,7 @@ def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, n
     r = rates(spec, kernel, S, SKV, ms, gpu)
     if device != "cuda":  # a GPU's roofline and bandwidth say nothing about a CPU run
         r["floor_ms"] = r["pct_of_roofline"] = r["gbps"] = None
-    hit = kernels.resolve(kernel, S, SKV, device)
+    hit = kernels.resolve(kernel, *op.call_shape(S, SKV), device)
     return BenchRow(kernel, op.shape_info(spec, S, SKV), ms, naive_ms, op.naive_name, r["tflops"],
                     r["gbps"], r["floor_ms"], r["pct_of_roofline"],
                     naive_ms / ms if naive_ms else None, hit.point, hit.source, checked,

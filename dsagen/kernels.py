@@ -19,11 +19,18 @@ import torch
 from . import backends
 from .backends import tvm as tvm_backend
 from .backends.source_cache import materialize
+from .decode import decode_windows, positions_to_slots
 from .errors import BackendError
 from .ops import get_op, names as op_names
 from .resolve import DEFAULT_GPU, Resolved, Resolver, detected_gpu, gpu_context  # noqa: F401  (re-exported)
 from .spec import Spec
 from . import torch_ops
+
+
+class DecodeOutput(NamedTuple):
+    out: torch.Tensor  # [B, s_q, H, Dv] bf16
+    lse: torch.Tensor  # [B, s_q, H] fp32, natural log, +inf where no slot was valid
+    slots: torch.Tensor  # [B, s_q, k] int32 cache slots attended (-1 padded)
 
 
 class DSAOutput(NamedTuple):
@@ -160,6 +167,23 @@ class DSAKernels:
         sm_scale: None uses the spec's."""
         return self.run("sparse_attention", q, kv, indices, sm_scale, out=out, lse=lse)
 
+    # -- decode over the paged caches (specs with a [cache] section) ---------------------------
+    def mla_cache_write(self, rows, slot_mapping, cache) -> None:
+        """Write bf16 rows [n, qk_dim] into the paged FP8 MLA cache at slot_mapping [n] (page *
+        page_size + offset; negative or out-of-range slots are skipped), quantized exactly as
+        dsagen.cache_formats.quantize_mla_rows."""
+        return self.run("mla_cache_write", rows, slot_mapping, cache)
+
+    def paged_indexer(self, q, index_cache, weights, context_lens, block_table, *, out=None):
+        """logits [B * next_n, max_blocks * page_size] fp32 over each request's paged keys; query j
+        of request b sees positions < context_lens[b] - next_n + j + 1, -inf elsewhere."""
+        return self.run("paged_indexer", q, index_cache, weights, context_lens, block_table, out=out)
+
+    def sparse_decode(self, q, mla_cache, indices, sm_scale: float | None = None, *, out=None, lse=None):
+        """(out [B, s_q, H, v_dim] bf16, lse [B, s_q, H] fp32) over the selected cache slots
+        [B, s_q, k] (negative or out-of-range: invalid) of the paged FP8 MLA cache."""
+        return self.run("sparse_decode", q, mla_cache, indices, sm_scale, out=out, lse=lse)
+
     def dsa(self, q, kv, index_q, index_k, index_k_scale, index_weights, ks, ke,
             sm_scale: float | None = None) -> DSAOutput:
         """Indexer -> top-k -> sparse attention for one flattened batch of S query tokens (see
@@ -175,6 +199,29 @@ class DSAKernels:
             indices = self.topk(logits, ks, ke)
         out, lse = self.sparse_attention(q, kv, indices, sm_scale)
         return DSAOutput(out, lse, indices)
+
+
+    def decode(self, q, mla_cache, index_q, index_cache, index_weights, context_lens, block_table,
+               sm_scale: float | None = None) -> DecodeOutput:
+        """One decode step over the paged caches: paged indexer -> top-k of each query's visible
+        prefix -> page-table transform to cache slots -> sparse FP8 decode attention. No host
+        sync and fixed shapes, so a CUDA graph captures it (call prepare() first).
+
+        q [B, s_q, H, qk_dim] bf16; mla_cache uint8 [pages, page_size, 1, bytes_per_token];
+        index_q [B, s_q, Hi, Di] fp8; index_cache uint8 [pages, page_size, 1, Di + 4];
+        index_weights [B * s_q, Hi] fp32; context_lens [B] int32 (the new tokens included);
+        block_table [B, max_blocks] int32."""
+        if self.spec.cache is None:
+            raise ValueError("decode() needs a spec with a [cache] section (page size and cache formats)")
+        if isinstance(q, torch.Tensor) and isinstance(index_q, torch.Tensor) and q.shape[:2] != index_q.shape[:2]:
+            raise ValueError(f"q is [B, s_q] = {list(q.shape[:2])} but index_q is {list(index_q.shape[:2])}")
+        next_n = index_q.shape[1]
+        logits = self.paged_indexer(index_q, index_cache, index_weights, context_lens, block_table)
+        ks, ke = decode_windows(context_lens, next_n)
+        positions = self.topk(logits, ks, ke)
+        slots = positions_to_slots(positions, block_table, self.spec.cache.page_size, next_n)
+        out, lse = self.sparse_decode(q, mla_cache, slots, sm_scale)
+        return DecodeOutput(out, lse, slots)
 
 
 def build(spec: Spec, backend: str = "triton", gpu: str | None = None,

@@ -209,6 +209,11 @@ class Op:
         """The shape as `dsagen bench` reports it."""
         return {"S": S_, "SKV": SKV_}
 
+    def call_shape(self, S_: int, SKV_: int) -> tuple[int, int]:
+        """The (S, SKV) that `check_args` reports for the workload at (S_, SKV_): what the tuning
+        database buckets a tuned entry by, so that a build looks it up where it was recorded."""
+        return S_, SKV_
+
     def sizes(self, S_: int, SKV_: int) -> dict[str, float]:
         """The cost model's symbols at a workload's shape (its mean window for W)."""
         return {"S": S_, "SKV": SKV_, "W": SKV_}

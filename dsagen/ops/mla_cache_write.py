@@ -183,6 +183,9 @@ class MLACacheWriteOp(Op):
         fmt, page = mla_format(spec), spec.cache.page_size
         return lambda: naive_cache_write(*inputs, fmt, page)
 
+    def call_shape(self, S_, SKV_):
+        return 2 * S_, SKV_  # the workload's B requests x next_n = 2 query rows; each row's context
+
     def shape_info(self, spec, S_, SKV_):
         fmt = mla_format(spec)
         return {"S": S_, "SKV": SKV_, "B": S_, "next_n": NEXT_N, "page": spec.cache.page_size,

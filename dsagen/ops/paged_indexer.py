@@ -197,6 +197,9 @@ class PagedIndexerOp(Op):
     def naive(self, spec, inputs):
         return lambda: naive_paged_indexer(*inputs)
 
+    def call_shape(self, S_, SKV_):
+        return 2 * S_, SKV_  # the workload's B requests x next_n = 2 query rows; each row's context
+
     def shape_info(self, spec, S_, SKV_):
         ix = spec.indexer
         return {"B": S_, "next_n": WORKLOAD_NEXT_N, "context": SKV_, "H": ix.heads, "D": ix.head_dim,

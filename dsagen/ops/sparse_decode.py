@@ -172,10 +172,12 @@ class SparseDecodeOp(Op):
         n_pages, page_size = mla_cache.shape[:2]
         if page_size < 1:
             raise ValueError(f"mla_cache has pages of {page_size} tokens: at least 1")
-        # the fp32 scales and bf16 rope values are read in place: rows must start 4-byte aligned
-        if any(x % 4 for x in (mla_cache.stride(0), mla_cache.stride(1), mla_cache.storage_offset())):
+        # the fp32 scales and bf16 rope values are read in place: rows must start 4-byte aligned (the
+        # storage offset is checked when the op runs: tracing cannot read it)
+        offset = 0 if torch.compiler.is_compiling() else mla_cache.storage_offset()
+        if any(x % 4 for x in (mla_cache.stride(0), mla_cache.stride(1), offset)):
             raise ValueError(f"mla_cache rows must start at multiples of 4 bytes (strides {mla_cache.stride()}, "
-                             f"offset {mla_cache.storage_offset()}), so its fp32 scales can be read in place")
+                             f"offset {offset}), so its fp32 scales can be read in place")
         if n_pages * page_size >= 2**31 - 1:
             raise ValueError(f"mla_cache has {n_pages * page_size} slots: int32 indices address at most 2**31 - 2")
         check_tensor("indices", indices, torch.int32, (B, s_q, spec.topk.k), dev)
@@ -240,6 +242,9 @@ class SparseDecodeOp(Op):
 
     def naive(self, spec, inputs):
         return lambda: naive_sparse_decode(*inputs, mla_format(spec))
+
+    def call_shape(self, S_, SKV_):
+        return 2 * S_, SKV_  # the workload's B requests x next_n = 2 query rows; each row's context
 
     def shape_info(self, spec, S_, SKV_):
         at = spec.attention

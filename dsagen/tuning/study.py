@@ -32,6 +32,7 @@ from ..schedule import load_space
 from ..spec import Spec
 from .. import db as tuning_db
 from ..db.buckets import bucket_of
+from ..ops import get_op
 from .storage import open_storage
 from .worker import EVENTS_TIMING, GRAPH_TIMING, Job, Outcome, Worker
 
@@ -302,7 +303,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     sampler_kind = req.sampler if req.sampler != "auto" else ("grid" if len(legal) <= GRID_MAX else "tpe")
     default_budget = len(legal) if sampler_kind == "grid" else max(TPE_MIN, math.ceil(TPE_FRACTION * len(legal)))
     budget = min(req.trials or default_budget, len(legal))
-    bucket = bucket_of(req.S, req.SKV)
+    bucket = bucket_of(*get_op(req.kernel).call_shape(req.S, req.SKV))  # where a build will look it up
     name = study_name(req.spec, req.kernel, req.backend, req.gpu_type, bucket, sampler_kind)
     if pinned:  # a smaller space is a different study
         name += ".pinned-" + "-".join(f"{k}{v}" for k, v in sorted(pinned.items()))
@@ -495,7 +496,7 @@ def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: flo
     device_name, cc = _device_facts(req.device, req.backend)
     entry = tuning_db.Entry(
         kernel=req.kernel, backend=req.backend, spec_hash=req.spec.semantic_hash(req.kernel),
-        bucket=bucket_of(req.S, req.SKV), shape={"S": req.S, "SKV": req.SKV},
+        bucket=bucket_of(*get_op(req.kernel).call_shape(req.S, req.SKV)), shape={"S": req.S, "SKV": req.SKV},
         schedule=point, ms=ms, tflops=rates["tflops"], gbps=rates["gbps"],
         pct_of_roofline=rates["pct_of_roofline"], gpu_type=req.gpu_type, device_name=device_name,
         compute_capability=cc, date=datetime.date.today().isoformat(), versions=tuning_db.running_versions(),

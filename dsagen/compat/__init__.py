@@ -1,0 +1,11 @@
+"""Drop-in entry points with the signatures and semantics of the kernels serving engines call
+today, so that an engine switches by changing one import:
+
+- `dsagen.compat.deep_gemm`: `fp8_mqa_logits`, `get_paged_mqa_logits_metadata`,
+  `fp8_paged_mqa_logits` (DeepGEMM's DSA indexer).
+- `dsagen.compat.flash_mla`: `get_mla_metadata`, `flash_mla_with_kvcache` on its sparse FP8 path.
+
+The spec is inferred from the tensors (head counts, dims, top-k, page size), each inferred spec
+is built once per process, and the tuned schedules come from the tuning database. Where the peers
+refuse a shape (head counts, next_n), these accept it.
+"""
