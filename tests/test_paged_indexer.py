@@ -138,8 +138,8 @@ def test_noncontiguous_inputs_and_strided_pages(device, gen):
     table_pad[:, 2:6] = table
     w_pad = torch.zeros(6, 9)
     w_pad[:, 3:6] = w
+    q_pad, wide, w_pad, lens, table_pad = (t.to(device) for t in (q_pad, wide, w_pad, lens, table_pad))
     args = (q_pad.view(torch.float8_e4m3fn)[:, :, 1:4, :40], wide[1::2], w_pad[:, 3:6], lens, table_pad[:, 2:6])
-    args = tuple(t.to(device) for t in args)
     assert not any(t.is_contiguous() for t in (args[0], args[1], args[2], args[4]))
     out_pad = torch.full((6, 80), math.nan, device=device)
     got = kernels.paged_indexer(*args, out=out_pad[:, 8:72])

@@ -227,3 +227,11 @@ def test_the_run_time_scale_is_not_part_of_a_module():
     other = dsagen.Spec(indexer=small_spec().indexer, topk=small_spec().topk,
                         attention=dsagen.AttentionSpec(heads=5, qk_dim=80, v_dim=48, sm_scale=0.3))
     assert dsagen.build(other).resolve("sparse_attention", device_type="cpu").module_name == a
+
+
+def test_every_registered_kernel_reports_its_shape_for_the_bench_table():
+    spec = dsagen.Spec(cache=dsagen.CacheSpec())
+    for op in dsagen.ops.all_ops():
+        info = op.shape_info(spec, 4, 64)
+        assert {"S", "SKV"} <= set(info), op.name
+        assert len(op.call_shape(4, 64)) == 2, op.name

@@ -202,7 +202,7 @@ class PagedIndexerOp(Op):
 
     def shape_info(self, spec, S_, SKV_):
         ix = spec.indexer
-        return {"B": S_, "next_n": WORKLOAD_NEXT_N, "context": SKV_, "H": ix.heads, "D": ix.head_dim,
+        return {"S": S_, "SKV": SKV_, "B": S_, "next_n": WORKLOAD_NEXT_N, "context": SKV_, "H": ix.heads, "D": ix.head_dim,
                 "page_size": spec.cache.page_size}
 
     def sizes(self, S_, SKV_):

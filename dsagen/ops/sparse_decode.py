@@ -248,7 +248,7 @@ class SparseDecodeOp(Op):
 
     def shape_info(self, spec, S_, SKV_):
         at = spec.attention
-        return {"B": S_, "next_n": NEXT_N, "context": SKV_, "H": at.heads, "Dqk": at.qk_dim, "Dv": at.v_dim,
+        return {"S": S_, "SKV": SKV_, "B": S_, "next_n": NEXT_N, "context": SKV_, "H": at.heads, "Dqk": at.qk_dim, "Dv": at.v_dim,
                 "topk": spec.topk.k, "page": spec.cache.page_size, "cache": spec.cache.mla_format}
 
     def sizes(self, S_, SKV_):
