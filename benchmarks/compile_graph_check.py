@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dsagen  # noqa: E402
 from dsagen.bench import environment  # noqa: E402
 from dsagen.ops import get_op  # noqa: E402
-from dsagen.timing import cuda_events_ms  # noqa: E402
+from dsagen.timing import capture_cuda_graph, cuda_events_ms  # noqa: E402
 
 
 def dsa_inputs(spec, S: int, SKV: int, seed: int = 0):
@@ -58,15 +58,7 @@ def main() -> None:
     torch.cuda.synchronize()
 
     static = [t.clone() for t in inputs]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            kernels.dsa(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = kernels.dsa(*static)
+    graph, captured = capture_cuda_graph(lambda: kernels.dsa(*static))
     graph.replay()
     torch.cuda.synchronize()
 

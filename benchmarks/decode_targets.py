@@ -24,7 +24,7 @@ import dsagen  # noqa: E402
 from dsagen import bench  # noqa: E402
 from dsagen.gpus import get_gpu  # noqa: E402
 from dsagen.ops import get_op  # noqa: E402
-from dsagen.timing import cuda_events_ms  # noqa: E402
+from dsagen.timing import capture_cuda_graph, cuda_events_ms  # noqa: E402
 
 
 def with_heads(spec, heads: int):
@@ -47,14 +47,7 @@ def decode_step_ms(kernels, B: int, context: int) -> dict:
     q = torch.randn(B, next_n, spec.attention.heads, 576, device="cuda", generator=gen).bfloat16()
     args = (q, mla_cache, q_idx, index_cache, w, context_lens, table)
     eager = kernels.decode(*args)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        kernels.decode(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = kernels.decode(*args)
+    graph, captured = capture_cuda_graph(lambda: kernels.decode(*args), warmup=1)
     graph.replay()
     torch.cuda.synchronize()
     same = all(torch.equal(a, b) for a, b in zip(eager, captured))

@@ -95,6 +95,14 @@ def check_scale(name: str, value) -> float:
     return number
 
 
+def with_softmax_scale(spec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Attention launchers take (three tensors, sm_scale): the scale given, checked, else the spec's."""
+    first, rest = tuple(args[:3]), args[3:]
+    sm_scale = rest[0] if rest else kwargs.pop("sm_scale", None)
+    scale = spec.attention.softmax_scale if sm_scale is None else check_scale("sm_scale", sm_scale)
+    return first + (scale,), kwargs
+
+
 def generator(device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 

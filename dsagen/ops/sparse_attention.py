@@ -11,7 +11,8 @@ import torch
 from .. import reference
 from ..verify import assert_close
 from . import register
-from .base import SKV, TORCH_DTYPES, Call, Cost, Op, S, check_out, check_scale, check_tensor, generator, next_pow2
+from .base import (SKV, TORCH_DTYPES, Call, Cost, Op, S, check_out, check_scale, check_tensor, generator,
+                   next_pow2, with_softmax_scale)
 
 
 def naive_sparse_attention(q, kv, idx, sm_scale: float, v_dim: int, chunk: int = 256):
@@ -89,10 +90,7 @@ class SparseAttentionOp(Op):
         return Call(dev, n_q, kv.shape[0])
 
     def launch_args(self, spec, args, kwargs):
-        q, kv, indices, *rest = args
-        sm_scale = rest[0] if rest else kwargs.pop("sm_scale", None)
-        scale = spec.attention.softmax_scale if sm_scale is None else check_scale("sm_scale", sm_scale)
-        return (q, kv, indices, scale), kwargs
+        return with_softmax_scale(spec, args, kwargs)
 
     def fake(self, spec, q, kv, indices, sm_scale):
         at = spec.attention

@@ -31,7 +31,8 @@ import torch
 from ..cache_formats import MLA_FORMATS, MLACacheFormat, dequantize_mla_rows
 from ..verify import assert_close
 from . import register
-from .base import SKV, Call, Cost, Op, S, check_out, check_scale, check_tensor, generator, next_pow2
+from .base import (SKV, Call, Cost, Op, S, check_out, check_scale, check_tensor, generator, next_pow2,
+                   with_softmax_scale)
 
 NEXT_N = 2  # query tokens per request in the workload (multi-token prediction's usual 2)
 
@@ -188,10 +189,7 @@ class SparseDecodeOp(Op):
         return Call(dev, B * s_q, max(1, n_pages * page_size // max(B, 1)))
 
     def launch_args(self, spec, args, kwargs):
-        q, mla_cache, indices, *rest = args
-        sm_scale = rest[0] if rest else kwargs.pop("sm_scale", None)
-        scale = spec.attention.softmax_scale if sm_scale is None else check_scale("sm_scale", sm_scale)
-        return (q, mla_cache, indices, scale), kwargs
+        return with_softmax_scale(spec, args, kwargs)
 
     def fake(self, spec, q, mla_cache, indices, sm_scale):
         at = spec.attention
