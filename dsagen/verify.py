@@ -56,7 +56,8 @@ def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_topk(indices: torch.Tensor, logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int,
                 tolerance: float = 0.0) -> None:
     """Exact top-k contract: per row, min(k, window) distinct in-window indices whose values are the
-    k largest of the window (any tie order), then -1 in every remaining slot.
+    k largest of the window (any tie order), then -1 in every remaining slot. NaN ranks above +inf
+    (docs/numerics.md): a row's NaNs are selected first, and the count of NaNs selected must match.
 
     tolerance > 0 is for selections made on logits that differ from `logits` by rounding (the fused
     indexer + top-k): the smallest selected value may then fall below the true k-th largest by at
@@ -78,10 +79,16 @@ def assert_topk(indices: torch.Tensor, logits: torch.Tensor, ks: torch.Tensor, k
                            f"{head[(head < lo) | (head >= hi)][:5].tolist()}")
         if torch.unique(head).numel() != n:
             raise Mismatch(f"topk row {t}: repeated indices")
-        got_vals = torch.sort(x[t, head].double(), descending=True).values
+        got_vals = x[t, head].double()
+        got_nan, want_nan = torch.isnan(got_vals), torch.isnan(want[t])
+        if int(got_nan.sum()) != int(want_nan.sum()):
+            raise Mismatch(f"topk row {t}: {int(got_nan.sum())} NaN selected, the window's top {n} hold "
+                           f"{int(want_nan.sum())} (NaN ranks above +inf)")
+        got_rest = torch.sort(got_vals[~got_nan], descending=True).values
+        want_rest = want[t][~want_nan]
         if tolerance == 0.0:
-            if not torch.equal(got_vals, want[t]):
+            if not torch.equal(got_rest, want_rest):
                 raise Mismatch(f"topk row {t}: selected values are not the {n} largest of the window")
-        elif n and got_vals[-1] < want[t][-1] - tolerance * want[t].abs().max():
-            raise Mismatch(f"topk row {t}: selected value {got_vals[-1].item():.6g} is below the {n}-th largest "
-                           f"{want[t][-1].item():.6g} by more than the tolerance")
+        elif want_rest.numel() and got_rest[-1] < want_rest[-1] - tolerance * want_rest.abs().max():
+            raise Mismatch(f"topk row {t}: selected value {got_rest[-1].item():.6g} is below the {n}-th largest "
+                           f"{want_rest[-1].item():.6g} by more than the tolerance")

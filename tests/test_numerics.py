@@ -432,3 +432,16 @@ def test_sparse_attention_large_and_small_magnitudes(device, backend, gen, which
     ref_out, ref_lse = reference.sparse_attention(q, kv, idx, 0.0721, 48)
     assert_close("sparse_attention.out", out, ref_out)
     assert_close("sparse_attention.lse", lse, ref_lse)
+
+
+def test_the_shared_top_k_check_follows_the_nan_rule():
+    """dsagen.verify.assert_topk (used by the tuner and bench) ranks NaN above +inf too."""
+    from dsagen.verify import Mismatch, assert_topk
+
+    x = torch.tensor([[1.0, math.nan, 3.0, -math.inf, math.inf, 2.0]])
+    ks, ke = torch.tensor([0], dtype=torch.int32), torch.tensor([6], dtype=torch.int32)
+    assert_topk(torch.tensor([[4, 1, 2]], dtype=torch.int32), x, ks, ke, 3)  # NaN, +inf, 3 in any order
+    with pytest.raises(Mismatch, match="0 NaN selected"):
+        assert_topk(torch.tensor([[4, 2, 5]], dtype=torch.int32), x, ks, ke, 3)
+    with pytest.raises(Mismatch, match="not the 3 largest"):
+        assert_topk(torch.tensor([[1, 4, 5]], dtype=torch.int32), x, ks, ke, 3)
