@@ -21,7 +21,7 @@ from .backends import tvm as tvm_backend
 from .backends.source_cache import materialize
 from .decode import decode_windows, positions_to_slots
 from .errors import BackendError
-from .ops import get_op, names as op_names
+from .ops import enabled as enabled_ops, get_op, names as op_names
 from .resolve import DEFAULT_GPU, Resolved, Resolver, detected_gpu, gpu_context  # noqa: F401  (re-exported)
 from .spec import Spec
 from . import torch_ops
@@ -80,7 +80,7 @@ class DSAKernels:
 
     def kernels(self) -> list[str]:
         """The kernels this build offers (every registered op with a template for its backend)."""
-        return [name for name in op_names() if get_op(name).enabled(self.spec, self.backend)]
+        return [op.name for op in enabled_ops(self.spec, self.backend)]
 
     def resolve(self, kernel: str, S: int | None = None, SKV: int | None = None,
                 device_type: str = "cuda") -> Resolved:
@@ -130,17 +130,19 @@ class DSAKernels:
         op = get_op(kernel)
         if not op.enabled(self.spec, self.backend):
             raise BackendError(f"{kernel} has no {self.backend} template (its backends: {', '.join(op.backends)})")
-        op.check_args(self.spec, *args, **outs)
+        call = op.check_args(self.spec, *args, **outs)
         _refuse_grad(kernel, args)
         args, outs = op.launch_args(self.spec, args, outs)
         if any(v is not None for v in outs.values()):
-            return self.launch(kernel, args, outs)
+            return self.launch(kernel, args, outs, call)
         return torch_ops.call(kernel, args, self.handle)
 
-    def launch(self, kernel: str, args: tuple, outs: dict | None = None):
-        """Run the generated launcher on checked, filled-in arguments (eager; what the op runs)."""
+    def launch(self, kernel: str, args: tuple, outs: dict | None = None, call=None):
+        """Run the generated launcher on filled-in arguments (eager; what the op runs). `call`: the
+        checked call's device and shape when the caller has it, else the arguments are checked here."""
         outs = {k: v for k, v in (outs or {}).items() if v is not None}
-        call = get_op(kernel).check_args(self.spec, *args, **outs)
+        if call is None:
+            call = get_op(kernel).check_args(self.spec, *args, **outs)
         return self.launcher(kernel, call.device, call.S, call.SKV)(*args, **outs)
 
     def __getattr__(self, name: str):

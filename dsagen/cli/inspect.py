@@ -18,10 +18,14 @@ S_OPTION = typer.Option(4096, "--S", min=1, help="query tokens (rows of the inde
 SKV_OPTION = typer.Option(32768, "--SKV", min=1, help="key/value tokens")
 
 
-def _enabled(spec, backend: Backend) -> list[str]:
+def _resolve_all(spec_path: Path, backend: Backend, gpu: str | None, S: int, SKV: int, device: Device):
+    """(spec, resolver, one Resolved per kernel the spec enables), every kernel resolved before
+    anything is printed, so an error comes alone."""
     from dsagen.ops import enabled
 
-    return [op.name for op in enabled(spec, backend.value)]
+    spec = load_checked_spec(spec_path, backend.value)
+    resolver = resolver_for(spec, backend, gpu)
+    return spec, resolver, [resolver.resolve(op.name, S, SKV, device.value) for op in enabled(spec, backend.value)]
 
 
 def _where(resolver, device: Device) -> str:
@@ -47,13 +51,11 @@ def check(
     roofline floor on the GPU type, the schedule a build would use at that shape and where it came
     from, its footprint and its legality constraints.
     """
+    from dsagen.ops import get_op
     from dsagen.plan import causal_window_mean, cost, problem_symbols
     from dsagen.schedule import load_space
 
-    spec = load_checked_spec(spec_path, backend.value)
-    resolver = resolver_for(spec, backend, gpu)
-    kernels = _enabled(spec, backend)
-    hits = {k: resolver.resolve(k, S, SKV, device.value) for k in kernels}  # fail before printing
+    spec, resolver, hits = _resolve_all(spec_path, backend, gpu, S, SKV, device)
     target = resolver.plan_gpu
     w = causal_window_mean(min(S, SKV), SKV) if window == Window.causal else SKV
     sizes = {"S": S, "SKV": SKV, "W": w}
@@ -66,13 +68,13 @@ def check(
                f"sm_scale={at.softmax_scale:.6g}{'' if at.sm_scale is not None else ' (default qk_dim**-0.5)'}")
     typer.echo(f"problem: S={S} SKV={SKV} mean indexer window W={w:g} ({window.value}); GPU {target.name} "
                f"({target.source}); schedules for {device.value} from {_where(resolver, device)}")
-    typer.echo(f"kernels ({backend.value}): {', '.join(kernels)}")
-    for kernel in kernels:
+    typer.echo(f"kernels ({backend.value}): {', '.join(hit.kernel for hit in hits)}")
+    for hit in hits:
+        kernel = hit.kernel
         c = cost(spec, kernel)
         flops, nbytes = c.evaluate(sizes)
         floor, bound = c.floor_ms(sizes, target)
-        hit = hits[kernel]
-        typer.echo(f"\n[{kernel}]")
+        typer.echo(f"\n[{kernel}]  {get_op(kernel).summary}")
         typer.echo(f"  FLOPs  = {c.flops}  -> {flops:.4g}")
         typer.echo(f"  bytes >= {c.bytes}  -> {nbytes:.4g}")
         typer.echo(f"  roofline floor on {target.name}: {floor:.4f} ms ({bound}-bound)")
@@ -105,9 +107,7 @@ def generate(
     with the schedules a build would use at --S/--SKV on --gpu/--device."""
     from dsagen.fileio import atomic_write_text
 
-    spec = load_checked_spec(spec_path, backend.value)
-    resolver = resolver_for(spec, backend, gpu)
-    hits = [resolver.resolve(k, S, SKV, device.value) for k in _enabled(spec, backend)]
+    _, _, hits = _resolve_all(spec_path, backend, gpu, S, SKV, device)
     out.mkdir(parents=True, exist_ok=True)
     for hit in hits:
         path = out / f"{hit.module_name}.py"
@@ -147,9 +147,7 @@ def explain(
     the same compute capability), the spec's pinned knobs, the search space's defaults, and the
     nearest legal point when a default does not fit the spec.
     """
-    spec = load_checked_spec(spec_path, backend.value)
-    resolver = resolver_for(spec, backend, gpu)
-    hits = [resolver.resolve(k, S, SKV, device.value) for k in _enabled(spec, backend)]
+    spec, resolver, hits = _resolve_all(spec_path, backend, gpu, S, SKV, device)
     typer.echo(f"{printable(spec.name)} ({backend.value}) at S={S} SKV={SKV} on {device.value}: "
                f"{_where(resolver, device)}")
     for hit in hits:

@@ -135,7 +135,7 @@ class Op:
     summary: str = ""  # one line for `dsagen check` and the docs
     backends: tuple[str, ...] = ("triton",)
     stage: bool = False  # one of the three DSA stages (dsa() and the spec's semantic hash use them)
-    fuses: tuple[str, ...] = ()  # the stages a fused op replaces
+    needs_cache: bool = False  # a decode kernel: offered only by specs with a [cache] section
     data_root: Path | None = None
     short_names: Mapping[str, str] = {}  # knob -> its spelling in Triton module names
     naive_name: str = "naive PyTorch"
@@ -156,7 +156,7 @@ class Op:
 
     def enabled(self, spec, backend: str) -> bool:
         """Whether a build of `spec` on `backend` offers this kernel."""
-        return backend in self.backends
+        return backend in self.backends and (not self.needs_cache or spec.cache is not None)
 
     def template_fields(self, spec) -> dict[str, Any]:
         """Validated numbers and enum strings the template reads (never free text)."""

@@ -16,7 +16,6 @@ class IndexerTopKOp(Op):
     name = "indexer_topk"
     summary = "fused indexer + top-k: int32 indices [S, k] without writing the S x SKV logits"
     backends = ("triton",)
-    fuses = ("indexer", "topk")
     short_names = {"block_m": "m", "block_h": "hb", "block_n": "n", "radix_bits": "r", "num_warps": "w",
                    "num_stages": "s", "sample": "smp", "candidates": "c"}
     naive_name = "bf16 einsum indexer, then torch.topk"

@@ -81,13 +81,11 @@ class MLACacheWriteOp(Op):
     name = "mla_cache_write"
     summary = "cache writer: bf16 rows + slot mapping -> the paged FP8 MLA cache (in place, exact quantization)"
     backends = ("triton",)
+    needs_cache = True
     outputs = ()
     short_names = {"block_r": "r", "num_warps": "w"}
     naive_name = "fp32 quantize + index_put"
     args = (("rows", "Tensor"), ("slot_mapping", "Tensor"), ("cache", "Tensor(a!)"))
-
-    def enabled(self, spec, backend):
-        return spec.cache is not None and backend in self.backends
 
     def semantic_fields(self, spec):
         if spec.cache is None:

@@ -107,13 +107,11 @@ class PagedIndexerOp(Op):
     name = "paged_indexer"
     summary = "decode lightning indexer over the paged fp8 key cache: logits [B*next_n, max_blocks*page_size]"
     backends = ("triton",)
+    needs_cache = True
     short_names = {"block_n": "n", "block_h": "hb", "key_blocks": "kb", "num_warps": "w", "num_stages": "s"}
     naive_name = "gather pages to dense + bf16 einsum (chunks of 8 requests)"
     args = (("q", "Tensor"), ("index_cache", "Tensor"), ("weights", "Tensor"), ("context_lens", "Tensor"),
             ("block_table", "Tensor"))
-
-    def enabled(self, spec, backend):
-        return spec.cache is not None and backend == "triton"
 
     def semantic_fields(self, spec):
         ix, c = spec.indexer, spec.cache

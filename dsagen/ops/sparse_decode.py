@@ -121,13 +121,11 @@ class SparseDecodeOp(Op):
     summary = ("sparse FP8 decode: out [B, s_q, H, v_dim] bf16 and natural-log lse [B, s_q, H] over the selected "
                "slots of the paged FP8 MLA cache")
     backends = ("triton",)
+    needs_cache = True
     outputs = ("out", "lse")
     short_names = {"block_h": "bh", "block_n": "n", "k_split": "ks", "num_warps": "w", "num_stages": "s"}
     naive_name = "gather + torch dequantize + einsum + softmax (bf16, chunks of 64 tokens)"
     args = (("q", "Tensor"), ("mla_cache", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"))
-
-    def enabled(self, spec, backend):
-        return spec.cache is not None and backend in self.backends
 
     def semantic_fields(self, spec):
         at = spec.attention
