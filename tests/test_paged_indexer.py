@@ -101,13 +101,17 @@ def test_paged_indexer_matches_reference(device, gen, B, next_n, H, D, ps, lens,
 
 
 SCHEDULES = [
-    {"block_n": 32, "block_h": 16, "key_blocks": 1, "num_warps": 4, "num_stages": 1},  # inside one page
-    {"block_n": 128, "block_h": 4, "key_blocks": 2, "num_warps": 8, "num_stages": 2},  # pages per block, head loop
-    {"block_n": 64, "block_h": 1, "key_blocks": 16, "num_warps": 4, "num_stages": 3},  # one head per dot step
+    {"block_n": 32, "block_h": 16, "key_blocks": 1, "num_warps": 4, "num_stages": 1, "key_rows": 0},  # inside one page
+    {"block_n": 128, "block_h": 4, "key_blocks": 2, "num_warps": 8, "num_stages": 2, "key_rows": 0},  # pages per block, head loop
+    {"block_n": 64, "block_h": 1, "key_blocks": 16, "num_warps": 4, "num_stages": 3, "key_rows": 0},  # one head per dot step
+    # keys as the dots' rows: within one page; pages per block with a head loop; one head step
+    {"block_n": 32, "block_h": 16, "key_blocks": 1, "num_warps": 4, "num_stages": 1, "key_rows": 1},
+    {"block_n": 128, "block_h": 4, "key_blocks": 2, "num_warps": 8, "num_stages": 2, "key_rows": 1},
+    {"block_n": 64, "block_h": 16, "key_blocks": 16, "num_warps": 4, "num_stages": 3, "key_rows": 1},
 ]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "n{block_n}-h{block_h}-kb{key_blocks}".format(**s))
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "n{block_n}-h{block_h}-kb{key_blocks}-kr{key_rows}".format(**s))
 @pytest.mark.parametrize("ps", [16, 64])
 def test_paged_indexer_schedules_agree(device, gen, schedule, ps):
     spec = make_spec(16, 128, ps)

@@ -129,6 +129,8 @@ SCHEDULES = [
     {"block_h": 16, "block_n": 16, "k_split": 2, "num_warps": 4, "num_stages": 1},
     {"block_h": 32, "block_n": 16, "k_split": 4, "num_warps": 4, "num_stages": 3},
     {"block_h": 16, "block_n": 64, "k_split": 1, "num_warps": 8, "num_stages": 1},
+    {"block_h": 16, "block_n": 16, "k_split": 4, "num_warps": 4, "num_stages": 2, "prefetch": 1},
+    {"block_h": 32, "block_n": 32, "k_split": 1, "num_warps": 4, "num_stages": 1, "prefetch": 1},
 ]
 
 
