@@ -64,11 +64,13 @@ class DSAKernels:
     def __init__(self, spec: Spec, backend: str = "triton", gpu_type: str | None = None,
                  compute_capability: str | None = None,
                  overrides: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True,
-                 target: str | None = None):
+                 target: str | None = None, deterministic: bool = False):
         self.spec = spec
         self.backend = backend
         self.target = target  # None: follow the tensors' device
-        self.resolver = Resolver(spec, backend, gpu_type, compute_capability, overrides, use_db)
+        self.deterministic = deterministic
+        self.resolver = Resolver(spec, backend, gpu_type, compute_capability, overrides, use_db,
+                                 batch_invariant=deterministic)
         self.gpu_type = gpu_type
         self._paths: dict[str, Path] = {}
         self.handle = torch_ops.register_build(self)
@@ -228,7 +230,7 @@ class DSAKernels:
 
 def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
           schedules: Mapping[str, Mapping[str, int]] | None = None, use_db: bool = True,
-          target: str | None = None) -> DSAKernels:
+          target: str | None = None, deterministic: bool = False) -> DSAKernels:
     """The kernels of `spec` for `backend`, generated (or fetched from the cache) on first use.
 
     target: None follows each call's tensors (CUDA tensors -> GPU kernels; CPU tensors -> the Triton
@@ -237,6 +239,11 @@ def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
     gpu: the GPU type whose tuning database and limits to use (default: the one torch sees).
     schedules: optional {kernel: {knob: value}} overriding the tuning database and the spec's pins.
     use_db: False ignores the tuning database (pinned knobs and defaults only).
+    deterministic: a batch-invariant build: every call of a kernel runs the schedule resolved at
+    that kernel's canonical shape (not the call's own shape bucket) and the decode top-k emits each
+    row's slots in ascending position order, so a row's logits, indices and outputs are bitwise
+    the same on every rerun and whatever else is in the batch (ties in top-k go to the lower
+    position in every build).
     """
     backends.check_backend(backend)
     if target is not None and target not in TARGETS[backend]:
@@ -245,4 +252,4 @@ def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
     if backend == "tvm" and (problem := tvm_backend.available()):
         raise BackendError(problem)
     gpu_type, capability = gpu_context(gpu)
-    return DSAKernels(spec, backend, gpu_type, capability, schedules, use_db, target)
+    return DSAKernels(spec, backend, gpu_type, capability, schedules, use_db, target, deterministic)

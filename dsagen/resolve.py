@@ -85,8 +85,11 @@ class Resolver:
 
     def __init__(self, spec: Spec, backend: str = "triton", gpu_type: str | None = None,
                  compute_capability: str | None = None, overrides: Mapping[str, Mapping[str, int]] | None = None,
-                 use_db: bool = True):
+                 use_db: bool = True, batch_invariant: bool = False):
         self.spec = spec
+        # every call of a kernel resolves at the op's canonical shape, whatever its own: the same
+        # schedule (so the same reduction orders) for a row whatever else is in the batch
+        self.batch_invariant = batch_invariant
         self.backend = backend
         self.gpu_type = gpu_type  # None: no tuning database for CUDA (no GPU known)
         self.compute_capability = compute_capability
@@ -111,6 +114,8 @@ class Resolver:
     def resolve(self, kernel: str, S: int | None = None, SKV: int | None = None,
                 device_type: str = "cuda") -> Resolved:
         """The schedule and module `kernel` uses for a problem of S queries and SKV keys."""
+        if self.batch_invariant:
+            S, SKV = get_op(kernel).batch_invariant_shape()
         db_type = self.db_type(device_type)
         by_shape = (kernel not in self.overrides and self.use_db and db_type is not None
                     and S is not None and SKV is not None and S > 0 and SKV > 0)

@@ -428,3 +428,10 @@ def dsagen_spec():
     import dsagen
 
     return dsagen.load_spec(V32)
+
+
+def test_decode_shapes_need_a_spec_with_a_cache():
+    """--shapes decode defaults to the decode kernels; a spec without a [cache] section has none."""
+    result = invoke("bench", "specs/deepseek_v32.toml", "--shapes", "decode", "--backend", "tvm", "--device", "cpu")
+    assert result.exit_code != 0
+    assert "--shapes decode times the decode kernels" in result.output and "[cache]" in result.output

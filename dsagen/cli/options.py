@@ -67,6 +67,21 @@ def kernel_names(kernel: list[str] | None, default: tuple[str, ...] | None = Non
     return list(dict.fromkeys(kernel))
 
 
+def default_kernels(spec, backend: str, shape_set: str | None) -> tuple[str, ...] | None:
+    """The kernels a command runs without --kernel: the decode kernels for a decode shape set
+    (an error naming the spec when it has no [cache] section), else None (the three stages)."""
+    from dsagen.db.buckets import SHAPE_SET_KERNELS
+    from dsagen.ops import enabled
+
+    if SHAPE_SET_KERNELS.get(shape_set) != "decode":
+        return None
+    names = tuple(op.name for op in enabled(spec, backend) if op.needs_cache)
+    if not names:
+        raise ValueError(f"--shapes {shape_set} times the decode kernels, and spec {spec.name!r} has none on "
+                         f"{backend}: add a [cache] section (see specs/deepseek_v32_serving.toml) or pass --kernel")
+    return names
+
+
 def shapes(S: list[int] | None, SKV: list[int] | None, shape_set: str | None) -> list[tuple[int, int]]:
     """--shapes NAME, or every (S, SKV) pair of --S x --SKV with S <= SKV."""
     from dsagen.db.buckets import SHAPE_SETS

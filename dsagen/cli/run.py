@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 
 from .errors import friendly_errors
-from .options import (BACKEND_OPTION, KERNEL_HELP, SPEC_ARGUMENT, Backend, Device, kernel_names, load_checked_spec,
-                      run_device, shapes)
+from .options import (BACKEND_OPTION, KERNEL_HELP, SPEC_ARGUMENT, Backend, Device, default_kernels, kernel_names,
+                      load_checked_spec, run_device, shapes)
 
 
 class Sampler(str, Enum):
@@ -55,7 +55,8 @@ def tune(
     S: list[int] = typer.Option(None, "--S", min=1, help="query tokens (repeatable)"),
     SKV: list[int] = typer.Option(None, "--SKV", min=1, help="context tokens (repeatable)"),
     shape_set: str = typer.Option(None, "--shapes", help="a named shape set instead of --S/--SKV: v32 (S 1024, "
-                                  "4096 x SKV 8192, 32768, 131072) or smoke"),
+                                  "4096 x SKV 8192, 32768, 131072), decode (S = B requests 2, 32, 128 x SKV = "
+                                  "context 32768, 131072; default kernels: the decode ones) or smoke"),
     trials: int = typer.Option(None, "--trials", min=1, help="candidates per study, all workers together "
                                "(default: the whole legal grid when it is small, else 30% of it with TPE)"),
     timeout: float = typer.Option(None, "--timeout", min=1, help="seconds this process spends on one study at most"),
@@ -98,7 +99,7 @@ def tune(
 
     spec = load_checked_spec(spec_path, backend.value)
     pairs = shapes(S, SKV, shape_set)
-    names = kernel_names(kernel)
+    names = kernel_names(kernel, default_kernels(spec, backend.value, shape_set))
     device = run_device("tune", backend, device, "tune the CPU kernels with --backend tvm")
     if backend == Backend.tvm and (problem := tvm_available()):
         raise ValueError(problem)
@@ -156,7 +157,8 @@ def bench(
     kernel: list[str] = typer.Option(None, "--kernel", "-k", help=KERNEL_HELP + "; default the three stages"),
     S: list[int] = typer.Option(None, "--S", min=1, help="query tokens (repeatable)"),
     SKV: list[int] = typer.Option(None, "--SKV", min=1, help="context tokens (repeatable)"),
-    shape_set: str = typer.Option(None, "--shapes", help="a named shape set instead of --S/--SKV (v32, smoke)"),
+    shape_set: str = typer.Option(None, "--shapes", help="a named shape set instead of --S/--SKV: v32, decode "
+                                  "(default kernels: the decode ones) or smoke"),
     out: Path = typer.Option(None, "-o", "--out", help="directory for bench-<backend>-<where>-<date>.json (and "
                              ".png with dense attention, CUDA only)"),
     dense: bool = typer.Option(True, "--dense/--no-dense", help="also time dense attention of the same shape "
@@ -179,7 +181,7 @@ def bench(
 
     spec = load_checked_spec(spec_path, backend.value)
     pairs = shapes(S, SKV, shape_set)
-    names = kernel_names(kernel)
+    names = kernel_names(kernel, default_kernels(spec, backend.value, shape_set))
     device = run_device("bench", backend, device, "time the CPU kernels with --backend tvm --device cpu")
     if device == Device.cpu and backend == Backend.triton:
         raise ValueError("--device cpu times the TVM backend's CPU kernels: add --backend tvm "

@@ -11,12 +11,18 @@ import re
 
 _BUCKET = re.compile(r"^S([0-9]+)-SKV([0-9]+)$")
 
-# Shapes a tuning run covers. "v32": the DeepSeek-V3.2 prefill shapes (6 pairs); "smoke": one
-# small pair for a quick end-to-end check.
+# Shapes a tuning run covers. "v32": the DeepSeek-V3.2 prefill shapes (6 pairs); "decode": decode
+# steps, S = B requests (each with next_n = 2 new tokens, so 2B query rows) x SKV = each request's
+# context (B = 2 is the few-rows case a decode top-k must split, 128 a full serving batch);
+# "smoke": one small pair for a quick end-to-end check.
 SHAPE_SETS: dict[str, list[tuple[int, int]]] = {
     "v32": [(S, SKV) for S in (1024, 4096) for SKV in (8192, 32768, 131072)],
+    "decode": [(B, SKV) for B in (2, 32, 128) for SKV in (32768, 131072)],
     "smoke": [(256, 4096)],
 }
+# the kernels a shape set is about, when --kernel is not given: "stages" (the three DSA stages) or
+# "decode" (every kernel of the spec that works on the paged caches)
+SHAPE_SET_KERNELS = {"v32": "stages", "decode": "decode", "smoke": "stages"}
 
 
 def _pow2_ceil(name: str, value: int) -> int:

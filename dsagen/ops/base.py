@@ -136,6 +136,10 @@ class Op:
     backends: tuple[str, ...] = ("triton",)
     stage: bool = False  # one of the three DSA stages (dsa() and the spec's semantic hash use them)
     needs_cache: bool = False  # a decode kernel: offered only by specs with a [cache] section
+    # the call shape (rows, keys per row) at which a batch-invariant build resolves every call of
+    # this kernel, so one schedule serves every batch: a decode step's B * next_n rows of a 32K
+    # context, or a 4096-query prefill of a 32K context
+    canonical_shape: tuple[int, int] | None = None
     data_root: Path | None = None
     short_names: Mapping[str, str] = {}  # knob -> its spelling in Triton module names
     naive_name: str = "naive PyTorch"
@@ -143,6 +147,12 @@ class Op:
     # int), and its keyword outputs in the order it returns them
     args: tuple[tuple[str, str], ...] = ()
     outputs: tuple[str, ...] = ("out",)
+
+    def batch_invariant_shape(self) -> tuple[int, int]:
+        """canonical_shape, or the decode / prefill default."""
+        if self.canonical_shape is not None:
+            return self.canonical_shape
+        return (256, 32768) if self.needs_cache else (4096, 32768)
 
     # -- where its files are ----------------------------------------------------------------
     def root(self, kind: str) -> Path:
