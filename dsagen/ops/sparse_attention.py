@@ -1,6 +1,8 @@
 """Stage 3, sparse MLA attention (MQA form): each query's heads attend only to its selected kv
 rows. out[t, h] = sum_i softmax_i(sm_scale * q[t, h] . kv[idx_i]) * kv[idx_i, :v_dim] over valid
-idx_i (0 <= idx < SKV), lse in natural log; a row with no valid index gives out 0, lse +inf."""
+idx_i (0 <= idx < SKV), lse in natural log; a row with no valid index gives out 0, lse +inf.
+An optional max_logits [S, H] fp32 buffer (keyword, written in place) also receives each row's
+largest scaled score sm_scale * q[t, h] . kv[idx_i] (-inf for a row with no valid index)."""
 from __future__ import annotations
 
 import math
@@ -74,7 +76,7 @@ class SparseAttentionOp(Op):
                   + S * at.heads * at.v_dim * 2 + S * at.heads * 4)  # out, lse
         return Cost(self.name, flops, nbytes, "bf16")
 
-    def check_args(self, spec, q, kv, indices, sm_scale=None, out=None, lse=None):
+    def check_args(self, spec, q, kv, indices, sm_scale=None, out=None, lse=None, max_logits=None):
         at = spec.attention
         dtype = TORCH_DTYPES[at.dtype]
         check_tensor("q", q, dtype, (None, at.heads, at.qk_dim))
@@ -85,6 +87,7 @@ class SparseAttentionOp(Op):
             check_scale("sm_scale", sm_scale)
         check_out("out", out, dtype, (n_q, at.heads, at.v_dim), dev)
         check_out("lse", lse, torch.float32, (n_q, at.heads), dev)
+        check_out("max_logits", max_logits, torch.float32, (n_q, at.heads), dev)
         if kv.shape[0] >= 2**31 - 1:
             raise ValueError(f"kv has {kv.shape[0]} rows: int32 indices address at most 2**31 - 2")
         return Call(dev, n_q, kv.shape[0])
