@@ -3,7 +3,8 @@ today, so that an engine switches by changing one import:
 
 - `dsagen.compat.deep_gemm`: `fp8_mqa_logits`, `get_paged_mqa_logits_metadata`,
   `fp8_paged_mqa_logits` (DeepGEMM's DSA indexer).
-- `dsagen.compat.flash_mla`: `get_mla_metadata`, `flash_mla_with_kvcache` on its sparse FP8 path.
+- `dsagen.compat.flash_mla`: `get_mla_metadata`, `flash_mla_with_kvcache` on its sparse FP8 path
+  (decode), `flash_mla_sparse_fwd` (sparse bf16 prefill: out, max_logits, lse).
 
 The spec is inferred from the tensors (head counts, dims, top-k, page size), each inferred spec
 is built once per process, and the tuned schedules come from the tuning database. Where the peers
