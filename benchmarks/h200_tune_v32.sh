@@ -4,10 +4,13 @@
 #   benchmarks/h200_tune_v32.sh tune OUT      every kernel at S {1024,4096} x SKV {8192,32768,131072}
 #                                              (TPE, TRIALS=16 per study, seeded by the default schedule)
 #   benchmarks/h200_tune_v32.sh bench OUT     dsagen bench at those shapes (table, JSON, PNG)
+#   benchmarks/h200_tune_v32.sh decode OUT    the serving spec's decode kernels at the targets-file
+#                                              shapes: paged indexer and sparse decode at B=128 x 32K,
+#                                              decode top-k at B=2 x 128K and B=128 x 32K
 # Studies go to benchmarks/results/h200-tuning.journal (resumable: run a phase again), winners to
 # autotune_db/nvidia-h200.json (the shipped database); both are also copied to OUT at the end.
 set -euo pipefail
-phase=${1:?phase: quality, tune or bench}
+phase=${1:?phase: quality, tune, bench or decode}
 out=${2:?output directory}
 mkdir -p "$out"
 spec=specs/deepseek_v32.toml
@@ -29,5 +32,14 @@ case "$phase" in
       "${common[@]}" 2>&1 | tee "$out/tune.log" | grep -v "trial " ;;
   bench)
     python3 cli.py bench "$spec" --shapes v32 --out "$out" 2>&1 | tee "$out/bench.log" ;;
-  *) echo "unknown phase $phase: quality, tune or bench" >&2; exit 2 ;;
+  decode)
+    serving=specs/deepseek_v32_serving.toml
+    tune_decode() {
+      python3 cli.py tune "$serving" "$@" --sampler tpe --trials "${TRIALS:-16}" --timeout "${STUDY_TIMEOUT:-90}" \
+        "${common[@]}" 2>&1 | tee -a "$out/tune-decode.log" | grep -v "trial "
+    }
+    tune_decode -k paged_indexer -k sparse_decode --S 128 --SKV 32768
+    tune_decode -k decode_topk --S 2 --SKV 131072
+    tune_decode -k decode_topk --S 128 --SKV 32768 ;;
+  *) echo "unknown phase $phase: quality, tune, bench or decode" >&2; exit 2 ;;
 esac
