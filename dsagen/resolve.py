@@ -145,6 +145,10 @@ class Resolver:
             else:
                 choice = choose(self.spec, kernel, self.plan_gpu, self.backend)
                 point, source = choice.point, choice.source
+        forced = dict(get_op(kernel).deterministic_knobs) if self.batch_invariant else {}
+        if any(point.get(k) != v for k, v in forced.items()):
+            point = choose(self.spec, kernel, self.plan_gpu, self.backend, {**point, **forced}).point
+            source += ", " + ", ".join(f"{k}={v}" for k, v in forced.items()) + " (deterministic build)"
         generated = render(self.backend, kernel_context(self.spec, kernel, point, self.backend, interpret))
         return Resolved(kernel, dict(point), source, bucket, device_type, generated, stale)
 

@@ -140,6 +140,9 @@ class Op:
     # this kernel, so one schedule serves every batch: a decode step's B * next_n rows of a 32K
     # context, or a 4096-query prefill of a 32K context
     canonical_shape: tuple[int, int] | None = None
+    # knobs a deterministic build forces whatever else resolves the schedule (say, an output order
+    # that does not depend on how the work was split)
+    deterministic_knobs: Mapping[str, int] = {}
     data_root: Path | None = None
     short_names: Mapping[str, str] = {}  # knob -> its spelling in Triton module names
     naive_name: str = "naive PyTorch"
