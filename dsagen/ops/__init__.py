@@ -124,7 +124,7 @@ def enabled(spec, backend: str) -> list[Op]:
 
 
 from . import indexer, topk, sparse_attention, indexer_topk  # noqa: E402,F401  (dsagen's own ops register)
-from . import mla_cache_write, paged_indexer, sparse_decode  # noqa: E402,F401  (decode over paged caches)
+from . import mla_cache_write, paged_indexer, sparse_decode, decode_topk  # noqa: E402,F401  (decode over paged caches)
 
 __all__ = ["Call", "Cost", "Op", "PLUGINS_ENV", "all_ops", "enabled", "get_op", "load_plugin", "names", "register",
            "stages", "unregister"]

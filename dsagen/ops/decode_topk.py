@@ -1,0 +1,288 @@
+"""Decode, the top-k selector with the page-table transform fused in: the k largest paged-indexer
+logits of each query row's visible prefix, emitted as cache slots.
+
+    logits [B * next_n, n_cols] fp32 (row r = b * next_n + j), context_lens [B] int32,
+    block_table [B, max_blocks] int32 -> slots [B, next_n, k] int32.
+
+next_n = rows / B (exactly). Row r sees the positions [0, visible) with visible =
+clamp(context_lens[b] - next_n + j + 1, 0, n_cols); no column at or past it is read. Its k largest
+logits there are selected exactly: NaN ranks above +inf (docs/numerics.md), every NaN ties with
+every other and -0 with +0, and ties go to the LOWER position, so the selected set is unique. Each
+selected position p is emitted as the slot block_table[b, p // page_size] * page_size + p % page_size
+(a position past the table takes its last page, as dsagen.decode.positions_to_slots does; a table
+of no columns gives -1), then -1 pads the rows whose window holds fewer than k keys. Order: the
+schedule knob `sorted` = 1 emits each row by ascending position, the same bytes whatever schedule
+ran (what a deterministic, batch-invariant build pins); by default the order is deterministic too
+and the same for every split, but it depends on the radix_bits, levels and candidates knobs.
+
+The kernel is made for few rows of long windows: each row is split over many programs (rows x
+chunks; the chunk count gives every SM `waves` programs when rows are few and is one per row when
+they are many), and only the speed depends on the split. A histogram pass counts the row's keys
+by their top radix_bits bits (integer atomics into a per-row histogram, plus each chunk's own
+counts); a collect pass writes every key in a bin above the k-th largest's bin straight to the
+output and sets that bin's keys aside as candidates when they fit (else, with levels = 2, counts
+them by their next radix_bits bits and a second collect pass does the same one level down). Each
+program places its keys after those of the chunks before it (their recorded counts say how many),
+so each level's keys land in position order, with no atomics on the output. A finish program per
+row picks the still missing keys among the candidates in registers (ties to the lower position),
+or, when the bin overflowed the candidate buffer, finishes the row with radix passes of its own;
+then it orders (sorted), transforms and pads. No host sync and no size that depends on values: a
+CUDA graph captures it.
+
+Workload (tests, tuner, bench): S = B requests of SKV tokens each, next_n = 2 query rows, pages
+shuffled across requests, random logits with -inf past each row's window (as the paged indexer
+writes them); the sampled check rows are requests.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+import torch
+
+from ..decode import decode_windows, positions_to_slots
+from ..verify import Mismatch
+from . import register
+from .base import SKV, Call, Cost, Op, S, W, check_out, check_tensor, generator, next_pow2
+from .paged_indexer import WORKLOAD_NEXT_N
+from .topk import few_keys_warning
+
+
+def request_rows(logits, context_lens, out=None) -> int:
+    """next_n: the rows per request (logits rows / B); with no request, out's or 1."""
+    n_req = context_lens.shape[0]
+    if n_req == 0:
+        return out.shape[1] if out is not None and out.dim() == 3 else 1
+    return logits.shape[0] // n_req
+
+
+def visible_lengths(context_lens: torch.Tensor, next_n: int, n_cols: int) -> torch.Tensor:
+    """int64 [B * next_n]: the positions row b * next_n + j sees, clamp(len - next_n + j + 1, 0, n_cols)."""
+    _, ke = decode_windows(context_lens.long().clamp_min(0), next_n)
+    return ke.long().clamp(0, n_cols)
+
+
+def top_positions(window: torch.Tensor, k: int) -> torch.Tensor:
+    """The positions (ascending) of the k largest of one window's fp32 values: NaN above
+    everything, NaNs tied with each other and -0 with +0, ties to the lower position. Exact
+    comparisons of the fp32 values (no float64 needed)."""
+    nan = torch.isnan(window)
+    plain = torch.where(nan, torch.zeros_like(window), window) + 0.0  # + 0.0 turns -0 into +0
+    order = torch.sort(plain, descending=True, stable=True).indices  # ties keep position order
+    order = order[torch.sort(nan[order].to(torch.int8), descending=True, stable=True).indices]  # NaN first
+    return torch.sort(order[:k]).values
+
+
+def canonical_positions(logits: torch.Tensor, context_lens: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Per row, the positions the kernel selects, ascending (top_positions of its visible window)."""
+    next_n = request_rows(logits, context_lens)
+    x = logits.detach().cpu()
+    visible = visible_lengths(context_lens.cpu(), next_n, x.shape[1])
+    return [top_positions(x[r, :int(visible[r])], k) for r in range(x.shape[0])]
+
+
+def decode_topk_reference(logits, context_lens, block_table, k: int, page_size: int) -> torch.Tensor:
+    """slots [B, next_n, k] int32 (CPU): the canonical answer, by ascending position, -1 padded."""
+    next_n = request_rows(logits, context_lens)
+    n_req = context_lens.shape[0]
+    table = block_table.cpu()
+    pos = torch.full((n_req * next_n, k), -1, dtype=torch.int64)
+    for r, chosen in enumerate(canonical_positions(logits, context_lens, k)):
+        pos[r, :chosen.numel()] = chosen
+    if table.shape[1] == 0:  # no page to map a position to
+        return torch.full((n_req, next_n, k), -1, dtype=torch.int32)
+    return positions_to_slots(pos, table, page_size, next_n)
+
+
+def slots_of_window(table_row: torch.Tensor, visible: int, page_size: int) -> torch.Tensor:
+    """int64 [visible]: the slot of each visible position of one request, as the kernel computes it
+    (int32 arithmetic; a position past the table takes its last page)."""
+    pos = torch.arange(visible)
+    page = (pos // page_size).clamp_max(table_row.shape[0] - 1)
+    return (table_row.long()[page] * page_size + pos % page_size).to(torch.int32).long()
+
+
+def slots_to_positions(slots: torch.Tensor, table_row: torch.Tensor, visible: int, page_size: int) -> torch.Tensor:
+    """The visible position each slot of one request stands for (-1: none does)."""
+    own = slots_of_window(table_row, visible, page_size)
+    ordered, order = torch.sort(own)
+    at = torch.searchsorted(ordered, slots.long()).clamp_max(visible - 1)
+    return torch.where(ordered[at] == slots.long(), order[at], -1)
+
+
+def assert_decode_topk(slots, logits, context_lens, block_table, k: int, page_size: int, rows=None) -> None:
+    """The exact contract on rows `rows` (default all): per row, the first min(k, visible) slots map
+    back to distinct visible positions whose logits are the k largest of the window (NaN first: the
+    NaN count must match; the other values equal exactly), those positions are the canonical ones
+    (ties to the lower position), and every remaining slot is -1 (all slots -1 for a table of no
+    pages). A window longer than the table maps several positions to one slot: there the slots
+    must equal the canonical positions' slots."""
+    next_n = request_rows(logits, context_lens)
+    n_req = context_lens.shape[0]
+    got = slots.detach().cpu()
+    if tuple(got.shape) != (n_req, next_n, k) or got.dtype != torch.int32:
+        raise Mismatch(f"decode_topk: {got.dtype} {tuple(got.shape)}, want torch.int32 {(n_req, next_n, k)}")
+    got = got.reshape(n_req * next_n, k)
+    x = logits.detach().cpu()
+    table = block_table.detach().cpu()
+    visible = visible_lengths(context_lens.cpu(), next_n, x.shape[1])
+    for r in (range(got.shape[0]) if rows is None else rows):
+        r = int(r)
+        b, vis = r // next_n, int(visible[r])
+        n = min(k, vis) if table.shape[1] else 0
+        head, tail = got[r, :n], got[r, n:]
+        if (tail != -1).any():
+            raise Mismatch(f"decode_topk row {r}: slots {n}.. must be -1, got {tail[tail != -1][:5].tolist()}")
+        if n == 0:
+            continue
+        want_pos = top_positions(x[r, :vis], k)
+        if vis > table.shape[1] * page_size:  # positions past the table share its last page's slots
+            want = slots_of_window(table[b], vis, page_size)[want_pos]
+            if not torch.equal(torch.sort(head.long()).values, torch.sort(want).values):
+                raise Mismatch(f"decode_topk row {r}: not the slots of the {n} largest of the window")
+            continue
+        pos = slots_to_positions(head, table[b], vis, page_size)
+        if (pos < 0).any():
+            raise Mismatch(f"decode_topk row {r}: slots that are no visible position's: {head[pos < 0][:5].tolist()}")
+        if torch.unique(pos).numel() != n:
+            raise Mismatch(f"decode_topk row {r}: repeated positions")
+        got_vals, want_vals = x[r, pos], x[r, want_pos]
+        got_nan, want_nan = torch.isnan(got_vals), torch.isnan(want_vals)
+        if int(got_nan.sum()) != int(want_nan.sum()):
+            raise Mismatch(f"decode_topk row {r}: {int(got_nan.sum())} NaN selected, the window's top {n} hold "
+                           f"{int(want_nan.sum())} (NaN ranks above +inf)")
+        got_rest = torch.sort(got_vals[~got_nan], descending=True).values
+        want_rest = torch.sort(want_vals[~want_nan], descending=True).values
+        if not torch.equal(got_rest, want_rest):
+            raise Mismatch(f"decode_topk row {r}: selected values are not the {n} largest of the window")
+        if not torch.equal(torch.sort(pos).values, want_pos):
+            raise Mismatch(f"decode_topk row {r}: the selected positions are not the lowest among tied values")
+
+
+def naive_decode_topk(logits, context_lens, block_table, k: int, page_size: int):
+    """torch: the windows masked to -inf, torch.topk over the rows, picks past the window made -1,
+    then the page-table transform (dsagen.decode.positions_to_slots)."""
+    next_n = request_rows(logits, context_lens)
+    _, ke = decode_windows(context_lens, next_n)
+    n_cols = logits.shape[1]
+    cols = torch.arange(n_cols, device=logits.device)
+    masked = logits.masked_fill(cols[None, :] >= ke[:, None], -math.inf)
+    take = min(k, n_cols)
+    pos = torch.topk(masked, take, dim=1).indices
+    pos = torch.where(torch.arange(take, device=logits.device)[None, :] < ke[:, None], pos, -1)
+    if take < k:
+        pos = torch.cat([pos, pos.new_full((pos.shape[0], k - take), -1)], dim=1)
+    return positions_to_slots(pos, block_table, page_size, next_n)
+
+
+def decode_topk_inputs(spec, n_req: int, context: int, device, seed: int, next_n: int = WORKLOAD_NEXT_N):
+    """B requests of `context` tokens, pages shuffled across requests (as paged_indexer_inputs), and
+    logits [B * next_n, max_blocks * page_size]: N(0, 1) inside each row's window, -inf past it."""
+    page_size = spec.cache.page_size
+    g = generator(device, seed)
+    max_blocks = -(-context // page_size)
+    n_cols = max_blocks * page_size
+    table = torch.randperm(n_req * max_blocks, device=device, generator=g).reshape(n_req, max_blocks).int()
+    lens = torch.full((n_req,), context, dtype=torch.int32, device=device)
+    logits = torch.randn(n_req * next_n, n_cols, device=device, generator=g)
+    _, ke = decode_windows(lens, next_n)
+    logits.masked_fill_(torch.arange(n_cols, device=device)[None, :] >= ke[:, None], -math.inf)
+    return logits, lens, table
+
+
+class DecodeTopKOp(Op):
+    name = "decode_topk"
+    summary = ("decode top-k: cache slots [B, next_n, k] int32 of each query row's k largest visible logits "
+               "(page table applied), -1 padded")
+    backends = ("triton",)
+    needs_cache = True
+    short_names = {"block_n": "n", "chunk": "c", "waves": "wv", "radix_bits": "r", "levels": "l",
+                   "candidates": "cd", "sorted": "srt", "num_warps": "w"}
+    naive_name = "masked torch.topk + positions_to_slots"
+    args = (("logits", "Tensor"), ("context_lens", "Tensor"), ("block_table", "Tensor"))
+
+    def semantic_fields(self, spec):
+        return {"k": spec.topk.k, "page_size": spec.cache.page_size}
+
+    def module_stem(self, spec):
+        return f"decode_topk_k{spec.topk.k}_p{spec.cache.page_size}"
+
+    def derived(self, spec, point, backend):
+        return {"k_pad": next_pow2(spec.topk.k, 16)}
+
+    def problem_symbols(self, spec):
+        return {"k": spec.topk.k, "k_pad": next_pow2(spec.topk.k, 16), "page_size": spec.cache.page_size}
+
+    def cost(self, spec):
+        """At the workload: S requests x next_n = 2 rows; each row's visible logits read once (W: the
+        mean visible length), k slots written per row (and at most k table entries read)."""
+        rows, k = S * WORKLOAD_NEXT_N, spec.topk.k
+        return Cost(self.name, sp.Integer(0), rows * W * 4 + S * 4 + rows * k * 4 * 2, "none")
+
+    def check_args(self, spec, logits, context_lens, block_table, out=None):
+        k = spec.topk.k
+        check_tensor("logits", logits, torch.float32, (None, None))
+        dev, (rows, n_cols) = logits.device, logits.shape
+        check_tensor("context_lens", context_lens, torch.int32, (None,), dev)
+        n_req = context_lens.shape[0]
+        if n_req == 0 and rows:
+            raise ValueError(f"context_lens holds no request, but logits has {rows} rows")
+        if n_req and rows % n_req:
+            raise ValueError(f"logits has {rows} rows, which is no multiple of the {n_req} requests of "
+                             "context_lens (row b * next_n + j is query j of request b)")
+        if n_cols >= 2**30:
+            raise ValueError(f"logits has {n_cols} columns: at most 2**30 - 1")
+        next_n = request_rows(logits, context_lens, out)
+        check_tensor("block_table", block_table, torch.int32, (n_req, None), dev)
+        check_out("out", out, torch.int32, (n_req, next_n, k), dev)
+        strides = {"logits": logits.stride()[:1], "block_table": block_table.stride()[:1],
+                   "out": out.stride()[:2] if out is not None else ()}
+        for name, used in strides.items():
+            if max(used, default=0) >= 2**31:
+                raise ValueError(f"{name} has a stride of 2**31 or more: the kernel takes int32 strides")
+        return Call(dev, rows, n_cols)
+
+    def fake(self, spec, logits, context_lens, block_table):
+        next_n = request_rows(logits, context_lens)
+        return logits.new_empty((context_lens.shape[0], next_n, spec.topk.k), dtype=torch.int32)
+
+    def reference(self, spec, logits, context_lens, block_table):
+        """The canonical slots (ascending position, -1 padded): the k largest values of each window
+        and, since ties go to the lower position, the one set of positions that holds them."""
+        return decode_topk_reference(logits, context_lens, block_table, spec.topk.k, spec.cache.page_size)
+
+    def inputs(self, spec, S_, SKV_, device, seed):
+        return decode_topk_inputs(spec, S_, SKV_, device, seed)
+
+    def poisoned_outputs(self, spec, inputs):
+        logits, lens = inputs[0], inputs[1]
+        next_n = request_rows(logits, lens)
+        return {"out": torch.full((lens.shape[0], next_n, spec.topk.k), -7, dtype=torch.int32, device=logits.device)}
+
+    def check(self, spec, inputs, result, rows):
+        """rows: requests (the workload's S axis); each is checked on all its next_n rows."""
+        logits, lens, table = inputs
+        next_n = request_rows(logits, lens)
+        b = rows.cpu().long()
+        r = (b[:, None] * next_n + torch.arange(next_n)).reshape(-1)
+        assert_decode_topk(result, logits, lens, table, spec.topk.k, spec.cache.page_size, rows=r.tolist())
+        return f"exact top-k slots on {len(rows)} requests x {next_n} rows"
+
+    def naive(self, spec, inputs):
+        return lambda: naive_decode_topk(*inputs, spec.topk.k, spec.cache.page_size)
+
+    def call_shape(self, S_, SKV_):
+        return WORKLOAD_NEXT_N * S_, SKV_  # the workload's B requests x next_n = 2 query rows; each row's context
+
+    def shape_info(self, spec, S_, SKV_):
+        return {"S": S_, "SKV": SKV_, "B": S_, "next_n": WORKLOAD_NEXT_N, "context": SKV_, "k": spec.topk.k,
+                "page_size": spec.cache.page_size}
+
+    def sizes(self, S_, SKV_):
+        return {"S": S_, "SKV": SKV_, "W": SKV_ - (WORKLOAD_NEXT_N - 1) / 2}
+
+    def bench_warning(self, spec, S_, SKV_):
+        return few_keys_warning(spec, SKV_)
+
+
+register(DecodeTopKOp())
