@@ -1,6 +1,7 @@
 """The MLA cache writer: bitwise equal to the host codec (quantize_mla_rows) in every written slot,
 every other byte untouched (poisoned caches), invalid and out-of-range slots skipped, strided
-views, and the in-kernel e4m3 encoder and scale rule against torch on every value of interest."""
+views, and the in-kernel e4m3 encoder and scale rule against torch on every value of interest; on
+both backends."""
 from __future__ import annotations
 
 import platform
@@ -26,7 +27,7 @@ def cache_spec(page_size: int = 64) -> dsagen.Spec:
 
 def probe(kernels, device):
     hit = kernels.resolve("mla_cache_write", device_type=device.type)
-    return backend_launcher("triton", kernels.path(hit), "probe_quantizer", device.type)
+    return backend_launcher(kernels.backend, kernels.path(hit), "probe_quantizer", device.type)
 
 
 def f32_bits(x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +54,8 @@ def values_of_interest(gen) -> torch.Tensor:
     return torch.where(both >= 1 << 31, both - (1 << 32), both).to(torch.int32)
 
 
-def test_the_in_kernel_encoder_and_scale_rule_match_torch(device, gen):
-    kernels = dsagen.build(cache_spec())
+def test_the_in_kernel_encoder_and_scale_rule_match_torch(device, backend, gen):
+    kernels = dsagen.build(cache_spec(), backend=backend)
     bits = values_of_interest(gen)
     codes, scales = probe(kernels, device)(bits.to(device))
     x = bits.view(torch.float32)
@@ -126,15 +127,21 @@ WRITE_CASES = [
     (37, 64, 2, torch.int64),
     (40, 4, 13, torch.int32),
 ]
-SCHEDULES = [None, {"block_r": 1, "num_warps": 1}, {"block_r": 16, "num_warps": 8}]
+# per backend: the default, the smallest and the largest work per program / task / block
+SCHEDULES = {
+    "triton": [None, {"block_r": 1, "num_warps": 1}, {"block_r": 16, "num_warps": 8}],
+    "tvm": [None, {"cpu_rows_per_task": 1, "cuda_threads": 64, "cuda_rows_per_block": 1},
+            {"cpu_rows_per_task": 32, "cuda_threads": 512, "cuda_rows_per_block": 8}],
+}
 
 
 @pytest.mark.parametrize("n,page,n_pages,dtype", WRITE_CASES,
                          ids=[f"n{c[0]}-page{c[1]}-pages{c[2]}-{str(c[3])[6:]}" for c in WRITE_CASES])
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=["default", "r1w1", "r16w8"])
-def test_writes_exactly_the_codec_bytes_and_nothing_else(device, gen, n, page, n_pages, dtype, schedule):
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["default", "small", "large"])
+def test_writes_exactly_the_codec_bytes_and_nothing_else(device, backend, gen, n, page, n_pages, dtype, which):
     spec = cache_spec(page)
-    kernels = dsagen.build(spec, schedules={"mla_cache_write": schedule} if schedule else None)
+    schedule = SCHEDULES[backend][which]
+    kernels = dsagen.build(spec, backend=backend, schedules={"mla_cache_write": schedule} if schedule else None)
     rows = special_rows(gen, n)
     slots = random_slots(gen, n, n_pages * page, dtype, invalid=n >= 8)
     cache = mcw.poison_pattern(n_pages, page, BPT, "cpu")
@@ -152,12 +159,12 @@ def test_writes_exactly_the_codec_bytes_and_nothing_else(device, gen, n, page, n
     assert torch.equal(got[:, FMT.latent_dim:], x[:, FMT.latent_dim:])
 
 
-def test_strided_views_and_their_gaps(device, gen):
+def test_strided_views_and_their_gaps(device, backend, gen):
     """rows with a padded row stride, a strided slot mapping, a cache view whose tokens and pages
     sit apart in a larger buffer: the gaps keep their bytes."""
     page, n_pages, n = 8, 5, 21
     spec = cache_spec(page)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     rows = torch.zeros(n, WIDTH + 24, dtype=torch.bfloat16)
     rows[:, :WIDTH] = special_rows(gen, n)
     slots = torch.full((2 * n,), -5, dtype=torch.int32)
@@ -172,9 +179,9 @@ def test_strided_views_and_their_gaps(device, gen):
     assert torch.equal(buf_dev.cpu()[outside], buf[outside])
 
 
-def test_no_rows_all_invalid_rows_and_an_empty_cache(device, gen):
+def test_no_rows_all_invalid_rows_and_an_empty_cache(device, backend, gen):
     spec = cache_spec(16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     cache = mcw.poison_pattern(3, 16, BPT, device)
     before = cache.clone()
     kernels.mla_cache_write(torch.empty(0, WIDTH, dtype=torch.bfloat16, device=device),
@@ -188,10 +195,10 @@ def test_no_rows_all_invalid_rows_and_an_empty_cache(device, gen):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                     reason="the host codec's NaN signs are those of x86 floating point")
-def test_non_finite_groups_follow_the_host_codec(device, gen):
+def test_non_finite_groups_follow_the_host_codec(device, backend, gen):
     """A NaN in a group: scale NaN, codes NaN; +-inf in a group: scale inf, finite values +-0."""
     spec = cache_spec(4)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     rows = special_rows(gen, 4)
     nan, inf = float("nan"), float("inf")
     bits = rows.view(torch.int16)  # a bf16 -NaN needs its bits: float -> bf16 makes every NaN 0x7FC0
@@ -203,10 +210,10 @@ def test_non_finite_groups_follow_the_host_codec(device, gen):
     assert_written(kernels, spec, rows.to(device), slots.to(device), mcw.poison_pattern(2, 4, BPT, device))
 
 
-def test_the_workload_checks_and_its_naive_baseline(device):
+def test_the_workload_checks_and_its_naive_baseline(device, backend):
     spec = cache_spec(16)
     op = get_op("mla_cache_write")
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     inputs = op.inputs(spec, 3, 70, device, seed=1)
     rows, slots, cache = inputs
     assert rows.shape == (6, WIDTH) and slots.dtype == torch.int32 and cache.shape == (15, 16, 1, BPT)
@@ -225,9 +232,9 @@ def test_the_workload_checks_and_its_naive_baseline(device):
     assert short[1].view(2, 2)[:, 0].eq(-1).all()
 
 
-def test_bad_arguments_name_the_argument(device):
+def test_bad_arguments_name_the_argument(device, backend):
     spec = cache_spec(16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     rows = torch.zeros(4, WIDTH, dtype=torch.bfloat16, device=device)
     slots = torch.zeros(4, dtype=torch.int32, device=device)
     cache = torch.zeros(2, 16, 1, BPT, dtype=torch.uint8, device=device)
@@ -247,13 +254,13 @@ def test_bad_arguments_name_the_argument(device):
             kernels.mla_cache_write(*args)
 
 
-def test_op_metadata_and_torch_op(device, gen):
+def test_op_metadata_and_torch_op(device, backend, gen):
     op = get_op("mla_cache_write")
-    assert not op.enabled(dsagen.Spec(), "triton") and not op.enabled(cache_spec(), "tvm")
-    assert op.enabled(cache_spec(), "triton") and "mla_cache_write" not in dsagen.build(dsagen.Spec()).kernels()
+    assert not op.enabled(dsagen.Spec(), backend) and op.enabled(cache_spec(), backend)
+    assert "mla_cache_write" not in dsagen.build(dsagen.Spec(), backend=backend).kernels()
     assert op.cost(cache_spec()).compute_unit == "none"
     spec = cache_spec(2)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     schema = str(torch.ops.dsagen.mla_cache_write.default._schema)
     assert "Tensor(a!) cache" in schema and schema.endswith("-> ()")
     rows = special_rows(gen, 3).to(device)
@@ -270,7 +277,7 @@ def test_op_metadata_and_torch_op(device, gen):
     assert torch.equal(cache.cpu(), want) and int(total) == int(want.sum(dtype=torch.int64))
 
 
-def test_another_format_is_a_table_entry(device, gen, monkeypatch):
+def test_another_format_is_a_table_entry(device, backend, gen, monkeypatch):
     """A format with a group that is no power of two and a short rope part (masked tiles)."""
     from dsagen import cache_formats
 
@@ -278,7 +285,7 @@ def test_another_format_is_a_table_entry(device, gen, monkeypatch):
     monkeypatch.setitem(cache_formats.MLA_FORMATS, "test_odd", fmt)
     spec = dsagen.Spec(attention=dsagen.AttentionSpec(heads=1, qk_dim=99, v_dim=96),
                        cache=dsagen.CacheSpec(page_size=2, mla_format="test_odd"))
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     n, n_pages = 9, 6
     rows = (torch.randn(n, 99, generator=gen) * torch.exp2(torch.randint(-20, 20, (n, 1), generator=gen))).bfloat16()
     slots = random_slots(gen, n, n_pages * 2, torch.int64)

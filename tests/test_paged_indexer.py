@@ -1,6 +1,7 @@
 """The decode indexer over the paged fp8 key cache against its float64 reference: partial last pages,
 pages of requests interleaved, unused table entries out of range, contexts shorter than next_n,
-next_n 1..5, heads 1/3/16/64/128, head_dim 128/40/50, page sizes 1/16/64, poisoned outputs."""
+next_n 1..5, heads 1/3/16/64/128, head_dim 128/40/50, page sizes 1/16/64, poisoned outputs; on both
+backends (the schedule tests are Triton's: tests/test_tvm_decode.py varies the TVM schedules)."""
 from __future__ import annotations
 
 import dataclasses
@@ -88,9 +89,9 @@ CASES = [
 
 @pytest.mark.parametrize("B,next_n,H,D,ps,lens,max_blocks", CASES,
                          ids=[f"B{c[0]}-n{c[1]}-H{c[2]}-D{c[3]}-p{c[4]}" for c in CASES])
-def test_paged_indexer_matches_reference(device, gen, B, next_n, H, D, ps, lens, max_blocks):
+def test_paged_indexer_matches_reference(device, backend, gen, B, next_n, H, D, ps, lens, max_blocks):
     spec = make_spec(H, D, ps)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     got, ref = run_and_check(kernels, spec, make_case(gen, spec, lens, next_n, max_blocks), device)
     assert got.shape == (B * next_n, ref.shape[1])
     for b, n in enumerate(lens):  # the visible prefix, row by row
@@ -129,9 +130,9 @@ def test_many_query_rows_take_fewer_heads_per_step(device, gen, next_n, block_h)
     run_and_check(kernels, spec, make_case(gen, spec, [40, next_n + 1], next_n), device)
 
 
-def test_noncontiguous_inputs_and_strided_pages(device, gen):
+def test_noncontiguous_inputs_and_strided_pages(device, backend, gen):
     spec = make_spec(3, 40, 16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     q, cache, w, lens, table = make_case(gen, spec, [45, 17, 30], 2, max_blocks=4)
     n_pages = cache.shape[0]
     wide = torch.zeros(2 * n_pages, 16, 1, 44, dtype=torch.uint8)
@@ -160,9 +161,9 @@ def test_noncontiguous_inputs_and_strided_pages(device, gen):
         kernels.paged_indexer(*args[:3], torch.zeros(6, dtype=torch.int32, device=device)[::2], args[4])
 
 
-def test_run_call_and_the_torch_op_agree(device, gen):
+def test_run_call_and_the_torch_op_agree(device, backend, gen):
     spec = make_spec(3, 40, 1)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     case = tuple(t.to(device) for t in make_case(gen, spec, [6, 3], 2))
     a = kernels.run("paged_indexer", *case)
     b = kernels.paged_indexer(*case)
@@ -172,11 +173,11 @@ def test_run_call_and_the_torch_op_agree(device, gen):
     assert fake.shape == a.shape and fake.dtype == torch.float32
 
 
-def test_traced_by_torch_compile_as_one_node(device, gen):
+def test_traced_by_torch_compile_as_one_node(device, backend, gen):
     import torch._dynamo
 
     spec = make_spec(3, 40, 16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     case = tuple(t.to(device) for t in make_case(gen, spec, [20, 7], 2))
     eager = kernels.paged_indexer(*case)
     torch._dynamo.reset()
@@ -184,11 +185,11 @@ def test_traced_by_torch_compile_as_one_node(device, gen):
     assert torch.equal(torch.compile(kernels.paged_indexer, fullgraph=True)(*case), eager)
 
 
-def test_nan_propagates_as_in_the_prefill_indexer(device, gen):
+def test_nan_propagates_as_in_the_prefill_indexer(device, backend, gen):
     """NaN in q[b, j] or w[row]: that row's visible logits; in a key or a scale: that column of
     the rows that see it. -inf stays -inf."""
     spec = make_spec(3, 40, 16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     q, cache, w, lens, table = make_case(gen, spec, [40, 25], 2)
     qb = q.view(torch.uint8)
     qb[0, 1, 2, 5] = FP8_NAN  # row 1
@@ -210,9 +211,9 @@ def test_nan_propagates_as_in_the_prefill_indexer(device, gen):
         assert_close("indexer.logits.fp8_e4m3", got, ref)
 
 
-def test_empty_batches_and_tables(device):
+def test_empty_batches_and_tables(device, backend):
     spec = make_spec(3, 40, 16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     q = torch.zeros(0, 2, 3, 40, dtype=torch.float8_e4m3fn, device=device)
     cache = torch.zeros(1, 16, 1, 44, dtype=torch.uint8, device=device)
     w = torch.zeros(0, 3, device=device)
@@ -225,9 +226,9 @@ def test_empty_batches_and_tables(device):
     assert kernels.paged_indexer(q1, cache, torch.zeros(2, 3, device=device), lens, table).shape == (2, 0)  # no column
 
 
-def test_bad_tensors_name_the_argument(device):
+def test_bad_tensors_name_the_argument(device, backend):
     spec = make_spec(3, 40, 16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     f8, i32 = torch.float8_e4m3fn, torch.int32
     q = torch.zeros(2, 2, 3, 40, dtype=f8, device=device)
     cache = torch.zeros(4, 16, 1, 44, dtype=torch.uint8, device=device)
@@ -263,20 +264,20 @@ def test_bad_tensors_name_the_argument(device):
             call()
 
 
-def test_offered_only_with_a_cache_and_on_triton():
+def test_offered_only_with_a_cache(backend):
     op = get_op("paged_indexer")
     with_cache = make_spec()
-    assert op.enabled(with_cache, "triton") and not op.enabled(with_cache, "tvm")
-    assert not op.enabled(dataclasses.replace(with_cache, cache=None), "triton")
-    assert "paged_indexer" in dsagen.build(with_cache).kernels()
-    assert "paged_indexer" not in dsagen.build(dataclasses.replace(with_cache, cache=None)).kernels()
+    assert op.enabled(with_cache, backend)
+    assert not op.enabled(dataclasses.replace(with_cache, cache=None), backend)
+    assert "paged_indexer" in dsagen.build(with_cache, backend=backend).kernels()
+    assert "paged_indexer" not in dsagen.build(dataclasses.replace(with_cache, cache=None), backend=backend).kernels()
 
 
-def test_workload_inputs_check_and_naive(device):
+def test_workload_inputs_check_and_naive(device, backend):
     """What the tuner and `dsagen bench` run: B requests x next_n = 2 over SKV tokens, pages shuffled."""
     spec = make_spec(16, 128, 16)
     op = get_op("paged_indexer")
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     inputs = op.inputs(spec, 3, 50, device, seed=1)
     q, cache, w, lens, table = inputs
     assert q.shape == (3, 2, 16, 128) and table.shape == (3, 4) and (lens == 50).all()

@@ -1,7 +1,8 @@
 """Sparse FP8 decode (dsagen/ops/sparse_decode.py) against a float64 reference from the math: the
 whole cache dequantized on the host (dsagen/cache_formats.py), then dense softmax over each token's
 valid slots. Odd heads, odd k, contexts shorter than k, partial last pages in shuffled page
-tables, invalid slots of every kind, all-invalid tokens, large scales, split k, poisoned outputs."""
+tables, invalid slots of every kind, all-invalid tokens, large scales, split k, poisoned outputs; on
+both backends (the schedule test is Triton's: tests/test_tvm_decode.py varies the TVM schedules)."""
 from __future__ import annotations
 
 import math
@@ -117,8 +118,8 @@ CASES = [
 
 @pytest.mark.parametrize("B,s_q,H,k,page_size,contexts", CASES,
                          ids=[f"B{c[0]}-sq{c[1]}-H{c[2]}-k{c[3]}-page{c[4]}" for c in CASES])
-def test_sparse_decode_matches_reference(device, gen, B, s_q, H, k, page_size, contexts):
-    kernels = dsagen.build(make_spec(H, k, page_size))
+def test_sparse_decode_matches_reference(device, backend, gen, B, s_q, H, k, page_size, contexts):
+    kernels = dsagen.build(make_spec(H, k, page_size), backend=backend)
     q, cache, idx = problem(gen, B, s_q, H, k, page_size, contexts, all_invalid={(0, 0), (B - 1, s_q - 1)})
     out, lse = run_checked(kernels, q, cache, idx, 0.0721, device)
     for b, t in {(0, 0), (B - 1, s_q - 1)}:  # tokens without a valid slot: exactly 0 and +inf
@@ -144,20 +145,20 @@ def test_sparse_decode_schedules_and_split_k(device, gen, schedule):
     assert (out[1, 0] == 0).all() and (lse[1, 0] == math.inf).all()
 
 
-def test_sparse_decode_large_scales(device, gen):
+def test_sparse_decode_large_scales(device, backend, gen):
     """Latent values up to 448 * 2**10 (scales up to 2**10): scores far from 1, still exact in fp32."""
-    kernels = dsagen.build(make_spec(3, 13, 16))
+    kernels = dsagen.build(make_spec(3, 13, 16), backend=backend)
     q, cache, idx = problem(gen, 2, 2, 3, 13, 16, [30, 17], max_log2_scale=10, all_invalid=())
     scales = cache.reshape(-1, FMT.bytes_per_token)[:, FMT.scale_offset:FMT.rope_offset].contiguous().view(torch.float32)
     assert scales.max() >= 2**8
     run_checked(kernels, q, cache, idx, 0.0721, device)
 
 
-def test_sparse_decode_strided_inputs_and_outputs(device, gen):
+def test_sparse_decode_strided_inputs_and_outputs(device, backend, gen):
     """q and indices sliced from wider buffers, pages with a padded stride, outputs inside bigger
     buffers: accepted and equal to the contiguous call."""
     H, k, ps = 5, 11, 4
-    kernels = dsagen.build(make_spec(H, k, ps))
+    kernels = dsagen.build(make_spec(H, k, ps), backend=backend)
     q, cache, idx = problem(gen, 3, 2, H, k, ps, [9, 14, 3])
     base_out, base_lse = kernels.sparse_decode(q.to(device), cache.to(device), idx.to(device), 0.25)
     q_wide = torch.randn(3, 2, H + 2, D + 8).bfloat16()
@@ -178,7 +179,15 @@ def test_sparse_decode_strided_inputs_and_outputs(device, gen):
     assert (out[..., FMT.latent_dim:] == -7).all() and (lse[..., H:] == -7).all()  # nothing outside written
 
 
-def test_sparse_decode_nan_rules(device, gen):
+# per backend: one program / task per token's indices, and a split with its combine
+SPLIT_OR_NOT = {
+    "triton": ({"k_split": 1}, {"k_split": 2, "block_n": 16, "block_h": 16}),
+    "tvm": ({"cpu_k_split": 1, "cuda_k_split": 1},
+            {"cpu_k_split": 2, "cpu_block_n": 16, "cpu_block_h": 16, "cuda_k_split": 2, "cuda_block_n": 8}),
+}
+
+
+def test_sparse_decode_nan_rules(device, backend, gen):
     """A NaN in q[b, t, h] poisons that head only; a NaN code in a selected row poisons that token's
     heads; NaN in a row nobody selects changes nothing. Also through the split-k combine."""
     H, k, ps = 3, 33, 16
@@ -187,8 +196,8 @@ def test_sparse_decode_nan_rules(device, gen):
     q[0, 1, 2, 7] = math.nan
     victim = int(idx[1, 0][(idx[1, 0] >= 0) & (idx[1, 0] < cache.shape[0] * ps)][0])
     cache.view(-1, FMT.bytes_per_token)[victim, 5] = 0xFF  # a NaN fp8 code (negative sign)
-    for schedule in ({"k_split": 1}, {"k_split": 2, "block_n": 16, "block_h": 16}):
-        kernels = dsagen.build(make_spec(H, k, ps), schedules={"sparse_decode": schedule})
+    for schedule in SPLIT_OR_NOT[backend]:
+        kernels = dsagen.build(make_spec(H, k, ps), backend=backend, schedules={"sparse_decode": schedule})
         out, lse = kernels.sparse_decode(q.to(device), cache.to(device), idx.to(device), 0.3)
         out, lse = out.cpu(), lse.cpu()
         nan = (idx == victim).any(-1)[..., None].expand(2, 2, H).clone()  # every token selecting it
@@ -202,9 +211,9 @@ def test_sparse_decode_nan_rules(device, gen):
         assert_close("sparse_decode.lse", lse[~nan], ref_lse[~nan])
 
 
-def test_sparse_decode_refuses_bad_arguments(device, gen):
+def test_sparse_decode_refuses_bad_arguments(device, backend, gen):
     spec = make_spec(3, 5, 16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     q, cache, idx = (t.to(device) for t in problem(gen, 1, 2, 3, 5, 16, [10]))
     bad = [
         ((q.float(), cache, idx), "q must have dtype"),
@@ -230,11 +239,11 @@ def test_sparse_decode_refuses_bad_arguments(device, gen):
         kernels.sparse_decode(q, cache, idx, lse=torch.empty(1, 2, 3, dtype=torch.bfloat16, device=device))
 
 
-def test_sparse_decode_default_scale_empty_batch_and_op_path(device, gen):
+def test_sparse_decode_default_scale_empty_batch_and_op_path(device, backend, gen):
     """sm_scale None is the spec's; B = 0 and s_q = 0 return empty outputs; the torch.library op
     (no output buffers) and its fake implementation give the launcher's shapes."""
     spec = make_spec(2, 6, 16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     q, cache, idx = (t.to(device) for t in problem(gen, 2, 3, 2, 6, 16, [8, 21]))
     out, lse = kernels.run("sparse_decode", q, cache, idx)  # through dsagen::sparse_decode
     ref_out, ref_lse = expected(q.cpu(), cache.cpu(), idx.cpu(), spec.attention.softmax_scale)
@@ -253,8 +262,8 @@ def test_sparse_decode_default_scale_empty_batch_and_op_path(device, gen):
     assert fo.shape == (2, 3, 2, 512) and fo.dtype == torch.bfloat16 and fl.shape == (2, 3, 2)
 
 
-def test_sparse_decode_catches_a_wrong_output(device, gen):
-    kernels = dsagen.build(make_spec(3, 8, 16))
+def test_sparse_decode_catches_a_wrong_output(device, backend, gen):
+    kernels = dsagen.build(make_spec(3, 8, 16), backend=backend)
     q, cache, idx = problem(gen, 1, 2, 3, 8, 16, [30], all_invalid=())
     out, lse = kernels.sparse_decode(q.to(device), cache.to(device), idx.to(device), 0.3)
     ref_out, ref_lse = expected(q, cache, idx, 0.3)
@@ -266,15 +275,15 @@ def test_sparse_decode_catches_a_wrong_output(device, gen):
         assert_close("sparse_decode.lse", lse, ref_lse)
 
 
-def test_sparse_decode_workload(device):
+def test_sparse_decode_workload(device, backend):
     """The tuner's and bench's recipe: B requests x next_n = 2 tokens, k > context for one shape;
     poisoned outputs, the sampled check, the naive baseline; buckets by B * next_n rows."""
     op = sd.SparseDecodeOp()
     spec = make_spec(3, 37, 16)
-    kernels = dsagen.build(spec)
+    kernels = dsagen.build(spec, backend=backend)
     assert "sparse_decode" in kernels.kernels()
     assert not op.enabled(dsagen.Spec(attention=spec.attention, topk=spec.topk), "triton")  # no [cache]
-    assert not op.enabled(spec, "tvm")
+    assert op.enabled(spec, "triton") and op.enabled(spec, "tvm")
     for B, ctx in ((3, 20), (2, 75)):
         inputs = op.inputs(spec, B, ctx, device, seed=1)
         q, cache, idx, scale = inputs

@@ -8,7 +8,8 @@ page_size, 1, bytes_per_token], FlashMLA's k_cache layout), quantized exactly as
 so the kernel never writes out of bounds. Every byte outside the written slots keeps its value.
 Two rows naming the same slot race (engines give distinct slots). Non-finite values: a group
 holding NaN gets a NaN scale and NaN codes, one holding +-inf an inf scale (what the host codec
-gives on x86). The template quantizes with integer bit operations (exact in both renderings).
+gives on x86). The templates quantize with integer bit operations: exact in both Triton renderings
+and on both TVM targets (llvm, cuda).
 
 Workload (tuner, bench): S = B requests, each writing next_n = 2 new tokens (the last two of its
 SKV-token context) into a cache of B x SKV tokens whose pages are shuffled; about one row in eight
@@ -80,7 +81,7 @@ def naive_cache_write(rows, slot_mapping, cache, fmt, page_size: int) -> None:
 class MLACacheWriteOp(Op):
     name = "mla_cache_write"
     summary = "cache writer: bf16 rows + slot mapping -> the paged FP8 MLA cache (in place, exact quantization)"
-    backends = ("triton",)
+    backends = ("triton", "tvm")
     needs_cache = True
     outputs = ()
     short_names = {"block_r": "r", "num_warps": "w"}
@@ -109,7 +110,8 @@ class MLACacheWriteOp(Op):
 
     def problem_symbols(self, spec):
         fmt = mla_format(spec)
-        return {"group_pad": next_pow2(fmt.group), "rope_pad": next_pow2(2 * fmt.rope_dim)}
+        return {"group_pad": next_pow2(fmt.group), "rope_pad": next_pow2(2 * fmt.rope_dim),
+                "latent_dim": fmt.latent_dim}
 
     def cost(self, spec):
         fmt = mla_format(spec)

@@ -10,7 +10,8 @@ Row r = b * next_n + j is query j of request b; it sees the tokens s < context_l
 (token s lives in page block_table[b, s // page_size] at slot s % page_size) and gets
 logits[r, s] = k_scale[s] * sum_h weights[r, h] * relu(q[b, j, h] . k[s]) there, -inf in every other
 column (a visible length <= 0 gives an all -inf row). Table entries past a request's context are
-never read, nor are keys past it. relu keeps NaN, as in the prefill indexer.
+never read, nor are keys past it. relu keeps NaN, as in the prefill indexer. Backends: Triton and
+TVM (llvm for CPU tensors, cuda), with the same contract.
 
 Workload (tests, tuner, bench): S = B requests, each with a context of SKV tokens and next_n = 2
 query tokens, pages in a random order; the tuning database buckets a call by (B * next_n, max_blocks *
@@ -106,7 +107,7 @@ def naive_paged_indexer(q, index_cache, weights, context_lens, block_table, chun
 class PagedIndexerOp(Op):
     name = "paged_indexer"
     summary = "decode lightning indexer over the paged fp8 key cache: logits [B*next_n, max_blocks*page_size]"
-    backends = ("triton",)
+    backends = ("triton", "tvm")
     needs_cache = True
     short_names = {"block_n": "n", "block_h": "hb", "key_blocks": "kb", "num_warps": "w", "num_stages": "s"}
     naive_name = "gather pages to dense + bf16 einsum (chunks of 8 requests)"

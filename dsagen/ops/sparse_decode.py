@@ -15,6 +15,8 @@ the kernel addresses slot // page_size and slot % page_size through the cache's 
 padded page strides work too. Schedule: block_h heads x block_n gathered rows per step; k_split
 > 1 splits each token's k slots over programs whose partial softmaxes a second kernel merges
 exactly (for few query tokens: B * s_q small); the tuner picks it per (rows, context) bucket.
+The TVM templates (llvm, cuda) follow the same contract; their knobs are the same ideas per target
+(cpu_block_h / cpu_block_n / cpu_k_split, cuda_*), and they dequantize to fp32.
 
 Workload (tuner, bench): S = B requests, SKV = context length per request, next_n = 2 query tokens
 per request; each token selects k distinct random slots of its request's causal context (pages in
@@ -120,7 +122,7 @@ class SparseDecodeOp(Op):
     name = "sparse_decode"
     summary = ("sparse FP8 decode: out [B, s_q, H, v_dim] bf16 and natural-log lse [B, s_q, H] over the selected "
                "slots of the paged FP8 MLA cache")
-    backends = ("triton",)
+    backends = ("triton", "tvm")
     needs_cache = True
     outputs = ("out", "lse")
     short_names = {"block_h": "bh", "block_n": "n", "k_split": "ks", "num_warps": "w", "num_stages": "s"}
@@ -145,13 +147,14 @@ class SparseDecodeOp(Op):
     def derived(self, spec, point, backend):
         fmt = mla_format(spec)
         return {"group_pad": next_pow2(fmt.group, 16), "rope_pad": next_pow2(fmt.rope_dim, 16),
-                "latent_pad": next_pow2(fmt.latent_dim)}
+                "latent_pad": next_pow2(fmt.latent_dim), "topk": spec.topk.k}
 
     def problem_symbols(self, spec):
         fmt = mla_format(spec)
         return {"heads": spec.attention.heads, "heads_pad": next_pow2(spec.attention.heads), "topk": spec.topk.k,
                 "latent_dim": fmt.latent_dim, "rope_pad": next_pow2(fmt.rope_dim, 16),
-                "bytes_per_token": fmt.bytes_per_token}
+                "bytes_per_token": fmt.bytes_per_token, "qk_dim": fmt.latent_dim + fmt.rope_dim,
+                "n_scales": fmt.n_scales}
 
     def cost(self, spec):
         at, k, fmt = spec.attention, spec.topk.k, mla_format(spec)
