@@ -19,7 +19,6 @@ import torch
 from . import backends
 from .backends import tvm as tvm_backend
 from .backends.source_cache import materialize
-from .decode import decode_windows, positions_to_slots
 from .errors import BackendError
 from .ops import enabled as enabled_ops, get_op, names as op_names
 from .resolve import DEFAULT_GPU, Resolved, Resolver, detected_gpu, gpu_context  # noqa: F401  (re-exported)
@@ -183,6 +182,12 @@ class DSAKernels:
         of request b sees positions < context_lens[b] - next_n + j + 1, -inf elsewhere."""
         return self.run("paged_indexer", q, index_cache, weights, context_lens, block_table, out=out)
 
+    def decode_topk(self, logits, context_lens, block_table, *, out=None):
+        """slots [B, next_n, k] int32: the k largest logits of each query row's visible prefix
+        (row b * next_n + j sees positions < context_lens[b] - next_n + j + 1; ties to the lower
+        position), each turned into its cache slot through block_table, then -1 padding."""
+        return self.run("decode_topk", logits, context_lens, block_table, out=out)
+
     def sparse_decode(self, q, mla_cache, indices, sm_scale: float | None = None, *, out=None, lse=None):
         """(out [B, s_q, H, v_dim] bf16, lse [B, s_q, H] fp32) over the selected cache slots
         [B, s_q, k] (negative or out-of-range: invalid) of the paged FP8 MLA cache."""
@@ -207,8 +212,8 @@ class DSAKernels:
 
     def decode(self, q, mla_cache, index_q, index_cache, index_weights, context_lens, block_table,
                sm_scale: float | None = None) -> DecodeOutput:
-        """One decode step over the paged caches: paged indexer -> top-k of each query's visible
-        prefix -> page-table transform to cache slots -> sparse FP8 decode attention. No host
+        """One decode step over the paged caches: paged indexer -> decode top-k of each query's
+        visible prefix, emitted as cache slots -> sparse FP8 decode attention. No host
         sync and fixed shapes, so a CUDA graph captures it (call prepare() first).
 
         q [B, s_q, H, qk_dim] bf16; mla_cache uint8 [pages, page_size, 1, bytes_per_token];
@@ -219,11 +224,8 @@ class DSAKernels:
             raise ValueError("decode() needs a spec with a [cache] section (page size and cache formats)")
         if isinstance(q, torch.Tensor) and isinstance(index_q, torch.Tensor) and q.shape[:2] != index_q.shape[:2]:
             raise ValueError(f"q is [B, s_q] = {list(q.shape[:2])} but index_q is {list(index_q.shape[:2])}")
-        next_n = index_q.shape[1]
         logits = self.paged_indexer(index_q, index_cache, index_weights, context_lens, block_table)
-        ks, ke = decode_windows(context_lens, next_n)
-        positions = self.topk(logits, ks, ke)
-        slots = positions_to_slots(positions, block_table, self.spec.cache.page_size, next_n)
+        slots = self.decode_topk(logits, context_lens, block_table)
         out, lse = self.sparse_decode(q, mla_cache, slots, sm_scale)
         return DecodeOutput(out, lse, slots)
 

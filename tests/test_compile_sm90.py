@@ -1,7 +1,8 @@
 """Every generated Triton kernel compiles for the H200 (sm_90) on this machine, GPU or not.
 
 Covers each kernel family for the V3.2 spec, an odd-shaped spec (3 heads, dims that are no power
-of two, no rope part) and the knob values the CPU tests do not reach by default (v_split, radix, index prefetch, bracket sizes, multi-row fused selection).
+of two, no rope part) and the knob values the CPU tests do not reach by default (v_split, radix,
+index prefetch, bracket sizes, multi-row fused selection, the decode orientations and orders).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dsagen
 import dsagen.ops.paged_indexer  # noqa: F401  (registers the decode indexer)
 import dsagen.ops.mla_cache_write  # noqa: F401  (registers the cache writer)
 import dsagen.ops.sparse_decode  # noqa: F401  (registers the sparse FP8 decode)
+import dsagen.ops.decode_topk  # noqa: F401  (registers the decode top-k)
 from dsagen.backends import triton as triton_backend
 from dsagen.gpus import get_gpu
 from dsagen.resolve import resolve_kernel
@@ -54,6 +56,13 @@ CASES = [
      {"block_h": 32, "block_n": 64, "k_split": 8, "num_warps": 4, "num_stages": 3}),
     ("odd", dsagen.Spec(attention=dsagen.AttentionSpec(heads=3), topk=dsagen.TopKSpec(k=7),
                         cache=dsagen.CacheSpec(page_size=1)), "sparse_decode", None),
+    ("v32", dsagen.Spec(topk=V32.topk, attention=V32.attention, cache=dsagen.CacheSpec()), "sparse_decode",
+     {"block_h": 64, "block_n": 32, "prefetch": 1, "num_warps": 16, "num_stages": 4}),
+    ("v32", PAGED_V32, "paged_indexer", {"key_rows": 0}),
+    ("v32", dsagen.Spec(cache=dsagen.CacheSpec()), "decode_topk", None),
+    ("v32", dsagen.Spec(cache=dsagen.CacheSpec()), "decode_topk",
+     {"sorted": 1, "levels": 1, "radix_bits": 11, "block_n": 2048, "chunk": 2048, "candidates": 8192, "num_warps": 16}),
+    ("odd", dsagen.Spec(topk=dsagen.TopKSpec(k=7), cache=dsagen.CacheSpec(page_size=1)), "decode_topk", {"sorted": 1}),
 ]
 
 

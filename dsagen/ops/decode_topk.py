@@ -199,6 +199,7 @@ class DecodeTopKOp(Op):
     short_names = {"block_n": "n", "chunk": "c", "waves": "wv", "radix_bits": "r", "levels": "l",
                    "candidates": "cd", "sorted": "srt", "num_warps": "w"}
     naive_name = "masked torch.topk + positions_to_slots"
+    deterministic_knobs = {"sorted": 1}  # the output order then does not depend on the split
     args = (("logits", "Tensor"), ("context_lens", "Tensor"), ("block_table", "Tensor"))
 
     def semantic_fields(self, spec):
