@@ -456,3 +456,15 @@ def test_the_fused_indexer_topk_tunes_like_the_others(home):
     assert all("top-k contract against float64 logits" in t.user_attrs["check"] for t in trials)
     [entry] = tuning_db.load(home / f"{CPU_GPU_TYPE}.json").entries.values()
     assert entry.kernel == "indexer_topk"
+
+
+def test_a_decode_kernel_records_its_winner_under_the_call_shape(home):
+    """A decode workload of S requests calls with S * next_n rows: the winner is stored (and found)
+    under that call's bucket."""
+    spec = dsagen.Spec(topk=dsagen.TopKSpec(k=16), cache=dsagen.CacheSpec(page_size=16))
+    db_file = home / f"{CPU_GPU_TYPE}.json"
+    r = tune_kernel(TuneRequest(spec, "decode_topk", 3, 300, device="cpu", gpu_type=CPU_GPU_TYPE, trials=1,
+                                storage=str(home / "s.journal"), sampler="tpe", db_path=db_file), progress=False)
+    assert r.evaluated == 1 and r.best_ms is not None, r
+    [entry] = tuning_db.load(db_file).entries.values()
+    assert entry.kernel == "decode_topk" and entry.bucket == "S8-SKV512" and entry.shape == {"S": 6, "SKV": 300}

@@ -494,9 +494,12 @@ def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: flo
 
     rates = workload_rates(req.spec, req.kernel, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
     device_name, cc = _device_facts(req.device, req.backend)
+    # the database is keyed by the shape of the call (a decode workload of S requests calls with
+    # S * next_n rows), which is also the shape the entry records
+    call_S, call_SKV = get_op(req.kernel).call_shape(req.S, req.SKV)
     entry = tuning_db.Entry(
         kernel=req.kernel, backend=req.backend, spec_hash=req.spec.semantic_hash(req.kernel),
-        bucket=bucket_of(*get_op(req.kernel).call_shape(req.S, req.SKV)), shape={"S": req.S, "SKV": req.SKV},
+        bucket=bucket_of(call_S, call_SKV), shape={"S": call_S, "SKV": call_SKV},
         schedule=point, ms=ms, tflops=rates["tflops"], gbps=rates["gbps"],
         pct_of_roofline=rates["pct_of_roofline"], gpu_type=req.gpu_type, device_name=device_name,
         compute_capability=cc, date=datetime.date.today().isoformat(), versions=tuning_db.running_versions(),
