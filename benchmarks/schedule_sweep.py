@@ -6,7 +6,8 @@ first: the quick look before (or instead of) a tuning run.
 
 Unlisted knobs come from the build's resolution (override -> database -> pins -> defaults). A point
 that fails to build, breaks a constraint or fails its check prints FAILED and the reason; the sweep
-goes on. Prints one line per schedule: the schedule, the median ms (CUDA events), TFLOP/s, GB/s.
+goes on. Prints one line per schedule: the schedule, the median ms (CUDA events around eager calls,
+or with --graph CUDA-graph replays), TFLOP/s, GB/s.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--S", type=int, required=True)
     ap.add_argument("--SKV", type=int, required=True)
     ap.add_argument("--heads", type=int, default=None, help="replace the spec's head count of this kernel's stage")
+    ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays instead of eager calls")
     ap.add_argument("--schedule", type=json.loads, action="append", default=[],
                     help="JSON object of knobs (repeatable); none = the resolved schedule")
     args = ap.parse_args()
@@ -51,12 +53,13 @@ def main() -> None:
     for point in args.schedule or [{}]:
         try:
             kernels = dsagen.build(spec, schedules={args.kernel: point} if point else None)
-            row = bench.bench_kernel(kernels, args.kernel, gpu, args.S, args.SKV, naive=False)
+            row = bench.bench_kernel(kernels, args.kernel, gpu, args.S, args.SKV, naive=False, graph=args.graph)
         except Exception as exc:  # one bad point must not end the sweep
             print(f"{args.kernel} {json.dumps(point)} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
         tflops = f"{row.tflops:.1f} TFLOP/s" if row.tflops else "-"
-        print(f"{args.kernel} H={args.heads or '-'} {json.dumps(row.schedule)} {row.ms:.4f} ms {tflops} "
+        timing = "graph" if args.graph else "eager"
+        print(f"{args.kernel} H={args.heads or '-'} {json.dumps(row.schedule)} {row.ms:.4f} ms ({timing}) {tflops} "
               f"{row.gbps or 0:.0f} GB/s", flush=True)
 
 

@@ -21,7 +21,7 @@ from .gpus import GPU, cpu_model
 from .kernels import DSAKernels
 from .ops import get_op
 from .spec import KERNELS, Spec
-from .timing import cpu_ms, cuda_events_ms
+from .timing import cpu_ms, cuda_events_ms, cuda_graph_ms
 from .workloads import rates, sample_rows, validate_shape
 
 
@@ -44,13 +44,15 @@ class BenchRow:
 
 
 def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, naive: bool = True,
-                 seed: int = 0, device: str = "cuda") -> BenchRow:
+                 seed: int = 0, device: str = "cuda", graph: bool = False) -> BenchRow:
     """Check, then time one kernel (the schedule its build resolves for this shape) and naive PyTorch.
-    On the CPU there is no roofline to compare with: those columns stay empty."""
+    On the CPU there is no roofline to compare with: those columns stay empty. graph: time CUDA-graph
+    replays (what a decode step runs: no host launch cost, L2 not flushed) instead of CUDA events
+    around each eager call."""
     validate_shape(S, SKV)
     spec = kernels.spec
     op = get_op(kernel)
-    timer = cuda_events_ms if device == "cuda" else cpu_ms
+    timer = (cuda_graph_ms if graph else cuda_events_ms) if device == "cuda" else cpu_ms
     inputs = op.inputs(spec, S, SKV, device, seed)
     outs = op.poisoned_outputs(spec, inputs)
 
