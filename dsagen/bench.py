@@ -62,7 +62,8 @@ def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, n
     result = run()
     checked = op.check(spec, inputs, result, sample_rows(S, 6, seed))
     ms = timer(run)
-    naive_ms = timer(op.naive(spec, inputs)) if naive else None
+    eager_timer = cuda_events_ms if device == "cuda" else cpu_ms  # naive PyTorch runs eagerly, as written
+    naive_ms = eager_timer(op.naive(spec, inputs)) if naive else None
     r = rates(spec, kernel, S, SKV, ms, gpu)
     if device != "cuda":  # a GPU's roofline and bandwidth say nothing about a CPU run
         r["floor_ms"] = r["pct_of_roofline"] = r["gbps"] = None
@@ -95,14 +96,16 @@ def dense_attention_ms(spec: Spec, S: int, SKV: int, chunk: int = 512) -> float:
 
 
 def run_bench(kernels: DSAKernels, gpu: GPU, shapes: list[tuple[int, int]], kernel_names=KERNELS,
-              dense: bool = True, progress: Callable[[str], None] = print, device: str = "cuda") -> dict:
-    """Every kernel at every shape, plus DSA (the three together) against dense attention."""
+              dense: bool = True, progress: Callable[[str], None] = print, device: str = "cuda",
+              graph: bool = False) -> dict:
+    """Every kernel at every shape, plus DSA (the three together) against dense attention.
+    graph: time CUDA-graph replays of each kernel instead of eager calls (naive PyTorch stays eager)."""
     rows: list[BenchRow] = []
     totals = []
     for S, SKV in shapes:
         here = []
         for kernel in kernel_names:
-            row = bench_kernel(kernels, kernel, gpu, S, SKV, device=device)
+            row = bench_kernel(kernels, kernel, gpu, S, SKV, device=device, graph=graph)
             rows.append(row)
             here.append(row)
             progress(format_table([row]).splitlines()[-1])
@@ -118,7 +121,8 @@ def run_bench(kernels: DSAKernels, gpu: GPU, shapes: list[tuple[int, int]], kern
                            "dense_over_dsa": dense_ms / dsa if dense_ms else None})
             progress(f"S={S} SKV={SKV}: DSA (indexer + top-k + sparse attention) {dsa:.3f} ms, "
                      f"dense attention {'out of memory' if dense_ms is None else f'{dense_ms:.3f} ms'}")
-    env = environment() | {"backend": kernels.backend, "device": device}
+    env = environment() | {"backend": kernels.backend, "device": device,
+                           "timing": "cuda graph replays" if graph and device == "cuda" else "eager calls"}
     return {"environment": env, "results": [asdict(r) for r in rows], "dsa_vs_dense": totals}
 
 

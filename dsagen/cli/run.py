@@ -163,6 +163,8 @@ def bench(
                              ".png with dense attention, CUDA only)"),
     dense: bool = typer.Option(True, "--dense/--no-dense", help="also time dense attention of the same shape "
                                "(CUDA only)"),
+    graph: bool = typer.Option(False, "--graph", help="time CUDA-graph replays instead of eager calls (how a "
+                               "decode step runs: no host launch cost; CUDA only)"),
     backend: Backend = BACKEND_OPTION,
     device: Device = typer.Option(None, "--device", help="cuda (default when torch sees a GPU) or cpu "
                                   "(--backend tvm only)"),
@@ -189,8 +191,10 @@ def bench(
     kernels = build(spec, backend=backend.value)
     gpu = kernels.plan_gpu
     typer.echo(format_table([]).splitlines()[0])
+    if graph and device != Device.cuda:
+        raise ValueError("--graph times CUDA-graph replays: it needs --device cuda")
     payload = run_bench(kernels, gpu, pairs, names, dense=dense and device == Device.cuda,
-                        progress=typer.echo, device=device.value)
+                        progress=typer.echo, device=device.value, graph=graph)
     if device == Device.cpu:
         typer.echo("(CPU run: no roofline, GB/s or % columns; they describe a GPU)")
     if out is not None:

@@ -140,6 +140,10 @@ class Op:
     # this kernel, so one schedule serves every batch: a decode step's B * next_n rows of a 32K
     # context, or a 4096-query prefill of a 32K context
     canonical_shape: tuple[int, int] | None = None
+    # how a winner is confirmed and recorded: "events" (CUDA events around eager calls, L2 flushed:
+    # what `dsagen bench` reports) or "graph" (CUDA-graph replays: how a decode step runs, where
+    # several short launches would otherwise be timed by their host launch cost)
+    timing: str = "events"
     # knobs a deterministic build forces whatever else resolves the schedule (say, an output order
     # that does not depend on how the work was split)
     deterministic_knobs: Mapping[str, int] = {}

@@ -429,8 +429,9 @@ def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict) -> list[dic
 
 
 def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted: bool, progress: bool = True):
-    """(point, ms): the study's best, re-timed alone with CUDA events (fresh inputs, checked
-    again) among its top `confirm_top` points on CUDA; the search's own best on the CPU."""
+    """(point, ms): the study's best, re-timed alone (fresh inputs, checked again; CUDA events, or
+    graph replays for an op timed that way) among its top `confirm_top` points on CUDA; the
+    search's own best on the CPU."""
     from optuna.trial import TrialState
 
     done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None),
@@ -447,9 +448,10 @@ def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted
         if len(top) == req.confirm_top:
             break
     timed = []
+    confirm_timing = GRAPH_TIMING if get_op(req.kernel).timing == "graph" else EVENTS_TIMING
     for i, point in enumerate(top):
         job = Job(req.spec.to_dict(), req.kernel, point, req.S, req.SKV, req.device, seed=req.seed * 100003 + 7919 + i,
-                  plan_gpu=plan_gpu, backend=req.backend, timing=dict(EVENTS_TIMING))
+                  plan_gpu=plan_gpu, backend=req.backend, timing=dict(confirm_timing))
         outcome = worker.run(job, req.trial_timeout_s)
         if outcome.ok:
             timed.append((outcome.ms, point))
