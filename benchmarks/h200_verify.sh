@@ -4,14 +4,23 @@
 #   benchmarks/h200_verify.sh bench OUT     targets-file shapes (tuned Triton), TVM cuda at V3.2 shapes,
 #                                           fused indexer + top-k against indexer-then-top-k (32K, 128K)
 #   benchmarks/h200_verify.sh profile OUT   Nsight Compute sections of each kernel's tuned launch (text)
-# Needs optuna and apache-tvm importable (pip install -e '.[tvm]'); run from the repository root.
+#   benchmarks/h200_verify.sh profile-decode OUT   the same for the decode kernels (serving spec)
+# tests and bench need optuna and apache-tvm importable (pip install -e '.[tvm]'); run from the
+# repository root.
 set -euo pipefail
 phase=${1:?phase: tests or bench}
 out=${2:?output directory}
 mkdir -p "$out"
 spec=specs/deepseek_v32.toml
-python3 -c "import torch, triton, tvm, optuna; print('torch', torch.__version__, 'triton', triton.__version__, \
-'tvm', tvm.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$out/versions.txt"
+python3 -c "
+import importlib, torch, triton
+def version(name):
+    try:
+        return importlib.import_module(name).__version__
+    except ImportError:
+        return 'absent'
+print('torch', torch.__version__, 'triton', triton.__version__, 'tvm', version('tvm'), 'optuna', version('optuna'),
+      'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$out/versions.txt"
 case "$phase" in
   tests)
     python3 -m pytest -q -p no:warnings tests/ --ignore=tests/test_wheel.py --durations=10 2>&1 | tee "$out/pytest.log" | tail -15 ;;
@@ -32,5 +41,16 @@ case "$phase" in
         python3 benchmarks/profile_kernel.py "$kernel" > "$out/ncu-$kernel.txt" 2>&1 || echo "ncu $kernel failed" 
       grep -E "Duration|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy" "$out/ncu-$kernel.txt" | head -8
     done ;;
-  *) echo "unknown phase $phase: tests, bench or profile" >&2; exit 2 ;;
+  profile-decode)
+    # the decode kernels at their targets-file shapes: sparse decode, the paged indexer, and every
+    # launch of one decode top-k call (its split passes and its finish)
+    for kernel in sparse_decode paged_indexer decode_topk; do
+      ncu --target-processes all -k "regex:_${kernel}" -s 8 -c 4 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        python3 benchmarks/profile_kernel.py "$kernel" > "$out/ncu-$kernel.txt" 2>&1 || echo "ncu $kernel failed"
+      grep -E "^  _|Duration|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy" \
+        "$out/ncu-$kernel.txt" | head -24
+    done ;;
+  *) echo "unknown phase $phase: tests, bench, profile or profile-decode" >&2; exit 2 ;;
 esac
