@@ -19,7 +19,6 @@ import torch
 from . import backends
 from .backends import tvm as tvm_backend
 from .backends.source_cache import materialize
-from .decode import decode_windows, positions_to_slots
 from .errors import BackendError
 from .ops import enabled as enabled_ops, get_op, names as op_names
 from .resolve import DEFAULT_GPU, Resolved, Resolver, detected_gpu, gpu_context  # noqa: F401  (re-exported)
@@ -226,12 +225,7 @@ class DSAKernels:
         if isinstance(q, torch.Tensor) and isinstance(index_q, torch.Tensor) and q.shape[:2] != index_q.shape[:2]:
             raise ValueError(f"q is [B, s_q] = {list(q.shape[:2])} but index_q is {list(index_q.shape[:2])}")
         logits = self.paged_indexer(index_q, index_cache, index_weights, context_lens, block_table)
-        if "decode_topk" in self.kernels():
-            slots = self.decode_topk(logits, context_lens, block_table)
-        else:  # a backend without the fused kernel: the row top-k, then the page table in torch
-            next_n = index_q.shape[1]
-            ks, ke = decode_windows(context_lens, next_n)
-            slots = positions_to_slots(self.topk(logits, ks, ke), block_table, self.spec.cache.page_size, next_n)
+        slots = self.decode_topk(logits, context_lens, block_table)
         out, lse = self.sparse_decode(q, mla_cache, slots, sm_scale)
         return DecodeOutput(out, lse, slots)
 

@@ -3,7 +3,9 @@ selection (the k largest of each visible window, NaN first, ties to the lower po
 through the block table): odd contexts and partial last pages in shuffled tables, next_n 1..4,
 windows shorter than k and empty ones, one chunk and many chunks per row, both levels, candidate
 overflow into the radix fallback, heavy ties, NaN / +-inf / +-0, sorted output identical across
-splits, poisoned and strided outputs, column slices of the logits, the workload."""
+splits, poisoned and strided outputs, column slices of the logits, the workload. The tests taking
+the `backend` fixture run on Triton and TVM (whose kernels always emit the canonical bytes); the
+split, level and fallback cases are Triton's (tests/test_tvm_decode.py covers the TVM paths)."""
 from __future__ import annotations
 
 import math
@@ -20,6 +22,9 @@ from dsagen.ops import get_op
 from dsagen.verify import Mismatch
 
 SPLIT = {"block_n": 64, "chunk": 64, "waves": 2, "candidates": 64}  # many chunks per row on the CPU
+# TVM: two rows per CPU task, 8-bit digits and the fewest candidates; small CUDA blocks
+TVM_SMALL = {"cpu_rows_per_task": 2, "cpu_radix_bits": 8, "cpu_candidates": 1024, "cuda_threads": 128,
+             "cuda_radix_bits": 4}
 BAD_PAGES = (-(2**31), -1, 2**31 - 1)  # table entries past a context may be anything: never read
 
 
@@ -27,8 +32,16 @@ def make_spec(k=64, page_size=16):
     return dsagen.Spec(topk=dsagen.TopKSpec(k=k), cache=dsagen.CacheSpec(page_size=page_size))
 
 
-def build(spec, **schedule):
-    return dsagen.build(spec, schedules={"decode_topk": schedule} if schedule else None)
+def build(spec, backend="triton", **schedule):
+    return dsagen.build(spec, backend=backend, schedules={"decode_topk": schedule} if schedule else None)
+
+
+def small(backend, **extra):
+    """The backend's schedule of small steps (SPLIT on Triton, TVM_SMALL on TVM), plus `extra` (on
+    TVM only the knobs it has)."""
+    if backend == "triton":
+        return {**SPLIT, **extra}
+    return {**TVM_SMALL, **{k: v for k, v in extra.items() if k == "sorted"}}
 
 
 def make_case(gen, lens, next_n, page_size, max_blocks=None, n_cols=None, values=None):
@@ -94,7 +107,8 @@ def paths(logits, lens, next_n, k, radix_bits=8, levels=2, candidates=64):
 
 
 def run_and_check(kernels, case, device, sorted_out=False):
-    """Run into a poisoned output, check the exact contract, and (sorted) the canonical bytes."""
+    """Run into a poisoned output, check the exact contract, and (sorted, or TVM, which always
+    emits ascending positions) the canonical bytes."""
     spec = kernels.spec
     logits, lens, table = (t.to(device) for t in case)
     next_n = logits.shape[0] // lens.shape[0]
@@ -104,7 +118,7 @@ def run_and_check(kernels, case, device, sorted_out=False):
         got = kernels.decode_topk(logits, lens, table, out=out)
     assert got.data_ptr() == out.data_ptr()
     dt.assert_decode_topk(got, logits, lens, table, spec.topk.k, spec.cache.page_size)
-    if sorted_out:
+    if sorted_out or kernels.backend == "tvm":
         ref = dt.decode_topk_reference(logits, lens, table, spec.topk.k, spec.cache.page_size)
         assert torch.equal(got.cpu(), ref)
     return got.cpu()
@@ -120,11 +134,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("schedule", [{}, SPLIT], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("schedule", ["default", "small"], ids=["one-chunk", "many-chunks"])
 @pytest.mark.parametrize("B,next_n,ps,k,lens,max_blocks", CASES,
                          ids=[f"B{c[0]}-N{c[1]}-C{max(c[4])}-K{c[3]}-p{c[2]}" for c in CASES])
-def test_matches_the_canonical_selection(device, gen, schedule, B, next_n, ps, k, lens, max_blocks):
-    kernels = build(make_spec(k, ps), **schedule)
+def test_matches_the_canonical_selection(device, gen, backend, schedule, B, next_n, ps, k, lens, max_blocks):
+    kernels = build(make_spec(k, ps), backend, **(small(backend) if schedule == "small" else {}))
     case = make_case(gen, lens, next_n, ps, max_blocks)
     got = run_and_check(kernels, case, device)
     visible = dt.visible_lengths(case[1], next_n, case[0].shape[1])
@@ -133,15 +147,15 @@ def test_matches_the_canonical_selection(device, gen, schedule, B, next_n, ps, k
         assert (got.reshape(-1, k)[r, :n] >= 0).all() and (got.reshape(-1, k)[r, n:] == -1).all()
 
 
-def test_positions_past_the_table_take_its_last_page(device, gen):
+def test_positions_past_the_table_take_its_last_page(device, gen, backend):
     """Logits wider than the block table (a context longer than its table): positions past the
     table map through its last page, as dsagen.decode.positions_to_slots does, and no table entry
     past the row is read."""
     spec = make_spec(64, 16)
     logits, lens, table = make_case(gen, [700, 650], 1, 16, max_blocks=20, n_cols=600)
     logits[:, 320:] += 4.0  # most winners lie past the table's 320 positions
-    for schedule in ({}, SPLIT):
-        got = run_and_check(build(spec, **schedule), (logits, lens, table), device)
+    for schedule in ({}, small(backend)):
+        got = run_and_check(build(spec, backend, **schedule), (logits, lens, table), device)
         ref = positions_to_slots(torch.stack(dt.canonical_positions(logits, lens, 64)), table, 16, 1)
         assert torch.equal(torch.sort(got, -1).values, torch.sort(ref, -1).values)
 
@@ -170,9 +184,9 @@ def test_both_levels_and_the_fallback(device, gen, levels, radix_bits):
     assert want <= paths(case[0], case[1], 2, 64, radix_bits, levels, 64)
 
 
-def test_windows_of_at_most_k_are_taken_whole_in_order(device, gen):
+def test_windows_of_at_most_k_are_taken_whole_in_order(device, gen, backend):
     spec = make_spec(64, 16)
-    kernels = build(spec, **SPLIT)
+    kernels = build(spec, backend, **small(backend))
     case = make_case(gen, [64, 30, 1], 1, 16)
     got = run_and_check(kernels, case, device)
     table = case[2]
@@ -182,7 +196,7 @@ def test_windows_of_at_most_k_are_taken_whole_in_order(device, gen):
 
 
 @pytest.mark.parametrize("kind", ["all-equal", "four-values", "two-values-spread"])
-def test_ties_go_to_the_lower_position(device, gen, kind):
+def test_ties_go_to_the_lower_position(device, gen, backend, kind):
     spec = make_spec(64, 16)
     values = {
         "all-equal": lambda s: torch.full(s, 0.5),
@@ -190,8 +204,9 @@ def test_ties_go_to_the_lower_position(device, gen, kind):
         "two-values-spread": lambda s: torch.where(torch.rand(s, generator=gen) < 0.02, 7.0, -3.0),
     }[kind]
     case = make_case(gen, [900, 333], 2, 16, values=values)
-    for schedule in ({}, SPLIT, {**SPLIT, "levels": 1}):
-        got = run_and_check(build(spec, **schedule), case, device)
+    schedules = ({}, SPLIT, {**SPLIT, "levels": 1}) if backend == "triton" else ({}, TVM_SMALL)
+    for schedule in schedules:
+        got = run_and_check(build(spec, backend, **schedule), case, device)
         if kind == "all-equal":  # the first 64 positions of every row
             for b in range(2):
                 pos = torch.arange(64)
@@ -201,7 +216,7 @@ def test_ties_go_to_the_lower_position(device, gen, kind):
         assert "radix fallback" in paths(case[0], case[1], 2, 64)
 
 
-def test_nan_infinities_and_signed_zeros(device, gen):
+def test_nan_infinities_and_signed_zeros(device, gen, backend):
     """NaN ranks above +inf and every NaN ties with every other, whatever its sign and payload;
     -0 ties with +0; -inf is an ordinary key below every finite value."""
     k, n = 64, 500
@@ -219,8 +234,8 @@ def test_nan_infinities_and_signed_zeros(device, gen):
     rows[7, :] = math.nan
     spec = make_spec(k, 16)
     case = make_case(gen, [n] * 8, 1, 16, values=lambda s: rows.clone())
-    for schedule in ({}, SPLIT, {**SPLIT, "sorted": 1}):
-        got = run_and_check(build(spec, **schedule), case, device, sorted_out=bool(schedule.get("sorted")))
+    for schedule in ({}, small(backend), small(backend, sorted=1)):
+        got = run_and_check(build(spec, backend, **schedule), case, device, sorted_out=bool(schedule.get("sorted")))
     # row 7 (all NaN): the first k positions; row 1 (100 NaN): its first 64 NaN positions
     table = case[2]
     for r, pos in ((7, torch.arange(k)), (1, torch.nonzero(torch.isnan(rows[1])).flatten()[:k])):
@@ -243,17 +258,17 @@ def test_sorted_output_is_canonical_across_splits(device, gen, k, ps):
     assert all(torch.equal(unsorted[0], r) for r in unsorted[1:])
 
 
-def test_k2048_on_a_long_row(device, gen):
+def test_k2048_on_a_long_row(device, gen, backend):
     spec = make_spec(2048, 64)
     case = make_case(gen, [5000, 2100], 2, 64)
-    run_and_check(build(spec), case, device)
+    run_and_check(build(spec, backend), case, device)
 
 
-def test_strided_logits_and_outputs(device, gen):
+def test_strided_logits_and_outputs(device, gen, backend):
     """A column slice of wider logits (row stride > n_cols, no 16-byte alignment) and an output that
     is a slice of a larger buffer: the same slots, nothing written outside."""
     spec = make_spec(64, 16)
-    kernels = build(spec, **SPLIT)
+    kernels = build(spec, backend, **small(backend))
     logits, lens, table = make_case(gen, [300, 129], 2, 16)
     wide = torch.full((4, logits.shape[1] + 9), math.inf)
     wide[:, 3:3 + logits.shape[1]] = logits
@@ -269,9 +284,9 @@ def test_strided_logits_and_outputs(device, gen):
     assert torch.equal(got.cpu(), run_and_check(kernels, (logits, lens, table), device))
 
 
-def test_run_call_and_the_torch_op_agree(device, gen):
+def test_run_call_and_the_torch_op_agree(device, gen, backend):
     spec = make_spec(64, 16)
-    kernels = build(spec, **SPLIT)
+    kernels = build(spec, backend, **small(backend))
     case = tuple(t.to(device) for t in make_case(gen, [200, 70], 2, 16))
     a = kernels.run("decode_topk", *case)
     b = kernels.decode_topk(*case)
@@ -281,14 +296,14 @@ def test_run_call_and_the_torch_op_agree(device, gen):
     assert fake.shape == a.shape and fake.dtype == torch.int32
 
 
-def test_a_cuda_graph_captures_the_call(device, gen):
+def test_a_cuda_graph_captures_the_call(device, gen, backend):
     """No host sync and no value-dependent size: the captured call replays on new contexts and logits."""
     if device.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
     from dsagen.timing import capture_cuda_graph
 
     spec = make_spec(2048, 64)
-    kernels = build(spec, sorted=1)
+    kernels = build(spec, backend, sorted=1)
     logits, lens, table = (t.to(device) for t in make_case(gen, [40000, 3000, 9000], 2, 64, max_blocks=700))
     kernels.prepare(logits.shape[0], logits.shape[1], device)
     graph, got = capture_cuda_graph(lambda: kernels.decode_topk(logits, lens, table))
@@ -301,9 +316,9 @@ def test_a_cuda_graph_captures_the_call(device, gen):
         dt.assert_decode_topk(got, logits, lens, table, 2048, 64)
 
 
-def test_int32_extreme_contexts_and_empty_shapes(device, gen):
+def test_int32_extreme_contexts_and_empty_shapes(device, gen, backend):
     spec = make_spec(64, 16)
-    kernels = build(spec, **SPLIT)
+    kernels = build(spec, backend, **small(backend))
     run_and_check(kernels, make_case(gen, [-(2**31), 2**31 - 1, 5], 2, 16, max_blocks=12), device)
     i32 = torch.int32
     empty = kernels.decode_topk(torch.zeros(0, 32, device=device), torch.zeros(0, dtype=i32, device=device),
@@ -317,8 +332,8 @@ def test_int32_extreme_contexts_and_empty_shapes(device, gen):
     assert (no_table == -1).all()  # no page to map a position to
 
 
-def test_bad_tensors_name_the_argument(device):
-    kernels = build(make_spec(64, 16))
+def test_bad_tensors_name_the_argument(device, backend):
+    kernels = build(make_spec(64, 16), backend)
     i32 = torch.int32
     x = torch.zeros(4, 48, device=device)
     lens = torch.zeros(2, dtype=i32, device=device)
@@ -343,22 +358,23 @@ def test_bad_tensors_name_the_argument(device):
             call()
 
 
-def test_offered_only_with_a_cache_and_on_triton():
+def test_offered_only_with_a_cache_on_both_backends():
     op = get_op("decode_topk")
     spec = make_spec()
-    assert op.enabled(spec, "triton") and not op.enabled(spec, "tvm")
-    assert not op.enabled(dsagen.Spec(topk=spec.topk), "triton")
-    assert "decode_topk" in dsagen.build(spec).kernels()
-    assert "decode_topk" not in dsagen.build(dsagen.Spec()).kernels()
+    for backend in ("triton", "tvm"):
+        assert op.enabled(spec, backend)
+        assert not op.enabled(dsagen.Spec(topk=spec.topk), backend)
+        assert "decode_topk" in dsagen.build(spec, backend=backend).kernels()
+        assert "decode_topk" not in dsagen.build(dsagen.Spec(), backend=backend).kernels()
     assert build(make_spec(2048, 64)).resolve("decode_topk", device_type="cpu").module_name.startswith(
         "decode_topk_k2048_p64_")
 
 
-def test_workload_inputs_check_and_naive(device):
+def test_workload_inputs_check_and_naive(device, backend):
     """What the tuner and `dsagen bench` run: B requests x next_n = 2 over SKV tokens, pages shuffled."""
     spec = make_spec(64, 16)
     op = get_op("decode_topk")
-    kernels = build(spec, **SPLIT)
+    kernels = build(spec, backend, **small(backend))
     inputs = op.inputs(spec, 3, 150, device, seed=1)
     logits, lens, table = inputs
     assert logits.shape == (6, 160) and table.shape == (3, 10) and (lens == 150).all()

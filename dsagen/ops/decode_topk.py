@@ -15,19 +15,24 @@ schedule knob `sorted` = 1 emits each row by ascending position, the same bytes 
 ran (what a deterministic, batch-invariant build pins); by default the order is deterministic too
 and the same for every split, but it depends on the radix_bits, levels and candidates knobs.
 
-The kernel is made for few rows of long windows: each row is split over many programs (rows x
+The Triton kernel is made for few rows of long windows: each row is split over many programs (rows x
 chunks; the chunk count gives every SM `waves` programs when rows are few and is one per row when
-they are many), and only the speed depends on the split. A histogram pass counts the row's keys
-by their top radix_bits bits (integer atomics into a per-row histogram, plus each chunk's own
-counts); a collect pass writes every key in a bin above the k-th largest's bin straight to the
-output and sets that bin's keys aside as candidates when they fit (else, with levels = 2, counts
-them by their next radix_bits bits and a second collect pass does the same one level down). Each
-program places its keys after those of the chunks before it (their recorded counts say how many),
-so each level's keys land in position order, with no atomics on the output. A finish program per
-row picks the still missing keys among the candidates in registers (ties to the lower position),
-or, when the bin overflowed the candidate buffer, finishes the row with radix passes of its own;
-then it orders (sorted), transforms and pads. No host sync and no size that depends on values: a
-CUDA graph captures it.
+they are many), and only the speed depends on the split. A histogram pass counts the row's keys by
+their top radix_bits bits (integer atomics into a per-row histogram, plus each chunk's own counts);
+a collect pass writes every key in a bin above the k-th largest's bin straight to the output and
+sets that bin's keys aside as candidates when they fit (else, with levels = 2, counts them by their
+next radix_bits bits and a second collect pass does the same one level down). Each program places
+its keys after those of the chunks before it (their recorded counts say how many), so each level's
+keys land in position order, with no atomics on the output. A finish program per row picks the still
+missing keys among the candidates in registers (ties to the lower position), or, when the bin
+overflowed the candidate buffer, finishes the row with radix passes of its own; then it orders
+(sorted), transforms and pads. No host sync and no size that depends on values: a CUDA graph
+captures it.
+
+On TVM (templates/tvm/decode_topk.py.j2) each row is one CPU task (llvm) or one thread block
+(cuda) running an exact radix select of its window; both emit every row by ascending position,
+so their bytes are the canonical ones (those of the Triton kernel with sorted = 1) whatever the
+`sorted` knob says.
 
 Workload (tests, tuner, bench): S = B requests of SKV tokens each, next_n = 2 query rows, pages
 shuffled across requests, random logits with -inf past each row's window (as the paged indexer
@@ -194,8 +199,9 @@ class DecodeTopKOp(Op):
     name = "decode_topk"
     summary = ("decode top-k: cache slots [B, next_n, k] int32 of each query row's k largest visible logits "
                "(page table applied), -1 padded")
-    backends = ("triton",)
+    backends = ("triton", "tvm")
     needs_cache = True
+    timing = "graph"  # several short launches: a decode step replays them from a CUDA graph
     short_names = {"block_n": "n", "chunk": "c", "waves": "wv", "radix_bits": "r", "levels": "l",
                    "candidates": "cd", "sorted": "srt", "num_warps": "w"}
     naive_name = "masked torch.topk + positions_to_slots"
