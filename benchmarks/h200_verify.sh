@@ -44,13 +44,15 @@ case "$phase" in
   profile-decode)
     # the decode kernels at their targets-file shapes: sparse decode, the paged indexer, and every
     # launch of one decode top-k call (its split passes and its finish)
-    for kernel in sparse_decode paged_indexer decode_topk; do
-      ncu --target-processes all -k "regex:_${kernel}" -s 8 -c 4 \
+    # "kernel skip count": profile_kernel.py calls each 4 times; the decode top-k is 4 launches per call
+    for what in "sparse_decode 3 1" "paged_indexer 3 1" "decode_topk 12 4"; do
+      read -r kernel skip count <<< "$what"
+      ncu --target-processes all -k "regex:_${kernel}" -s "$skip" -c "$count" \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python3 benchmarks/profile_kernel.py "$kernel" > "$out/ncu-$kernel.txt" 2>&1 || echo "ncu $kernel failed"
       grep -E "^  _|Duration|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy" \
-        "$out/ncu-$kernel.txt" | head -24
+        "$out/ncu-$kernel.txt" | head -24 || echo "ncu $kernel: no kernel profiled"
     done ;;
   *) echo "unknown phase $phase: tests, bench, profile or profile-decode" >&2; exit 2 ;;
 esac
