@@ -156,9 +156,21 @@ class Resolver:
         """A tuning-database entry whose schedule is legal for this spec here, else None (logged)."""
         cc = self.compute_capability if db_type == self.gpu_type else "cpu"
         space = load_space(self.backend, kernel)
+        problem = problem_symbols(self.spec, kernel, self.plan_gpu)
+        op = get_op(kernel)
+
+        def legal_here(entry) -> bool:  # a neighbour's schedule must fit this spec (say, fewer heads)
+            try:
+                space.check_names(entry.schedule, "tuned schedule")
+                return not space.violations(entry.schedule, problem)
+            except ScheduleError:
+                return False
+
         found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=self.spec.semantic_hash(kernel),
                                  S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc,
-                                 usable=lambda entry: space.names_every_knob(entry.schedule))
+                                 usable=lambda entry: space.names_every_knob(entry.schedule),
+                                 semantics=op.semantic_fields(self.spec), near_fields=op.near_fields,
+                                 legal=legal_here)
         if found is None:
             return None
         pinned = self.spec.pinned(kernel)
@@ -168,7 +180,7 @@ class Resolver:
             return None
         try:
             space.check_names(found.entry.schedule, "tuned schedule")
-            broken = space.violations(found.entry.schedule, problem_symbols(self.spec, kernel, self.plan_gpu))
+            broken = space.violations(found.entry.schedule, problem)
         except ScheduleError as exc:
             broken = [str(exc)]
         if broken:

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 import cli
 import dsagen
+from dsagen.ops import get_op
 from dsagen.schedule import load_space
 from dsagen.plan import problem_symbols
 from dsagen.gpus import get_gpu
@@ -468,3 +469,4 @@ def test_a_decode_kernel_records_its_winner_under_the_call_shape(home):
     assert r.evaluated == 1 and r.best_ms is not None, r
     [entry] = tuning_db.load(db_file).entries.values()
     assert entry.kernel == "decode_topk" and entry.bucket == "S8-SKV512" and entry.shape == {"S": 6, "SKV": 300}
+    assert entry.semantics == get_op("decode_topk").semantic_fields(spec)  # lets other specs find it as a neighbour

@@ -168,6 +168,40 @@ def prune(
     typer.echo(f"{len(dropped)} entries {'would be ' if dry_run else ''}dropped from {path}")
 
 
+@db_app.command("annotate")
+@friendly_errors
+def annotate(
+    path: Path = typer.Argument(..., metavar="FILE", help="database file to annotate (<gpu>.json)"),
+    specs: List[Path] = typer.Argument(..., metavar="SPEC...", help="spec files the entries were tuned from"),
+) -> None:
+    """Record, in entries tuned before dsagen kept them, the semantic fields (heads, dims, dtypes)
+    of the SPECs they were tuned from, matched by spec hash.
+
+    A build whose spec has a head count nobody tuned then uses the entry of the nearest tuned head
+    count (when its schedule is legal there) instead of the defaults; `dsagen explain` says so.
+    Entries that already carry their fields, or match none of the SPECs, are left as they are.
+    """
+    from ..ops import all_ops
+    from ..spec import load_spec
+
+    if not path.is_file():
+        raise tdb.TuningDBError(f"{path}: no such database file")
+    known = {}
+    for spec_path in specs:
+        spec = load_spec(spec_path)
+        for op in all_ops():
+            try:
+                fields = tdb.recordable_semantics(op.semantic_fields(spec))
+            except (AttributeError, TypeError, ValueError):  # a spec without this op's sections
+                continue
+            if fields is not None:
+                known[(op.name, spec.semantic_hash(op.name))] = fields
+    done = tdb.annotate(path, known)
+    for e in done:
+        typer.echo(f"annotated {e.kernel} {e.backend} {e.bucket}: {e.semantics}")
+    typer.echo(f"{len(done)} entries of {path} annotated")
+
+
 @db_app.command("export")
 @friendly_errors
 def export(

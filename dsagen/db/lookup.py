@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from ..__version__ import __version__
 from ..gpus import GPUS
@@ -128,13 +129,50 @@ def _compute_capability_of(gpu_type: str) -> str | None:
     return None if gpu is None else f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
 
 
+def _nearest_semantics(paths: list[Path], kernel: str, backend: str, want: str, semantics: Mapping[str, Any],
+                       near_fields: tuple[str, ...], fits: Callable[[Entry], bool]) -> Found | None:
+    """Among entries of this kernel whose recorded semantic fields equal `semantics` except in
+    `near_fields` (positive integers such as the head count), the nearest: the smallest sum of
+    |log2(theirs / ours)| over those fields, then the nearest bucket; `fits` rejects schedules that
+    are illegal for the asking spec. An earlier file wins a tie."""
+    near = [f for f in near_fields if isinstance(semantics.get(f), int) and semantics[f] > 0]
+    if not near:
+        return None
+    fixed = {k: v for k, v in semantics.items() if k not in near}
+
+    def similar(e: Entry) -> bool:
+        return ((e.kernel, e.backend) == (kernel, backend) and e.semantics is not None
+                and set(e.semantics) == set(semantics) and all(e.semantics[k] == v for k, v in fixed.items())
+                and all(isinstance(e.semantics[f], int) and e.semantics[f] > 0 for f in near))
+
+    best = None
+    for order, path in enumerate(paths):
+        db = load(path)
+        for e in db.entries.values():
+            if not similar(e) or _empty(db, e) or not fits(e):
+                continue
+            distance = sum(abs(math.log2(e.semantics[f] / semantics[f])) for f in near)
+            rank = (distance, *_rank(want, e.bucket), order)
+            if best is None or rank < best[0]:
+                best = (rank, e, path)
+    if best is None:
+        return None
+    _, e, path = best
+    theirs = ", ".join(f"{f}={e.semantics[f]}" for f in near)
+    ours = ", ".join(f"{f}={semantics[f]}" for f in near)
+    return Found(e, f"tuned for {theirs} (nearest to {ours}), bucket {e.bucket}", path, stale_fields(e))
+
+
 def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_type: str,
            compute_capability: str | None, dirs: list[Path] | None = None,
-           usable: Callable[[Entry], bool] | None = None) -> Found | None:
+           usable: Callable[[Entry], bool] | None = None, semantics: Mapping[str, Any] | None = None,
+           near_fields: tuple[str, ...] = (), legal: Callable[[Entry], bool] | None = None) -> Found | None:
     """The tuned entry for a kernel at (S, SKV) on a GPU type, or None.
 
     Order: this GPU type's exact bucket, then its nearest bucket, then another GPU type's entry
-    tuned on the same compute capability (exact, then nearest). dirs default to the user's folder,
+    tuned on the same compute capability (exact, then nearest), then (given the asking spec's
+    `semantics`) this GPU type's entry for the nearest value of `near_fields` (say, the nearest
+    tuned head count) whose schedule is `legal` here. dirs default to the user's folder,
     then the shipped one; for the same key an earlier folder wins. compute_capability None: known
     GPU types take theirs from dsagen.gpus, unknown ones skip the other-GPU step. Entries of other
     kernels (also kernels this install does not know) never match. A matching entry with an empty
@@ -152,6 +190,12 @@ def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_t
     def found(hit: tuple[Entry, Path], source: str) -> Found:
         return Found(hit[0], source, hit[1], stale_fields(hit[0]))
 
+    def nearest_neighbour() -> Found | None:
+        if not semantics or not near_fields:
+            return None
+        return _nearest_semantics([db_path(gpu_type, d) for d in dirs], kernel, backend, want, semantics, near_fields,
+                                  lambda e: (usable is None or usable(e)) and (legal is None or legal(e)))
+
     own = _by_bucket([db_path(gpu_type, d) for d in dirs], same_kernel, usable)
     if want in own:
         return found(own[want], f"tuned (exact bucket {want})")
@@ -159,7 +203,7 @@ def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_t
         near = min(own, key=lambda b: _rank(want, b))
         return found(own[near], f"tuned (nearest bucket {near} for {want})")
     if cc is None:
-        return None
+        return nearest_neighbour()
     others: dict[str, list[Path]] = {}
     for d in dirs:
         for path in db_files(d):
@@ -171,10 +215,11 @@ def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_t
         if want in buckets:
             return found(buckets[want], f"tuned on {g} (same compute capability {cc}, bucket {want})")
     candidates = [(_rank(want, b), g, b) for g, buckets in same_cc.items() for b in buckets]
-    if not candidates:
-        return None
-    _, g, near = min(candidates)
-    return found(same_cc[g][near], f"tuned on {g} (same compute capability {cc}, nearest bucket {near} for {want})")
+    if candidates:
+        _, g, near = min(candidates)
+        return found(same_cc[g][near],
+                     f"tuned on {g} (same compute capability {cc}, nearest bucket {near} for {want})")
+    return nearest_neighbour()
 
 
 def effective_entries(gpu_type: str, dirs: list[Path] | None = None) -> TuningDB:

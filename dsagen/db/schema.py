@@ -117,6 +117,27 @@ _CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
+def _is_semantics(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and all(
+        _is_text(k) and ((_is_int(x) and x >= 0) or _is_text(x)) for k, x in v.items())
+
+
+def recordable_semantics(fields: dict[str, Any]) -> dict[str, int | str] | None:
+    """An op's semantic fields as an entry records them, or None when one of them is neither an
+    integer >= 0 nor a non-empty string (a plugin's float, say): such entries still serve their own
+    spec hash, only not as a neighbour of other specs."""
+    return dict(fields) if _is_semantics(fields) else None
+
+
+# optional fields: field -> (what is allowed, check); absent means None
+_OPTIONAL: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    # the op's semantic fields the spec hash was made from (heads, dims, dtypes): lets a spec that
+    # differs only in its head count find this entry as its nearest tuned neighbour
+    "semantics": ("an object of field -> integer >= 0 or non-empty string, e.g. {\"heads\": 64, \"dtype\": "
+                  "\"fp8_e4m3\"}", _is_semantics),
+}
+
+
 @dataclass(frozen=True)
 class Entry:
     """The winning schedule of one tuning run: what was tuned, how fast, where and with what."""
@@ -139,6 +160,7 @@ class Entry:
     trials: int
     sampler: str
     study: str
+    semantics: dict[str, int | str] | None = None
 
     @property
     def key(self) -> Key:
@@ -153,6 +175,10 @@ class Entry:
         data["shape"] = dict(sorted(self.shape.items()))
         data["schedule"] = dict(sorted(self.schedule.items()))
         data["versions"] = {k: self.versions.get(k) for k in VERSION_KEYS}
+        if self.semantics is None:
+            del data["semantics"]
+        else:
+            data["semantics"] = dict(sorted(self.semantics.items()))
         return data
 
     @classmethod
@@ -163,12 +189,12 @@ class Entry:
         for name in _CHECKS:
             if name not in data:
                 raise TuningDBError(f"{where}: entry is missing field {name!r}")
-        unknown = sorted(set(data) - set(_CHECKS))
+        unknown = sorted(set(data) - set(_CHECKS) - set(_OPTIONAL))
         if unknown:
             raise TuningDBError(f"{where}: entry has unknown field {unknown[0]!r} "
-                                f"(allowed: {', '.join(_CHECKS)})")
-        for name, (allowed, ok) in _CHECKS.items():
-            if not ok(data[name]):
+                                f"(allowed: {', '.join([*_CHECKS, *_OPTIONAL])})")
+        for name, (allowed, ok) in [*_CHECKS.items(), *_OPTIONAL.items()]:
+            if name in data and not ok(data[name]):
                 raise TuningDBError(f"{where}: entry field {name!r} must be {allowed}, got {_show(data[name])}")
         shape = data["shape"]
         if "S" in shape and "SKV" in shape and bucket_of(shape["S"], shape["SKV"]) != data["bucket"]:
@@ -176,6 +202,8 @@ class Entry:
                                 f"S={shape['S']}, SKV={shape['SKV']} falls in {bucket_of(shape['S'], shape['SKV'])}")
         values = dict(data, shape=dict(shape), schedule=dict(data["schedule"]), versions=dict(data["versions"]),
                       ms=float(data["ms"]))
+        if "semantics" in data:
+            values["semantics"] = dict(data["semantics"])
         for name in ("tflops", "gbps", "pct_of_roofline"):
             values[name] = None if data[name] is None else float(data[name])
         return cls(**values)

@@ -8,6 +8,7 @@ never leaves half a file, and a file that does not parse is never written over.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -131,6 +132,25 @@ def prune(path: Path, keep: Callable[[Entry], bool], dry_run: bool = False) -> l
                 del db.entries[e.key]
             save(db)
     return dropped
+
+
+def annotate(path: Path, semantics_by_hash: dict[tuple[str, str], dict]) -> list[Entry]:
+    """Give entries without recorded semantic fields those of their (kernel, spec hash), where
+    semantics_by_hash knows them (under the file's lock, re-read first); returns the entries
+    annotated. Entries recorded before the field existed can then answer specs that differ only
+    in a near field (the head count)."""
+    path = Path(path)
+    with lock_for(path):
+        db = load(path)
+        done = []
+        for key, entry in db.entries.items():
+            fields = semantics_by_hash.get((entry.kernel, entry.spec_hash))
+            if entry.semantics is None and fields is not None:
+                db.entries[key] = replace(entry, semantics=dict(fields))
+                done.append(db.entries[key])
+        if done:
+            save(db)
+    return done
 
 
 def _b_wins(ours: Entry, theirs: Entry) -> bool:

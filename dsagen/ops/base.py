@@ -140,6 +140,9 @@ class Op:
     # this kernel, so one schedule serves every batch: a decode step's B * next_n rows of a 32K
     # context, or a 4096-query prefill of a 32K context
     canonical_shape: tuple[int, int] | None = None
+    # semantic fields (positive integers) in which a tuned entry of another spec may differ and
+    # still answer a lookup, nearest value first (an unseen head count gets the nearest tuned one)
+    near_fields: tuple[str, ...] = ("heads",)
     # how a winner is confirmed and recorded: "events" (CUDA events around eager calls, L2 flushed:
     # what `dsagen bench` reports) or "graph" (CUDA-graph replays: how a decode step runs, where
     # several short launches would otherwise be timed by their host launch cost)

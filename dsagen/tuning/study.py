@@ -505,6 +505,7 @@ def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: flo
         schedule=point, ms=ms, tflops=rates["tflops"], gbps=rates["gbps"],
         pct_of_roofline=rates["pct_of_roofline"], gpu_type=req.gpu_type, device_name=device_name,
         compute_capability=cc, date=datetime.date.today().isoformat(), versions=tuning_db.running_versions(),
-        trials=evaluated, sampler=sampler_kind, study=name)
+        trials=evaluated, sampler=sampler_kind, study=name,
+        semantics=tuning_db.recordable_semantics(get_op(req.kernel).semantic_fields(req.spec)))
     path = _db_file(req)
     return f"{path}: {tuning_db.record(path, entry)}"
