@@ -24,6 +24,9 @@ ODD = dsagen.Spec(
     attention=dsagen.AttentionSpec(heads=3, qk_dim=48, v_dim=48),
 )
 
+V32_H64 = dsagen.Spec(topk=V32.topk, attention=dsagen.AttentionSpec(heads=64, sm_scale=V32.attention.sm_scale))
+V32_H40 = dsagen.Spec(topk=V32.topk, attention=dsagen.AttentionSpec(heads=40, sm_scale=V32.attention.sm_scale))
+
 PAGED_V32 = dsagen.Spec(indexer=V32.indexer, cache=dsagen.CacheSpec())  # pages of 64 tokens
 PAGED_ODD = dsagen.Spec(indexer=dsagen.IndexerSpec(heads=3, head_dim=50), cache=dsagen.CacheSpec(page_size=16))
 
@@ -36,6 +39,10 @@ CASES = [
     ("odd", ODD, "sparse_attention", None),
     ("v32", V32, "sparse_attention", {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 3, "v_split": 2}),
     ("v32", V32, "sparse_attention", {"index_prefetch": 1}),
+    ("v32", V32, "sparse_attention", {"gluon": 1}),
+    ("v32", V32, "sparse_attention", {"gluon": 1, "block_n": 32, "num_stages": 3}),
+    ("v32", V32_H64, "sparse_attention", {"gluon": 1}),
+    ("v32", V32_H40, "sparse_attention", {"gluon": 1, "block_n": 32}),
     ("v32", V32, "topk", {"block_n": 4096, "radix_bits": 2, "num_warps": 16, "resident_max": 0, "sample": 0}),
     ("v32", V32, "topk", {"block_n": 2048, "sample": 1024, "candidates": 2048, "num_warps": 8, "row_reads": 2}),
     ("v32", V32, "topk", {"block_n": 512, "sample": 2048, "candidates": 4096, "num_warps": 8, "row_reads": 1}),

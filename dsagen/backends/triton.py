@@ -138,15 +138,21 @@ def compile_for(module: types.ModuleType, arch: int = 90, aligned_strides: bool 
 
     Pointers are declared 16-byte aligned, as Triton specializes them at run time for torch's
     allocations. aligned_strides also declares every stride_* argument a multiple of 16, as run
-    time does for shapes like V3.2's: the code is then the one a launch on those shapes compiles."""
+    time does for shapes like V3.2's: the code is then the one a launch on those shapes compiles.
+    A Gluon kernel (@gluon.jit) is compiled from a GluonASTSource, as its launches are."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
     def attrs(fn, signature):
         return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
                 if kind.startswith("*") or (aligned_strides and name.startswith("stride_"))}
 
     target = GPUTarget("cuda", arch, 32)
-    return [triton.compile(ASTSource(fn, signature, constexprs, attrs(fn, signature)), target=target, options=options)
+    def source(fn, signature, constexprs):
+        kind = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+        return kind(fn, signature, constexprs, attrs(fn, signature))
+
+    return [triton.compile(source(fn, signature, constexprs), target=target, options=options)
             for fn, signature, constexprs, options in module.compile_signature()]

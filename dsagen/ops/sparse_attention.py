@@ -41,7 +41,7 @@ class SparseAttentionOp(Op):
     stage = True
     outputs = ("out", "lse")
     short_names = {"block_h": "bh", "block_n": "n", "v_split": "vs", "num_warps": "w", "num_stages": "s",
-                   "index_prefetch": "ip"}
+                   "index_prefetch": "ip", "gluon": "gl"}
     naive_name = "gather + einsum + softmax (bf16, chunks of 256)"
     args = (("q", "Tensor"), ("kv", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"))
 
@@ -65,7 +65,8 @@ class SparseAttentionOp(Op):
     def problem_symbols(self, spec):
         at = spec.attention
         return {"heads": at.heads, "heads_pad": next_pow2(at.heads), "dv_pad": next_pow2(at.v_dim, 16),
-                "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 0}
+                "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 0,
+                "v_dim": at.v_dim, "rope_dim": at.rope_dim}
 
     def cost(self, spec):
         at, k = spec.attention, spec.topk.k
