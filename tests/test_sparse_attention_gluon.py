@@ -49,7 +49,7 @@ def test_gluon_compiles_for_sm90(heads, schedule):
     from triton.experimental.gluon._runtime import GluonJITFunction
 
     src = resolve_kernel(attention_spec(heads), "sparse_attention", "triton", "nvidia-h200", schedule)
-    assert src.point["gluon"] == 1 and src.point["block_h"] == 64 and src.point["num_warps"] == 4
+    assert src.point["gluon"] == 1 and src.point["block_h"] == 64 and src.point["num_warps"] == 8
     module = triton_backend.load(triton_backend.materialize(src.generated), interpret=False)
     assert module.GLUON == 1
     for fn, *_ in module.compile_signature(max_logits=True):
@@ -93,10 +93,27 @@ def test_gluon_off_by_default(heads, gpu):
     assert "@gluon.jit" not in src.generated.source
 
 
+@pytest.mark.parametrize("override", [{"num_warps": 4}, {"block_h": 64, "num_warps": 4}, {"num_stages": 3},
+                                      {"block_n": 128}, {"v_split": 2}, {"block_n": 32, "num_stages": 1}])
+def test_partial_override_never_moves_to_gluon(override):
+    """A schedule that does not name gluon keeps the tl kernel, even where its nearest legal point moves."""
+    for gpu in ("nvidia-h200", "nvidia-a100"):
+        try:
+            src = resolve_kernel(V32, "sparse_attention", "triton", gpu, override, use_db=False)
+        except ScheduleError:  # no legal point at all (block_n 128 on an A100)
+            continue
+        assert src.point["gluon"] == 0, (gpu, src.point)
+
+
+def test_gluon_not_for_other_gpus():
+    with pytest.raises(ScheduleError, match="gluon_hopper"):
+        resolve_kernel(V32, "sparse_attention", "triton", "nvidia-a100", {"gluon": 1, "block_n": 32})
+
+
 def test_gluon_pins_the_knobs_it_does_not_use():
-    """gluon=1 fixes block_h 64, num_warps 4, v_split 1, index_prefetch 0; a ring of >= 2 slots of >= 32
-    rows that fits shared memory."""
-    for bad in ({"num_warps": 8}, {"v_split": 2}, {"index_prefetch": 1}, {"block_h": 32}, {"num_stages": 1},
+    """gluon=1 fixes block_h 64, num_warps 8 (two consumer warpgroups), v_split 1, index_prefetch 0; a
+    ring of >= 2 slots of >= 32 rows that fits shared memory."""
+    for bad in ({"num_warps": 4}, {"v_split": 2}, {"index_prefetch": 1}, {"block_h": 32}, {"num_stages": 1},
                 {"block_n": 16}, {"block_n": 128}):
         with pytest.raises(ScheduleError, match="gluon|shared_memory"):
             resolve_kernel(V32, "sparse_attention", "triton", "nvidia-h200", GLUON | bad)
@@ -124,7 +141,7 @@ def test_tuner_sees_each_gluon_point_once():
     points = space.legal_points(problem_symbols(V32, "sparse_attention", get_gpu("nvidia-h200")))
     gluon = [p for p in points if p["gluon"] == 1]
     assert gluon, "no legal gluon point for V3.2"
-    assert all(p["block_h"] == 64 and p["num_warps"] == 4 and p["v_split"] == 1 and p["index_prefetch"] == 0
+    assert all(p["block_h"] == 64 and p["num_warps"] == 8 and p["v_split"] == 1 and p["index_prefetch"] == 0
                for p in gluon)
     assert len({(p["block_n"], p["num_stages"]) for p in gluon}) == len(gluon)
 
