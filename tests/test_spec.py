@@ -418,7 +418,7 @@ def test_override_is_checked_like_pinned_knobs():
 
 
 def test_fully_pinned_legal_point_is_used_as_is():
-    point = {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 1, "v_split": 2, "index_prefetch": 1}
+    point = {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 1, "v_split": 2, "index_prefetch": 1, "gluon": 0}
     choice = choose(Spec(schedule={"sparse_attention": point}), "sparse_attention", H200)
     assert choice.point == point and choice.source == "pinned"
 
