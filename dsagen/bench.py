@@ -52,7 +52,8 @@ def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, n
     validate_shape(S, SKV)
     spec = kernels.spec
     op = get_op(kernel)
-    timer = (cuda_graph_ms if graph else cuda_events_ms) if device == "cuda" else cpu_ms
+    eager_timer = cuda_events_ms if device == "cuda" else cpu_ms  # naive PyTorch runs eagerly, as written
+    timer = cuda_graph_ms if graph and device == "cuda" else eager_timer
     inputs = op.inputs(spec, S, SKV, device, seed)
     outs = op.poisoned_outputs(spec, inputs)
 
@@ -62,7 +63,6 @@ def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, n
     result = run()
     checked = op.check(spec, inputs, result, sample_rows(S, 6, seed))
     ms = timer(run)
-    eager_timer = cuda_events_ms if device == "cuda" else cpu_ms  # naive PyTorch runs eagerly, as written
     naive_ms = eager_timer(op.naive(spec, inputs)) if naive else None
     r = rates(spec, kernel, S, SKV, ms, gpu)
     if device != "cuda":  # a GPU's roofline and bandwidth say nothing about a CPU run

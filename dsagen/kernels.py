@@ -67,7 +67,6 @@ class DSAKernels:
         self.spec = spec
         self.backend = backend
         self.target = target  # None: follow the tensors' device
-        self.deterministic = deterministic
         self.resolver = Resolver(spec, backend, gpu_type, compute_capability, overrides, use_db,
                                  batch_invariant=deterministic)
         self.gpu_type = gpu_type
@@ -75,6 +74,11 @@ class DSAKernels:
         self.handle = torch_ops.register_build(self)
 
     # -- schedules and modules --------------------------------------------------------------
+    @property
+    def deterministic(self) -> bool:
+        """Whether this is a batch-invariant build (build(deterministic=True))."""
+        return self.resolver.batch_invariant
+
     @property
     def plan_gpu(self):
         return self.resolver.plan_gpu
@@ -208,7 +212,6 @@ class DSAKernels:
             indices = self.topk(logits, ks, ke)
         out, lse = self.sparse_attention(q, kv, indices, sm_scale)
         return DSAOutput(out, lse, indices)
-
 
     def decode(self, q, mla_cache, index_q, index_cache, index_weights, context_lens, block_table,
                sm_scale: float | None = None) -> DecodeOutput:

@@ -115,7 +115,7 @@ class Resolver:
                 device_type: str = "cuda") -> Resolved:
         """The schedule and module `kernel` uses for a problem of S queries and SKV keys."""
         if self.batch_invariant:
-            S, SKV = get_op(kernel).batch_invariant_shape()
+            S, SKV = get_op(kernel).canonical_shape()
         db_type = self.db_type(device_type)
         by_shape = (kernel not in self.overrides and self.use_db and db_type is not None
                     and S is not None and SKV is not None and S > 0 and SKV > 0)

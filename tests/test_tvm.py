@@ -109,12 +109,17 @@ def test_cuda_source_for_sm90(kernel, tmp_path):
     path = dsagen.build(spec, backend="tvm").resolve(kernel, device_type="cpu").path
     source = tvm_backend.cuda_source(path)
     assert '__global__' in source and 'extern "C"' in source
+    nvcc_compiles(source, tmp_path, kernel)
+
+
+def nvcc_compiles(source: str, tmp_path: Path, name: str) -> None:
+    """nvcc compiles TVM's CUDA source to an sm_90 object (when nvcc is installed)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return
-    cu = tmp_path / f"{kernel}.cu"
+    cu = tmp_path / f"{name}.cu"
     cu.write_text(source)
-    proc = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o", str(tmp_path / f"{kernel}.o")],
+    proc = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o", str(tmp_path / f"{name}.o")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

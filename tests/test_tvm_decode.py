@@ -6,8 +6,6 @@ row, its sorted slots bitwise equal to Triton's, Triton/TVM parity and a whole d
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from test_decode_step import Batch, serving_spec
 from test_decode_topk import TVM_SMALL, make_case as topk_case, make_spec as topk_spec, tie_keys
 from test_paged_indexer import make_case, make_spec as indexer_spec
 from test_sparse_decode import expected, make_spec as decode_spec, problem
+from test_tvm import nvcc_compiles
 
 pytestmark = pytest.mark.skipif(tvm_backend.available() is not None, reason=str(tvm_backend.available()))
 
@@ -43,18 +42,6 @@ WIDTH = FMT.latent_dim + FMT.rope_dim
 
 def serving() -> dsagen.Spec:
     return dsagen.load_spec(ROOT / "specs" / "deepseek_v32_serving.toml")
-
-
-def nvcc_compiles(source: str, tmp_path: Path, name: str) -> None:
-    """nvcc compiles TVM's CUDA source to an sm_90 object (when nvcc is installed)."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return
-    cu = tmp_path / f"{name}.cu"
-    cu.write_text(source)
-    proc = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o", str(tmp_path / f"{name}.o")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 CUDA_CASES = [

@@ -136,10 +136,6 @@ class Op:
     backends: tuple[str, ...] = ("triton",)
     stage: bool = False  # one of the three DSA stages (dsa() and the spec's semantic hash use them)
     needs_cache: bool = False  # a decode kernel: offered only by specs with a [cache] section
-    # the call shape (rows, keys per row) at which a batch-invariant build resolves every call of
-    # this kernel, so one schedule serves every batch: a decode step's B * next_n rows of a 32K
-    # context, or a 4096-query prefill of a 32K context
-    canonical_shape: tuple[int, int] | None = None
     # semantic fields (positive integers) in which a tuned entry of another spec may differ and
     # still answer a lookup, nearest value first (an unseen head count gets the nearest tuned one)
     near_fields: tuple[str, ...] = ("heads",)
@@ -158,10 +154,10 @@ class Op:
     args: tuple[tuple[str, str], ...] = ()
     outputs: tuple[str, ...] = ("out",)
 
-    def batch_invariant_shape(self) -> tuple[int, int]:
-        """canonical_shape, or the decode / prefill default."""
-        if self.canonical_shape is not None:
-            return self.canonical_shape
+    def canonical_shape(self) -> tuple[int, int]:
+        """The call shape (rows, keys per row) at which a batch-invariant build resolves every call
+        of this kernel, so one schedule serves every batch: a decode step's B * next_n = 256 rows of
+        a 32K context, or a 4096-query prefill of a 32K context. An op may override it."""
         return (256, 32768) if self.needs_cache else (4096, 32768)
 
     # -- where its files are ----------------------------------------------------------------
