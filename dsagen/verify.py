@@ -24,6 +24,14 @@ TOLERANCES = {
     "sparse_attention.lse": 1e-4,
     "sparse_decode.out": 1e-2,
     "sparse_decode.lse": 1e-4,
+    # Training (backward). Gradients come from bf16 inputs through fp32 accumulators: dS = P (dP - Delta)
+    # cancels, so they get a looser bound than the forward; the indexer KL loss is an fp32 sum.
+    "sparse_attention_bwd.dq": 2e-2,
+    "sparse_attention_bwd.dkv": 2e-2,
+    "indexer_loss.loss": 1e-3,
+    "indexer_loss.dq": 2e-2,
+    "indexer_loss.dk": 2e-2,
+    "indexer_loss.dweights": 2e-2,
 }
 
 
