@@ -37,6 +37,9 @@ def attention_spec(heads: int = 128, k: int = 2048, qk_dim: int = 576, v_dim: in
 
 COMPILE_CASES = [
     (128, {"gluon": 1}),
+    (128, {"gluon": 2}),
+    (128, {"gluon": 2, "block_n": 32, "num_stages": 4}),
+    (40, {"gluon": 2, "block_n": 32, "num_stages": 2}),
     (128, {"gluon": 1, "block_n": 32, "num_stages": 3}),
     (64, {"gluon": 1}),
     (40, {"gluon": 1, "block_n": 32, "num_stages": 2}),
@@ -44,14 +47,14 @@ COMPILE_CASES = [
 
 
 @pytest.mark.parametrize("heads,schedule", COMPILE_CASES,
-                         ids=[f"H{h}-n{s.get('block_n', 64)}-s{s.get('num_stages', 2)}" for h, s in COMPILE_CASES])
+                         ids=[f"H{h}-gl{s['gluon']}-n{s.get('block_n', 64)}-s{s.get('num_stages', 2)}" for h, s in COMPILE_CASES])
 def test_gluon_compiles_for_sm90(heads, schedule):
     from triton.experimental.gluon._runtime import GluonJITFunction
 
     src = resolve_kernel(attention_spec(heads), "sparse_attention", "triton", "nvidia-h200", schedule)
-    assert src.point["gluon"] == 1 and src.point["block_h"] == 64 and src.point["num_warps"] == 8
+    assert src.point["gluon"] == schedule["gluon"] and src.point["block_h"] == 64 and src.point["num_warps"] == 8
     module = triton_backend.load(triton_backend.materialize(src.generated), interpret=False)
-    assert module.GLUON == 1
+    assert module.GLUON == schedule["gluon"]
     for fn, *_ in module.compile_signature(max_logits=True):
         assert isinstance(fn, GluonJITFunction), "gluon=1 renders a Gluon kernel"
     for compiled in triton_backend.compile_for(module, arch=90, aligned_strides=True):
@@ -139,11 +142,11 @@ def test_tuner_sees_each_gluon_point_once():
 
     space = load_space("triton", "sparse_attention")
     points = space.legal_points(problem_symbols(V32, "sparse_attention", get_gpu("nvidia-h200")))
-    gluon = [p for p in points if p["gluon"] == 1]
-    assert gluon, "no legal gluon point for V3.2"
+    gluon = [p for p in points if p["gluon"] >= 1]
+    assert {p["gluon"] for p in gluon} == {1, 2}, "no legal gluon point for V3.2"
     assert all(p["block_h"] == 64 and p["num_warps"] == 8 and p["v_split"] == 1 and p["index_prefetch"] == 0
                for p in gluon)
-    assert len({(p["block_n"], p["num_stages"]) for p in gluon}) == len(gluon)
+    assert len({(p["gluon"], p["block_n"], p["num_stages"]) for p in gluon}) == len(gluon)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,9 +201,13 @@ def run_gluon(kernels, q, kv, idx, sm_scale=None, max_logits=False):
     return got_out, got_lse, ml
 
 
-def build_gluon(heads, k, schedule=None):
-    kernels = dsagen.build(attention_spec(heads, k), schedules={"sparse_attention": GLUON | (schedule or {})})
-    assert kernels.resolve("sparse_attention", 7, 9, "cuda").point["gluon"] == 1
+VARIANTS = pytest.mark.parametrize("variant", [1, 2], ids=["dup", "split"])  # gluon=1, gluon=2
+
+
+def build_gluon(heads, k, schedule=None, variant=1):
+    kernels = dsagen.build(attention_spec(heads, k),
+                           schedules={"sparse_attention": {"gluon": variant} | (schedule or {})})
+    assert kernels.resolve("sparse_attention", 7, 9, "cuda").point["gluon"] == variant
     return kernels
 
 
@@ -219,8 +226,9 @@ GPU_CASES = [
 @pytest.mark.parametrize("S,SKV,H,K,schedule", GPU_CASES,
                          ids=[f"S{c[0]}-SKV{c[1]}-H{c[2]}-K{c[3]}-n{(c[4] or {}).get('block_n', 64)}"
                               for c in GPU_CASES])
-def test_gluon_matches_reference(hopper, gen, S, SKV, H, K, schedule):
-    kernels = build_gluon(H, K, schedule)
+@VARIANTS
+def test_gluon_matches_reference(hopper, gen, S, SKV, H, K, schedule, variant):
+    kernels = build_gluon(H, K, schedule, variant)
     q = torch.randn(S, H, 576, generator=gen).bfloat16().to(hopper)
     kv = torch.randn(SKV, 576, generator=gen).bfloat16().to(hopper)
     idx = gluon_indices(gen, S, SKV, K).to(hopper)
@@ -236,7 +244,8 @@ def test_gluon_matches_reference(hopper, gen, S, SKV, H, K, schedule):
     torch.testing.assert_close(ml.double().cpu(), ref_ml, rtol=1e-4, atol=1e-3)
 
 
-def test_gluon_agrees_with_tl_kernel(hopper, gen):
+@VARIANTS
+def test_gluon_agrees_with_tl_kernel(hopper, gen, variant):
     """Same inputs, the tl kernel (gluon=0) and the Gluon kernel: both near the reference and each other."""
     S, SKV, H, K = 17, 5001, 128, 2048
     q = torch.randn(S, H, 576, generator=gen).bfloat16().to(hopper)
@@ -244,14 +253,15 @@ def test_gluon_agrees_with_tl_kernel(hopper, gen):
     idx = gluon_indices(gen, S, SKV, K).to(hopper)
     tl_out, tl_lse, _ = run_gluon(dsagen.build(attention_spec(H, K), schedules={"sparse_attention": {"gluon": 0}}),
                                   q, kv, idx)
-    gl_out, gl_lse, _ = run_gluon(build_gluon(H, K), q, kv, idx)
+    gl_out, gl_lse, _ = run_gluon(build_gluon(H, K, variant=variant), q, kv, idx)
     torch.testing.assert_close(gl_lse, tl_lse, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gl_out.float(), tl_out.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_gluon_scale_and_noncontiguous(hopper, gen):
+@VARIANTS
+def test_gluon_scale_and_noncontiguous(hopper, gen, variant):
     S, SKV, H, K = 6, 700, 64, 100
-    kernels = build_gluon(H, K)
+    kernels = build_gluon(H, K, variant=variant)
     q = torch.randn(S, H + 8, 640, generator=gen).bfloat16().to(hopper)[:, 3:3 + H, :576]
     kv = torch.randn(SKV, 700, generator=gen).bfloat16().to(hopper)[:, 100:676]
     idx = gluon_indices(gen, S, SKV, K).to(hopper)
@@ -262,11 +272,12 @@ def test_gluon_scale_and_noncontiguous(hopper, gen):
     assert_close("sparse_attention.lse", lse, ref_lse)
 
 
-def test_gluon_nan_rules(hopper, gen):
+@VARIANTS
+def test_gluon_nan_rules(hopper, gen, variant):
     """docs/numerics.md: NaN in q[t, h] -> out[t, h], lse[t, h]; NaN in a kv row selected by t
     (V or rope part) -> every head of t; NaN in a kv row no token selects -> nothing."""
     S, SKV, H, K = 5, 400, 64, 100
-    kernels = build_gluon(H, K)
+    kernels = build_gluon(H, K, variant=variant)
     q = torch.randn(S, H, 576, generator=gen).bfloat16()
     kv = torch.randn(SKV, 576, generator=gen).bfloat16()
     idx = torch.stack([torch.randperm(SKV - 1, generator=gen)[:K] for _ in range(S)]).int()  # row SKV-1 never
