@@ -168,3 +168,61 @@ def indexer_loss_bwd(iq, ik, weights, aq, akv, alse, indices, sm_scale: float, i
         d_iq[t] = g @ ik[idx].double()
         d_ik.index_add_(0, idx, g.T @ iq[t].double())
     return d_iq, d_ik, d_w
+
+
+def _indexer_loss_row(iq_t, ik, w_t, aq_t, akv, alse_t, slots, sm_scale: float):
+    """One query's valid selected keys, per-head indexer scores [Hi, n], logits [n] and the target
+    p [n] (None where the attention puts no mass on the keys), all float64."""
+    idx = slots.long()
+    idx = idx[(idx >= 0) & (idx < ik.shape[0])]
+    scores = iq_t.double() @ ik[idx].double().T
+    relu = torch.where(scores < 0, torch.zeros_like(scores), scores)
+    logits = (w_t.double()[:, None] * relu).sum(0)
+    mass = torch.exp(sm_scale * (aq_t.double() @ akv[idx].double().T) - alse_t.double()[:, None]).sum(0)
+    total = mass.sum()
+    return idx, scores, relu, logits, (mass / total if total > 0 else None)
+
+
+def indexer_loss(iq, ik, weights, aq, akv, alse, indices, sm_scale: float):
+    """(loss [S], index_lse [S]) of the lightning indexer's training loss, float64.
+
+    Per query t over its valid selected keys S_t (each slot once, duplicates kept):
+    I[s] = sum_j w[t,j] relu(iq[t,j] . ik[s]); p[s] = sum_h exp(sm_scale aq[t,h] . akv[s] - alse[t,h]),
+    L1-normalized over S_t; loss = sum_s p log p - sum_s p log_softmax(I)[s] (0 log 0 = 0);
+    index_lse = logsumexp_s I[s]. No valid index: loss 0, index_lse +inf. No attention mass on
+    S_t (p undefined): loss 0.
+    """
+    n = iq.shape[0]
+    loss = torch.zeros(n, dtype=torch.float64, device=iq.device)
+    lse = torch.full((n,), math.inf, dtype=torch.float64, device=iq.device)
+    for t in range(n):
+        idx, _, _, logits, p = _indexer_loss_row(iq[t], ik, weights[t], aq[t], akv, alse[t], indices[t], sm_scale)
+        if idx.numel() == 0:
+            continue
+        lse[t] = torch.logsumexp(logits, 0)
+        if p is not None:
+            loss[t] = torch.xlogy(p, p).sum() - (p * (logits - lse[t])).sum()
+    return loss, lse
+
+
+def indexer_loss_bwd(iq, ik, weights, aq, akv, alse, indices, sm_scale: float, index_lse, d_loss):
+    """(d_iq [S, Hi, Di], d_ik [SKV, Di], d_weights [S, Hi]) of indexer_loss, float64, written out:
+    dI[t,s] = d_loss[t] (exp(I[t,s] - index_lse[t]) - p[t,s]) over the row's valid slots, then
+    d_weights[t,j] = sum_s dI relu(iq[t,j].ik[s]); with G[j,s] = dI[t,s] w[t,j] 1[iq[t,j].ik[s] > 0]:
+    d_iq[t,j] = sum_s G[j,s] ik[s] and d_ik[s] += sum_j G[j,s] iq[t,j] (a scatter over queries).
+    The target p is detached (no gradient into aq, akv, alse). Rows whose loss is defined as 0
+    (no valid index, no attention mass) contribute nothing."""
+    d_iq = torch.zeros(iq.shape, dtype=torch.float64, device=iq.device)
+    d_ik = torch.zeros(ik.shape, dtype=torch.float64, device=iq.device)
+    d_w = torch.zeros(weights.shape, dtype=torch.float64, device=iq.device)
+    for t in range(iq.shape[0]):
+        idx, scores, relu, logits, p = _indexer_loss_row(iq[t], ik, weights[t], aq[t], akv, alse[t], indices[t],
+                                                         sm_scale)
+        if idx.numel() == 0 or p is None:
+            continue
+        d_logits = d_loss[t].double() * (torch.exp(logits - index_lse[t].double()) - p)
+        d_w[t] = relu @ d_logits
+        g = weights[t].double()[:, None] * (scores > 0) * d_logits[None, :]  # [Hi, n]
+        d_iq[t] = g @ ik[idx].double()
+        d_ik.index_add_(0, idx, g.T @ iq[t].double())
+    return d_iq, d_ik, d_w
