@@ -126,7 +126,6 @@ def enabled(spec, backend: str) -> list[Op]:
 from . import indexer, topk, sparse_attention, indexer_topk  # noqa: E402,F401  (dsagen's own ops register)
 from . import mla_cache_write, paged_indexer, sparse_decode, decode_topk  # noqa: E402,F401  (decode over paged caches)
 from . import indexer_loss, indexer_loss_bwd  # noqa: E402,F401  (training: the indexer's KL loss and its backward)
-from . import indexer_loss, indexer_loss_bwd  # noqa: E402,F401  (training: the indexer's KL loss and its backward)
 from . import sparse_attention_bwd  # noqa: E402,F401  (training: the sparse attention backward)
 
 __all__ = ["Call", "Cost", "Op", "PLUGINS_ENV", "all_ops", "enabled", "get_op", "load_plugin", "names", "register",
