@@ -40,6 +40,8 @@ COMPILE_CASES = [
     (128, {"gluon": 2}),
     (128, {"gluon": 2, "block_n": 32, "num_stages": 4}),
     (40, {"gluon": 2, "block_n": 32, "num_stages": 2}),
+    (128, {"gluon": 3}),
+    (64, {"gluon": 3, "block_n": 32, "num_stages": 4}),
     (128, {"gluon": 1, "block_n": 32, "num_stages": 3}),
     (64, {"gluon": 1}),
     (40, {"gluon": 1, "block_n": 32, "num_stages": 2}),
@@ -143,7 +145,7 @@ def test_tuner_sees_each_gluon_point_once():
     space = load_space("triton", "sparse_attention")
     points = space.legal_points(problem_symbols(V32, "sparse_attention", get_gpu("nvidia-h200")))
     gluon = [p for p in points if p["gluon"] >= 1]
-    assert {p["gluon"] for p in gluon} == {1, 2}, "no legal gluon point for V3.2"
+    assert {p["gluon"] for p in gluon} == {1, 2, 3}, "no legal gluon point for V3.2"
     assert all(p["block_h"] == 64 and p["num_warps"] == 8 and p["v_split"] == 1 and p["index_prefetch"] == 0
                for p in gluon)
     assert len({(p["gluon"], p["block_n"], p["num_stages"]) for p in gluon}) == len(gluon)
@@ -201,7 +203,7 @@ def run_gluon(kernels, q, kv, idx, sm_scale=None, max_logits=False):
     return got_out, got_lse, ml
 
 
-VARIANTS = pytest.mark.parametrize("variant", [1, 2], ids=["dup", "split"])  # gluon=1, gluon=2
+VARIANTS = pytest.mark.parametrize("variant", [1, 2, 3], ids=["dup", "split", "pipe"])  # gluon=1, 2, 3
 
 
 def build_gluon(heads, k, schedule=None, variant=1):
