@@ -70,6 +70,10 @@ CASES = [
     ("v32", dsagen.Spec(cache=dsagen.CacheSpec()), "decode_topk",
      {"sorted": 1, "levels": 1, "radix_bits": 11, "block_n": 2048, "chunk": 2048, "candidates": 8192, "num_warps": 16}),
     ("odd", dsagen.Spec(topk=dsagen.TopKSpec(k=7), cache=dsagen.CacheSpec(page_size=1)), "decode_topk", {"sorted": 1}),
+    ("v32", V32, "sparse_attention_bwd", None),
+    ("v32", V32, "sparse_attention_bwd", {"deterministic_dkv": 1}),
+    ("v32", V32, "sparse_attention_bwd", {"block_h": 16, "block_n": 16, "num_warps": 4, "num_stages": 2}),
+    ("odd", ODD, "sparse_attention_bwd", {"deterministic_dkv": 1}),
 ]
 
 
