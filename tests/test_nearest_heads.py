@@ -111,3 +111,24 @@ def test_semantics_are_validated_when_read(tmp_path):
     path.write_text(text)
     with pytest.raises(db.TuningDBError, match="semantics"):
         db.load(path)
+
+
+def test_a_study_starts_from_the_schedule_a_build_runs_now():
+    """Tuning an unseen head count seeds TPE with the nearest tuned head count's schedule (what a
+    build runs today) before the untuned default, so its winner cannot be worse than that point."""
+    from dsagen.resolve import Resolver
+    from dsagen.tuning.study import TuneRequest, _built_point, _seed_points
+    from dsagen.plan import problem_symbols
+    from dsagen.schedule import load_space
+    from dsagen.gpus import get_gpu
+
+    record(indexer_entry(V32, AT_64))
+    spec32 = with_index_heads(32)
+    req = TuneRequest(spec32, "indexer", 4096, 32768, device="cuda", gpu_type=GPU)
+    built = _built_point(req)
+    assert built == AT_64
+    space = load_space("triton", "indexer")
+    legal = space.legal_points(problem_symbols(spec32, "indexer", get_gpu(GPU)))
+    untuned = Resolver(spec32, "triton", GPU, use_db=False).resolve("indexer", device_type="cuda").point
+    seeds = _seed_points(req, legal, untuned, built)
+    assert seeds[0] == AT_64 and seeds[1] == untuned

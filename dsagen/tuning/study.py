@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..codegen import template_digest
+from ..errors import DsagenError
 from ..gpus import GPUS, cpu_model, get_gpu
 from ..resolve import DEFAULT_GPU, Resolver
 from ..plan import problem_symbols
@@ -317,7 +318,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     study.set_user_attr("legal_points", len(legal))
 
     if sampler_kind == "tpe" and not _counted(study.get_trials(deepcopy=False)):
-        for point in _seed_points(req, legal, untuned.point):
+        for point in _seed_points(req, legal, untuned.point, _built_point(req)):
             study.enqueue_trial(point, skip_if_exists=True)
     run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu, fixed)
     bar = Progress(f"[{req.kernel} {bucket} {sampler_kind}]", budget, enabled=progress)
@@ -407,11 +408,24 @@ def check_db_file(path: Path | None, gpu_type: str) -> Path:
     return path
 
 
-def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict) -> list[dict]:
-    """Where TPE starts: the schedule a build would use untuned, then the winners of this kernel at
-    other shape buckets on this GPU type (a good schedule at one shape is a good guess at the next)."""
+def _built_point(req: TuneRequest) -> dict | None:
+    """The schedule a build of this spec runs at this shape today, the tuning database included (an
+    entry of the nearest tuned head count, say): a study must start from it, or its winner could be
+    slower than what users already get."""
+    try:
+        S_, SKV_ = get_op(req.kernel).call_shape(req.S, req.SKV)
+        return Resolver(req.spec, req.backend, req.gpu_type).resolve(req.kernel, S_, SKV_, req.device).point
+    except DsagenError:
+        return None
+
+
+def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict, built: dict | None = None) -> list[dict]:
+    """Where TPE starts: the schedule a build runs now (`built`: the database's answer, which may
+    come from a neighbouring head count), the one it would use untuned, then the winners of this
+    kernel at other shape buckets on this GPU type (a good schedule at one shape is a good guess at
+    the next)."""
     legal_keys = {_point_key(p) for p in legal}
-    seeds = [untuned]
+    seeds = ([built] if built else []) + [untuned]
     try:
         entries = tuning_db.load(_db_file(req)).entries.values()
     except (tuning_db.TuningDBError, OSError):
