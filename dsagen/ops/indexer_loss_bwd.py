@@ -8,6 +8,10 @@ with respect to the indexer's inputs iq, ik and weights, given d_loss = dL/dloss
 The softmax uses the forward's index_lse; the target p is recomputed (a first pass over the row's
 keys finds the attention mass's sum) and is detached. d_ik is accumulated in fp32 and rounded to
 bf16 once; rows nobody selected are exactly 0.
+Determinism: d_iq and d_weights are bitwise reproducible on both backends. d_ik is too on TVM's CPU
+kernel (a fixed summation order per key block) and under the Triton interpreter, but not on a GPU:
+the Triton kernel scatters d_ik by fp32 atomic adds whose order varies (seen on an H200: last-bit
+differences, 7.6e-6 at most, between two runs).
 """
 from __future__ import annotations
 
