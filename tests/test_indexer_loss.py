@@ -48,14 +48,15 @@ def with_lse(args):
 
 
 def run_both(kernels, args, d_loss, poison=True):
-    """Forward then backward through dsagen, into poisoned buffers when `poison`."""
+    """Forward then backward through dsagen (kernels.run: output buffers allowed), into poisoned
+    buffers when `poison`, else through the torch.library ops."""
     fwd_op, bwd_op = get_op("indexer_loss"), get_op("indexer_loss_bwd")
     spec = kernels.spec
     outs = fwd_op.poisoned_outputs(spec, args) if poison else {}
-    loss, lse = kernels.indexer_loss(*args, **outs)
+    loss, lse = kernels.run("indexer_loss", *args, **outs)
     bargs = list(args) + [lse, d_loss]
     bouts = bwd_op.poisoned_outputs(spec, bargs) if poison else {}
-    grads = kernels.indexer_loss_bwd(*bargs, **bouts)
+    grads = kernels.run("indexer_loss_bwd", *bargs, **bouts)
     return (loss, lse), grads
 
 
@@ -172,7 +173,7 @@ def test_workload_check_and_naive_agree(device, backend, gen):
     for name in ("indexer_loss", "indexer_loss_bwd"):
         op = get_op(name)
         inputs = op.inputs(spec, S_, SKV_, device, seed_of(gen))
-        result = getattr(kernels, name)(*inputs, **op.poisoned_outputs(spec, inputs))
+        result = kernels.run(name, *inputs, **op.poisoned_outputs(spec, inputs))
         assert "RMS ratio" in op.check(spec, inputs, result, torch.arange(S_))
         naive = op.naive(spec, inputs)()
         assert "RMS ratio" in op.check(spec, inputs, naive, torch.arange(S_))
@@ -280,9 +281,9 @@ def test_bad_arguments_name_the_argument(device):
     with pytest.raises(ValueError, match="d_loss must have dtype torch.float32"):
         kernels.indexer_loss_bwd(*args, lse, lse.double())
     with pytest.raises(ValueError, match=r"d_ik must have shape \[29, 24\]"):
-        kernels.indexer_loss_bwd(*args, lse, lse, d_ik=torch.zeros(28, 24, dtype=torch.bfloat16, device=device))
+        kernels.run("indexer_loss_bwd", *args, lse, lse, d_ik=torch.zeros(28, 24, dtype=torch.bfloat16, device=device))
     with pytest.raises(ValueError, match=r"loss must have shape \[5\]"):
-        kernels.indexer_loss(*args, loss=lse[:-1])
+        kernels.run("indexer_loss", *args, loss=lse[:-1])
 
 
 def test_an_fp8_indexer_is_inference_only():
