@@ -40,9 +40,6 @@ COMPILE_CASES = [
     (128, {"gluon": 2}),
     (128, {"gluon": 2, "block_n": 32, "num_stages": 4}),
     (40, {"gluon": 2, "block_n": 32, "num_stages": 2}),
-    (128, {"gluon": 3}),
-    (64, {"gluon": 3}),
-    (40, {"gluon": 3}),
     (128, {"gluon": 1, "block_n": 32, "num_stages": 3}),
     (64, {"gluon": 1}),
     (40, {"gluon": 1, "block_n": 32, "num_stages": 2}),
@@ -146,7 +143,7 @@ def test_tuner_sees_each_gluon_point_once():
     space = load_space("triton", "sparse_attention")
     points = space.legal_points(problem_symbols(V32, "sparse_attention", get_gpu("nvidia-h200")))
     gluon = [p for p in points if p["gluon"] >= 1]
-    assert {p["gluon"] for p in gluon} == {1, 2, 3}, "no legal gluon point for V3.2"
+    assert {p["gluon"] for p in gluon} == {1, 2}, "no legal gluon point for V3.2"
     assert all(p["block_h"] == 64 and p["num_warps"] == 8 and p["v_split"] == 1 and p["index_prefetch"] == 0
                for p in gluon)
     assert len({(p["gluon"], p["block_n"], p["num_stages"]) for p in gluon}) == len(gluon)
@@ -204,12 +201,10 @@ def run_gluon(kernels, q, kv, idx, sm_scale=None, max_logits=False):
     return got_out, got_lse, ml
 
 
-VARIANTS = pytest.mark.parametrize("variant", [1, 2, 3], ids=["dup", "split", "pair"])  # gluon=1, 2, 3
+VARIANTS = pytest.mark.parametrize("variant", [1, 2], ids=["dup", "split"])  # gluon=1, 2
 
 
 def build_gluon(heads, k, schedule=None, variant=1):
-    if variant == 3:  # the block-pair kernel fixes block_n 64 and num_stages 1
-        schedule = None
     kernels = dsagen.build(attention_spec(heads, k),
                            schedules={"sparse_attention": {"gluon": variant} | (schedule or {})})
     assert kernels.resolve("sparse_attention", 7, 9, "cuda").point["gluon"] == variant
