@@ -8,9 +8,10 @@ from .errors import BackendError, DsagenError, ScheduleError, SpecError
 from . import ops, varlen
 from .kernels import DSAKernels, DSAOutput, build
 from .spec import AttentionSpec, CacheSpec, IndexerSpec, Spec, TopKSpec, load_spec, spec_from_dict
+from .ops.indexer_loss import dense_window_indices
 
 __all__ = [
     "__version__", "AttentionSpec", "BackendError", "CacheSpec", "DSAKernels", "DSAOutput", "DsagenError",
-    "IndexerSpec", "ScheduleError", "Spec", "SpecError", "TopKSpec", "build", "load_spec", "ops", "spec_from_dict",
+    "IndexerSpec", "ScheduleError", "dense_window_indices", "Spec", "SpecError", "TopKSpec", "build", "load_spec", "ops", "spec_from_dict",
     "varlen",
 ]

@@ -23,7 +23,7 @@ from .errors import BackendError
 from .ops import enabled as enabled_ops, get_op, names as op_names
 from .resolve import DEFAULT_GPU, Resolved, Resolver, detected_gpu, gpu_context  # noqa: F401  (re-exported)
 from .spec import Spec
-from . import torch_ops
+from . import autograd, torch_ops
 
 
 class DecodeOutput(NamedTuple):
@@ -38,15 +38,23 @@ class DSAOutput(NamedTuple):
     indices: torch.Tensor  # [S, k] int32, -1 padded
 
 
-def _refuse_grad(kernel: str, args) -> None:
-    """No backward yet: an input that requires grad would silently lose its graph."""
-    if torch.is_grad_enabled():
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.requires_grad:
-                raise RuntimeError(
-                    f"dsagen.{kernel}: an input requires grad, but dsagen has no backward pass yet, so the "
-                    "result would silently carry no gradient; call it under torch.no_grad() or on detached "
-                    "tensors (.detach())")
+def _refuse_grad(kernel: str, args, in_place: bool) -> None:
+    """An input that requires grad would silently lose its graph where there is no backward: a
+    kernel without one, or output buffers written in place (outside autograd)."""
+    if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return
+    if in_place:
+        raise RuntimeError(f"dsagen.{kernel}: an input requires grad, but output buffers given by keyword are "
+                           "written in place, outside autograd, so there is no backward through them; leave the "
+                           "buffers out (the outputs are then differentiable where the kernel has a backward), "
+                           "or call it under torch.no_grad()")
+    if not autograd.differentiable(kernel):
+        hint = (" (the indexer's q, k and weights are trained through kernels.indexer_loss; its logits only "
+                "select indices)" if kernel in ("indexer", "indexer_topk", "paged_indexer") else "")
+        raise RuntimeError(
+            f"dsagen.{kernel}: an input requires grad, but this kernel has no backward pass, so the result "
+            f"would silently carry no gradient{hint}; call it under torch.no_grad() or on detached tensors "
+            "(.detach())")
 
 
 TARGETS = {"triton": ("cuda", "cpu"), "tvm": ("llvm", "cuda")}
@@ -136,7 +144,7 @@ class DSAKernels:
         if not op.enabled(self.spec, self.backend):
             raise BackendError(f"{kernel} has no {self.backend} template (its backends: {', '.join(op.backends)})")
         call = op.check_args(self.spec, *args, **outs)
-        _refuse_grad(kernel, args)
+        _refuse_grad(kernel, args, any(v is not None for v in outs.values()))
         args, outs = op.launch_args(self.spec, args, outs)
         if any(v is not None for v in outs.values()):
             return self.launch(kernel, args, outs, call)
@@ -171,8 +179,17 @@ class DSAKernels:
 
     def sparse_attention(self, q, kv, indices, sm_scale: float | None = None, *, out=None, lse=None):
         """(out [S, H, Dv] bf16, lse [S, H] fp32): softmax over each query's valid selected kv rows.
-        sm_scale: None uses the spec's."""
+        sm_scale: None uses the spec's. Differentiable: out carries gradients to q and kv (the
+        sparse_attention_bwd kernel); lse carries none."""
         return self.run("sparse_attention", q, kv, indices, sm_scale, out=out, lse=lse)
+
+    def indexer_loss(self, iq, ik, weights, aq, akv, alse, indices, sm_scale: float | None = None):
+        """(loss [S] fp32, index_lse [S] fp32): V3.2's indexer training loss per query,
+        KL(p || softmax of the indexer logits) over the row's selected keys, where p is the main
+        attention's probability mass (aq, akv, alse: its q, kv and lse, read as constants) summed
+        over heads and normalized. Differentiable in iq, ik and weights (indexer_loss_bwd). For the
+        dense warm-up, pass indices = dsagen.dense_window_indices(ks, ke)."""
+        return self.run("indexer_loss", iq, ik, weights, aq, akv, alse, indices, sm_scale)
 
     # -- decode over the paged caches (specs with a [cache] section) ---------------------------
     def mla_cache_write(self, rows, slot_mapping, cache) -> None:
@@ -205,11 +222,12 @@ class DSAKernels:
             raise ValueError(f"q has {q.shape[0]} tokens but index_q has {index_q.shape[0]}")
         if isinstance(kv, torch.Tensor) and isinstance(index_k, torch.Tensor) and kv.shape[0] != index_k.shape[0]:
             raise ValueError(f"kv has {kv.shape[0]} rows but index_k has {index_k.shape[0]}")
-        if self.spec.topk.fused and get_op("indexer_topk").enabled(self.spec, self.backend):
-            indices = self.indexer_topk(index_q, index_k, index_k_scale, index_weights, ks, ke)
-        else:
-            logits = self.indexer(index_q, index_k, index_k_scale, index_weights, ks, ke)
-            indices = self.topk(logits, ks, ke)
+        with torch.no_grad():  # the selection is integer-valued: no gradient flows through it
+            if self.spec.topk.fused and get_op("indexer_topk").enabled(self.spec, self.backend):
+                indices = self.indexer_topk(index_q, index_k, index_k_scale, index_weights, ks, ke)
+            else:
+                logits = self.indexer(index_q, index_k, index_k_scale, index_weights, ks, ke)
+                indices = self.topk(logits, ks, ke)
         out, lse = self.sparse_attention(q, kv, indices, sm_scale)
         return DSAOutput(out, lse, indices)
 

@@ -13,6 +13,7 @@ import weakref
 
 import torch
 
+from . import autograd
 from .ops import get_op
 
 NAMESPACE = "dsagen"
@@ -60,6 +61,7 @@ def define(kernel: str) -> None:
 
         _LIBRARY.impl(kernel, implementation, "CompositeExplicitAutograd")
         torch.library.register_fake(f"{NAMESPACE}::{kernel}", fake, lib=_LIBRARY)
+        autograd.register(kernel, _LIBRARY, NAMESPACE, call)
         _DEFINED.add(kernel)
 
 

@@ -183,15 +183,16 @@ def test_dsa_and_each_kernel_trace_with_no_graph_break(gen, device):
             assert torch.equal(a, b), kernel
 
 
-def test_an_input_that_requires_grad_is_refused_until_backward_exists(gen, device):
+def test_an_input_that_requires_grad_is_refused_where_there_is_no_backward(gen, device):
+    """A kernel without a backward op refuses an input that requires grad (its result would silently
+    carry no gradient); under no_grad it runs. (Differentiable kernels: tests/test_autograd.py.)"""
     kernels = dsagen.build(small_spec())
-    q, kv, *_ = dsa_inputs(kernels.spec, gen, device)
-    idx = torch.zeros(q.shape[0], 9, dtype=torch.int32, device=device)
-    with pytest.raises(RuntimeError, match="no backward pass yet"):
-        kernels.sparse_attention(q.requires_grad_(), kv, idx)
+    _, _, q_idx, k_idx, k_scale, w, ks, ke = dsa_inputs(kernels.spec, gen, device)
+    with pytest.raises(RuntimeError, match="has no backward pass"):
+        kernels.indexer(q_idx, k_idx, k_scale, w.requires_grad_(), ks, ke)
     with torch.no_grad():
-        out, _ = kernels.sparse_attention(q, kv, idx)
-    assert out.grad_fn is None
+        logits = kernels.indexer(q_idx, k_idx, k_scale, w, ks, ke)
+    assert logits.grad_fn is None
 
 
 @pytest.mark.parametrize("value,message", [

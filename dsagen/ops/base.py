@@ -153,6 +153,20 @@ class Op:
     # int), and its keyword outputs in the order it returns them
     args: tuple[tuple[str, str], ...] = ()
     outputs: tuple[str, ...] = ("out",)
+    # autograd (dsagen/autograd.py): the registered op that differentiates this one, and the
+    # outputs that carry no gradient (statistics such as an lse); None: not differentiable
+    backward_kernel: str | None = None
+    non_differentiable: tuple[str, ...] = ()
+
+    def backward_args(self, spec, inputs: Mapping[str, Any], outputs: Mapping[str, Any],
+                      grads: Mapping[str, Any]) -> tuple:
+        """The backward kernel's positional arguments, from this op's inputs and outputs (by name)
+        and the gradients of its differentiable outputs (contiguous, zeros where unused)."""
+        raise NotImplementedError(f"{self.name}: backward_args")
+
+    def input_gradients(self, bwd_outputs: tuple) -> dict[str, Any]:
+        """The backward kernel's outputs as {input name: gradient}; inputs left out get None."""
+        raise NotImplementedError(f"{self.name}: input_gradients")
 
     def canonical_shape(self) -> tuple[int, int]:
         """The call shape (rows, keys per row) at which a batch-invariant build resolves every call

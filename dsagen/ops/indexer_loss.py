@@ -219,9 +219,20 @@ class IndexerLossOp(Op):
     naive_name = "gather + einsum (fp32, chunks of 256)"
     args = (("iq", "Tensor"), ("ik", "Tensor"), ("weights", "Tensor"), ("aq", "Tensor"), ("akv", "Tensor"),
             ("alse", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"))
+    # gradients flow to the indexer's q, k and weights; the attention's inputs are the target's
+    # (V3.2 detaches them), and index_lse is a statistic saved for the backward
+    backward_kernel = "indexer_loss_bwd"
+    non_differentiable = ("index_lse",)
 
     def enabled(self, spec, backend):
         return super().enabled(spec, backend) and training_problem(spec, self.name) is None
+
+    def backward_args(self, spec, inputs, outputs, grads):
+        return (*(inputs[name] for name, _ in self.args), outputs["index_lse"], grads["loss"])
+
+    def input_gradients(self, bwd_outputs):
+        d_iq, d_ik, d_weights = bwd_outputs
+        return {"iq": d_iq, "ik": d_ik, "weights": d_weights}
 
     def semantic_fields(self, spec):
         return loss_fields(spec)

@@ -44,6 +44,18 @@ class SparseAttentionOp(Op):
                    "index_prefetch": "ip", "gluon": "gl"}
     naive_name = "gather + einsum + softmax (bf16, chunks of 256)"
     args = (("q", "Tensor"), ("kv", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"))
+    # gradients flow to q and kv through out; the lse is a statistic (the indexer loss reads it
+    # detached), so it carries none
+    backward_kernel = "sparse_attention_bwd"
+    non_differentiable = ("lse",)
+
+    def backward_args(self, spec, inputs, outputs, grads):
+        return (inputs["q"], inputs["kv"], inputs["indices"], outputs["out"], outputs["lse"], grads["out"],
+                inputs["sm_scale"])
+
+    def input_gradients(self, bwd_outputs):
+        dq, dkv = bwd_outputs
+        return {"q": dq, "kv": dkv}
 
     def semantic_fields(self, spec):
         at = spec.attention  # sm_scale is a run-time argument: not part of the kernel

@@ -1,0 +1,59 @@
+"""Gradients of dsagen's torch ops: `dsagen::<kernel>` is differentiated by another registered op.
+
+Why here: an op declares only `backward_kernel`, `non_differentiable`, `backward_args` and
+`input_gradients` (dsagen/ops/base.py); this module turns that into a
+`torch.library.register_autograd` formula, so eager autograd, `torch.compile(fullgraph=True)`
+(forward and backward traced as one node each) and CUDA graphs all see the same two ops. The
+backward runs the build that ran the forward (the build handle is an op argument), so it uses that
+build's backend, schedules and deterministic mode.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops import get_op
+
+
+def register(kernel: str, library, namespace: str, call) -> None:
+    """Attach the backward of `kernel` (when its op has one) to the op `namespace::kernel`.
+
+    call(kernel, args, handle) runs a registered op (torch_ops.call)."""
+    op = get_op(kernel)
+    if op.backward_kernel is None:
+        return
+    names = [name for name, _ in op.args]
+
+    def setup_context(ctx, inputs, output):
+        *args, handle = inputs
+        outputs = output if isinstance(output, tuple) else (output,)
+        for name, value in zip(op.outputs, outputs):
+            if name in op.non_differentiable:
+                ctx.mark_non_differentiable(value)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)] + list(outputs)
+        ctx.save_for_backward(*tensors)
+        # where each argument went: a saved tensor (its position) or a plain value (kept as is)
+        ctx.slots = [("t", None) if isinstance(a, torch.Tensor) else ("v", a) for a in args]
+        ctx.handle = handle
+
+    def backward(ctx, *grads):
+        saved = list(ctx.saved_tensors)
+        inputs, k = {}, 0
+        for name, (kind, value) in zip(names, ctx.slots):
+            if kind == "t":
+                inputs[name], k = saved[k], k + 1
+            else:
+                inputs[name] = value
+        outputs = dict(zip(op.outputs, saved[k:]))
+        wanted = {n: g.contiguous() for n, g in zip(op.outputs, grads) if n not in op.non_differentiable}
+        args = op.backward_args(None, inputs, outputs, wanted)
+        result = call(op.backward_kernel, tuple(args), ctx.handle)
+        result = result if isinstance(result, tuple) else (result,)
+        by_name = op.input_gradients(result)
+        return (*(by_name.get(n) if ctx.needs_input_grad[i] else None for i, n in enumerate(names)), None)
+
+    torch.library.register_autograd(f"{namespace}::{kernel}", backward, setup_context=setup_context, lib=library)
+
+
+def differentiable(kernel: str) -> bool:
+    """Whether dsagen::<kernel> has a backward (its inputs may require grad)."""
+    return get_op(kernel).backward_kernel is not None
