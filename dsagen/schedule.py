@@ -38,6 +38,9 @@ class Knob:
     values: tuple[int, ...]
     default: int
     help: str
+    # a nearest-legal move keeps this knob at its default (or pinned) value whenever some legal point
+    # does: an opt-in variant (a kernel written for one GPU generation) is never reached by accident
+    sticky: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,10 @@ def load_space(backend: str, kernel: str) -> Space:
         default = int(table["default"])
         if default not in values:
             raise ScheduleError(f"{path}: knobs.{name}.default={default} is not among its values")
-        knobs[name] = Knob(name, values, default, str(table.get("help", "")))
+        sticky = table.get("sticky", False)
+        if not isinstance(sticky, bool):
+            raise ScheduleError(f"{path}: knobs.{name}.sticky={sticky!r} must be true or false")
+        knobs[name] = Knob(name, values, default, str(table.get("help", "")), sticky)
     footprint = {n: _parse_expr(t, f"{path} footprint.{n}") for n, t in data.get("footprint", {}).items()}
     constraints = {n: _parse_expr(t, f"{path} constraints.{n}") for n, t in data.get("constraints", {}).items()}
     return Space(backend, kernel, knobs, footprint, constraints)
@@ -168,5 +174,6 @@ def choose(spec: Spec, kernel: str, gpu: GPU, backend: str = "triton",
     if not candidates:
         raise ScheduleError(
             f"{where} {pinned} is illegal for this spec on {gpu.name}: breaks {'; '.join(broken)}")
-    best = min(candidates, key=lambda p: _distance(p, point))
+    kept = [p for p in candidates if all(p[n] == point[n] for n, k in space.knobs.items() if k.sticky)]
+    best = min(kept or candidates, key=lambda p: _distance(p, point))
     return Choice(kernel, best, "default (nearest legal)" if not pinned else "pinned+nearest legal")

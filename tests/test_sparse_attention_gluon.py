@@ -126,8 +126,8 @@ def test_gluon_pins_the_knobs_it_does_not_use():
     (attention_spec(128, qk_dim=80, v_dim=48), "gluon_latent_512"),
     (attention_spec(64, qk_dim=256 + 64, v_dim=256), "gluon_latent_512"),
     (attention_spec(64, qk_dim=512 + 32, v_dim=512), "gluon_rope_64"),
-    (attention_spec(32), "gluon_heads"),
     (attention_spec(16), "gluon_heads"),
+    (attention_spec(12), "gluon_heads"),
 ], ids=["dv48", "dv256", "rope32", "h32", "h16"])
 def test_gluon_illegal_where_unsupported(spec, constraint):
     with pytest.raises(ScheduleError, match=constraint):
@@ -219,6 +219,7 @@ GPU_CASES = [
     (11, 257, 64, 100, {"block_n": 32, "num_stages": 3}),
     (9, 999, 96, 100, None),  # a second block of 64 heads, half of it past the last head
     (6, 3001, 40, 2048, {"block_n": 32, "num_stages": 2}),
+    (5, 1999, 32, 2048, None),  # tensor parallelism 4: half of each 64-row wgmma is padding
     (3, 77, 128, 100, {"block_n": 32, "num_stages": 2}),  # k > SKV: every row padded with invalid ones
 ]
 
