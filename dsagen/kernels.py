@@ -141,8 +141,9 @@ class DSAKernels:
         """Check the arguments, then run `kernel` (through its torch.library op unless output
         buffers are given, which are written in place)."""
         op = get_op(kernel)
-        if not op.enabled(self.spec, self.backend):
-            raise BackendError(f"{kernel} has no {self.backend} template (its backends: {', '.join(op.backends)})")
+        problem = op.unavailable(self.spec, self.backend)
+        if problem:
+            raise BackendError(problem)
         call = op.check_args(self.spec, *args, **outs)
         _refuse_grad(kernel, args, any(v is not None for v in outs.values()))
         args, outs = op.launch_args(self.spec, args, outs)

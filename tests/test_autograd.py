@@ -191,3 +191,11 @@ def test_kernels_without_backward_still_refuse(device, gen):
     out = torch.full((3, spec.attention.heads, spec.attention.v_dim), math.nan, dtype=torch.bfloat16, device=device)
     with pytest.raises(RuntimeError, match="written in place, outside autograd"):
         kernels.sparse_attention(q.requires_grad_(), kv, idx, out=out)
+
+
+def test_a_training_kernel_on_an_fp8_spec_says_why(device):
+    """fp8 stays inference-only: the training kernels are not offered, and a call says why."""
+    kernels = dsagen.build(dsagen.load_spec("specs/deepseek_v32.toml"))
+    assert "indexer_loss" not in kernels.kernels() and "sparse_attention_bwd" in kernels.kernels()
+    with pytest.raises(dsagen.BackendError, match="needs a bf16 indexer.*fp8_e4m3, which is inference-only"):
+        kernels.indexer_loss(*(torch.zeros(1, device=device) for _ in range(7)))

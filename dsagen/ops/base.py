@@ -186,7 +186,16 @@ class Op:
 
     def enabled(self, spec, backend: str) -> bool:
         """Whether a build of `spec` on `backend` offers this kernel."""
-        return backend in self.backends and (not self.needs_cache or spec.cache is not None)
+        return self.unavailable(spec, backend) is None
+
+    def unavailable(self, spec, backend: str) -> str | None:
+        """Why a build of `spec` on `backend` does not offer this kernel (said to a user who calls
+        it anyway), or None where it does. An op with its own conditions extends this."""
+        if backend not in self.backends:
+            return f"{self.name} has no {backend} template (its backends: {', '.join(self.backends)})"
+        if self.needs_cache and spec.cache is None:
+            return f"{self.name} is a decode kernel: it needs a spec with a [cache] section"
+        return None
 
     def template_fields(self, spec) -> dict[str, Any]:
         """Validated numbers and enum strings the template reads (never free text)."""

@@ -224,8 +224,8 @@ class IndexerLossOp(Op):
     backward_kernel = "indexer_loss_bwd"
     non_differentiable = ("index_lse",)
 
-    def enabled(self, spec, backend):
-        return super().enabled(spec, backend) and training_problem(spec, self.name) is None
+    def unavailable(self, spec, backend):
+        return super().unavailable(spec, backend) or training_problem(spec, self.name)
 
     def backward_args(self, spec, inputs, outputs, grads):
         return (*(inputs[name] for name, _ in self.args), outputs["index_lse"], grads["loss"])

@@ -57,8 +57,8 @@ class IndexerLossBwdOp(Op):
             ("alse", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"), ("index_lse", "Tensor"),
             ("d_loss", "Tensor"))
 
-    def enabled(self, spec, backend):
-        return super().enabled(spec, backend) and training_problem(spec, self.name) is None
+    def unavailable(self, spec, backend):
+        return super().unavailable(spec, backend) or training_problem(spec, self.name)
 
     def semantic_fields(self, spec):
         return loss_fields(spec)

@@ -83,8 +83,10 @@ class SparseAttentionBwdOp(Op):
     # the dkv sums are then independent of the order in which programs run (int64 fixed point)
     deterministic_knobs = {"deterministic_dkv": 1}
 
-    def enabled(self, spec, backend):
-        return super().enabled(spec, backend) and spec.attention.dtype == "bf16"
+    def unavailable(self, spec, backend):
+        return super().unavailable(spec, backend) or (
+            None if spec.attention.dtype == "bf16" else
+            f"{self.name} needs bf16 attention (attention.dtype is {spec.attention.dtype})")
 
     def semantic_fields(self, spec):
         at = spec.attention  # sm_scale is a run-time argument: not part of the kernel
