@@ -56,6 +56,12 @@ def topk_values(logits, ks, ke, k: int):
     return rows
 
 
+def _valid(row_indices, skv: int):
+    """A row's valid indices (0 <= idx < SKV), in their slots' order, as int64."""
+    idx = row_indices.long()
+    return idx[(idx >= 0) & (idx < skv)]
+
+
 def sparse_attention(q, kv, indices, sm_scale: float, v_dim: int):
     """out[t, h] = sum_i softmax_i(sm_scale * q[t,h] . kv[idx_i]) * kv[idx_i, :v_dim] over valid idx_i.
 
@@ -69,8 +75,7 @@ def sparse_attention(q, kv, indices, sm_scale: float, v_dim: int):
     lse = torch.full((n_tokens, heads), math.inf, dtype=torch.float64, device=q.device)
     kv64 = kv.double()
     for t in range(n_tokens):
-        idx = indices[t].long()
-        idx = idx[(idx >= 0) & (idx < skv)]
+        idx = _valid(indices[t], skv)
         if idx.numel() == 0:
             continue
         rows = kv64[idx]  # [n, Dqk]
@@ -96,8 +101,7 @@ def sparse_attention_bwd(q, kv, indices, out, lse, d_out, sm_scale: float, v_dim
     dq = torch.zeros(n_tokens, heads, qk_dim, dtype=torch.float64, device=q.device)
     dkv = torch.zeros(skv, qk_dim, dtype=torch.float64, device=q.device)
     for t in range(n_tokens):
-        idx = indices[t].long()
-        idx = idx[(idx >= 0) & (idx < skv)]
+        idx = _valid(indices[t], skv)
         if idx.numel() == 0:
             continue
         rows = kv64[idx]  # [n, Dqk]

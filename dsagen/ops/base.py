@@ -114,6 +114,19 @@ def causal_windows(S_: int, SKV_: int, device) -> tuple[torch.Tensor, torch.Tens
     return ks, ke
 
 
+def causal_topk_indices(S_: int, SKV_: int, k: int, device, g) -> torch.Tensor:
+    """Per query (the last S_ positions of a causal context), k random distinct keys of its window,
+    padded with the invalid index SKV_ where the window is shorter (the sparse attention's inputs)."""
+    pos = torch.arange(SKV_ - S_, SKV_, device=device)
+    keys = torch.rand(S_, SKV_, device=device, generator=g)
+    keys = keys.masked_fill(torch.arange(SKV_, device=device)[None, :] > pos[:, None], -1.0)
+    vals, idx = keys.topk(min(k, SKV_), dim=1)
+    idx = torch.where(vals >= 0, idx, SKV_).int()
+    if k > SKV_:
+        idx = torch.cat([idx, torch.full((S_, k - SKV_), SKV_, dtype=torch.int32, device=device)], 1)
+    return idx.contiguous()
+
+
 @dataclass(frozen=True)
 class Call:
     """One checked call of a kernel: its device and the (S, SKV) its schedule is looked up by."""

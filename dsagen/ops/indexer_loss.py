@@ -24,7 +24,7 @@ import torch
 from .. import reference
 from ..verify import assert_close
 from . import register
-from .base import (SKV, Call, Cost, Op, S, check_out, check_scale, check_tensor, generator,
+from .base import (SKV, Call, Cost, Op, S, causal_topk_indices, check_out, check_scale, check_tensor, generator,
                    next_pow2)
 
 TRAINING_ONLY = ("{kernel} trains the indexer and needs a bf16 indexer (indexer.dtype = \"bf16\", as in "
@@ -125,19 +125,6 @@ def loss_derived(spec, kernel: str, backend: str) -> dict:
 
 # -- workload ------------------------------------------------------------------------------------------------
 
-def causal_topk_indices(S_: int, SKV_: int, k: int, device, g) -> torch.Tensor:
-    """Per query (the last S_ positions of a causal context), k random distinct keys of its window,
-    padded with the invalid index SKV_ where the window is shorter (the sparse attention's inputs)."""
-    pos = torch.arange(SKV_ - S_, SKV_, device=device)
-    keys = torch.rand(S_, SKV_, device=device, generator=g)
-    keys = keys.masked_fill(torch.arange(SKV_, device=device)[None, :] > pos[:, None], -1.0)
-    vals, idx = keys.topk(min(k, SKV_), dim=1)
-    idx = torch.where(vals >= 0, idx, SKV_).int()
-    if k > SKV_:
-        idx = torch.cat([idx, torch.full((S_, k - SKV_), SKV_, dtype=torch.int32, device=device)], 1)
-    return idx.contiguous()
-
-
 def attention_lse(aq, akv, indices, sm_scale: float, chunk: int = 64) -> torch.Tensor:
     """The attention forward's lse [S, H] fp32 over each row's valid indices, computed in float64
     (the reference's math, chunked over queries and vectorized): +inf for a row with none."""
@@ -208,31 +195,15 @@ def naive_indexer_loss(iq, ik, weights, aq, akv, alse, indices, sm_scale, chunk:
     return loss, lse
 
 
-class IndexerLossOp(Op):
-    name = "indexer_loss"
-    summary = ("indexer training loss: per-query KL(attention mass || indexer softmax) over the selected keys, "
-               "and the indexer's logsumexp (bf16 indexer)")
+class IndexerLossFamily(Op):
+    """What the loss and its backward share: a bf16-indexer spec, the fields and symbols of both the
+    indexer and the attention whose distribution it learns, the templates' derived sizes."""
     backends = ("triton", "tvm")
     stage = False
-    outputs = ("loss", "index_lse")
     short_names = {"block_n": "n", "block_h": "bh", "block_d": "bd", "num_warps": "w", "num_stages": "s"}
-    naive_name = "gather + einsum (fp32, chunks of 256)"
-    args = (("iq", "Tensor"), ("ik", "Tensor"), ("weights", "Tensor"), ("aq", "Tensor"), ("akv", "Tensor"),
-            ("alse", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"))
-    # gradients flow to the indexer's q, k and weights; the attention's inputs are the target's
-    # (V3.2 detaches them), and index_lse is a statistic saved for the backward
-    backward_kernel = "indexer_loss_bwd"
-    non_differentiable = ("index_lse",)
 
     def unavailable(self, spec, backend):
         return super().unavailable(spec, backend) or training_problem(spec, self.name)
-
-    def backward_args(self, spec, inputs, outputs, grads):
-        return (*(inputs[name] for name, _ in self.args), outputs["index_lse"], grads["loss"])
-
-    def input_gradients(self, bwd_outputs):
-        d_iq, d_ik, d_weights = bwd_outputs
-        return {"iq": d_iq, "ik": d_ik, "weights": d_weights}
 
     def semantic_fields(self, spec):
         return loss_fields(spec)
@@ -246,6 +217,27 @@ class IndexerLossOp(Op):
 
     def problem_symbols(self, spec):
         return loss_symbols(spec)
+
+
+class IndexerLossOp(IndexerLossFamily):
+    name = "indexer_loss"
+    summary = ("indexer training loss: per-query KL(attention mass || indexer softmax) over the selected keys, "
+               "and the indexer's logsumexp (bf16 indexer)")
+    outputs = ("loss", "index_lse")
+    naive_name = "gather + einsum (fp32, chunks of 256)"
+    args = (("iq", "Tensor"), ("ik", "Tensor"), ("weights", "Tensor"), ("aq", "Tensor"), ("akv", "Tensor"),
+            ("alse", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"))
+    # gradients flow to the indexer's q, k and weights; the attention's inputs are the target's
+    # (V3.2 detaches them), and index_lse is a statistic saved for the backward
+    backward_kernel = "indexer_loss_bwd"
+    non_differentiable = ("index_lse",)
+
+    def backward_args(self, spec, inputs, outputs, grads):
+        return (*(inputs[name] for name, _ in self.args), outputs["index_lse"], grads["loss"])
+
+    def input_gradients(self, bwd_outputs):
+        d_iq, d_ik, d_weights = bwd_outputs
+        return {"iq": d_iq, "ik": d_ik, "weights": d_weights}
 
     def cost(self, spec):
         ix, at, k = spec.indexer, spec.attention, spec.topk.k

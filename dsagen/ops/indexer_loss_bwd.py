@@ -22,9 +22,8 @@ import torch
 from .. import reference
 from ..verify import assert_close
 from . import register
-from .base import Call, Cost, Op, S, SKV, check_out, check_tensor
-from .indexer_loss import (check_loss_inputs, input_bytes, loss_derived, loss_fields, loss_inputs, loss_symbols,
-                           naive_loss_terms, training_problem, with_scale_at)
+from .base import Call, Cost, S, SKV, check_out, check_tensor
+from .indexer_loss import IndexerLossFamily, check_loss_inputs, input_bytes, loss_inputs, naive_loss_terms, with_scale_at
 
 
 def naive_indexer_loss_bwd(iq, ik, weights, aq, akv, alse, indices, sm_scale, index_lse, d_loss, chunk: int = 256):
@@ -44,34 +43,15 @@ def naive_indexer_loss_bwd(iq, ik, weights, aq, akv, alse, indices, sm_scale, in
     return d_iq.bfloat16(), d_ik.bfloat16(), d_w
 
 
-class IndexerLossBwdOp(Op):
+class IndexerLossBwdOp(IndexerLossFamily):
     name = "indexer_loss_bwd"
     summary = ("indexer training loss backward: d_iq, d_ik (fp32 scatter, bf16 out) and d_weights from d_loss "
                "(bf16 indexer)")
-    backends = ("triton", "tvm")
-    stage = False
     outputs = ("d_iq", "d_ik", "d_weights")
-    short_names = {"block_n": "n", "block_h": "bh", "block_d": "bd", "num_warps": "w", "num_stages": "s"}
     naive_name = "gather + einsum + index_add_ (fp32, chunks of 256)"
     args = (("iq", "Tensor"), ("ik", "Tensor"), ("weights", "Tensor"), ("aq", "Tensor"), ("akv", "Tensor"),
             ("alse", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"), ("index_lse", "Tensor"),
             ("d_loss", "Tensor"))
-
-    def unavailable(self, spec, backend):
-        return super().unavailable(spec, backend) or training_problem(spec, self.name)
-
-    def semantic_fields(self, spec):
-        return loss_fields(spec)
-
-    def module_stem(self, spec):
-        ix, at = spec.indexer, spec.attention
-        return f"{self.name}_hi{ix.heads}_di{ix.head_dim}_h{at.heads}_dqk{at.qk_dim}"
-
-    def derived(self, spec, point, backend):
-        return loss_derived(spec, self.name, backend)
-
-    def problem_symbols(self, spec):
-        return loss_symbols(spec)
 
     def cost(self, spec):
         """Two passes of attention scores (the mass's sum, then p), one of indexer scores and two

@@ -13,8 +13,8 @@ import torch
 from .. import reference
 from ..verify import assert_close
 from . import register
-from .base import (SKV, TORCH_DTYPES, Call, Cost, Op, S, check_out, check_scale, check_tensor, generator,
-                   next_pow2, with_softmax_scale)
+from .base import (SKV, TORCH_DTYPES, Call, Cost, Op, S, causal_topk_indices, check_out, check_scale, check_tensor,
+                   generator, next_pow2, with_softmax_scale)
 
 
 def naive_sparse_attention(q, kv, idx, sm_scale: float, v_dim: int, chunk: int = 256):
@@ -32,6 +32,20 @@ def naive_sparse_attention(q, kv, idx, sm_scale: float, v_dim: int, chunk: int =
         p = torch.softmax(scores, -1).nan_to_num(0.0).to(q.dtype)
         out[s0:s0 + chunk] = torch.einsum("chk,ckd->chd", p, rows[..., :v_dim])
     return out, lse
+
+
+def attention_fields(spec) -> dict:
+    """What sparse attention's math reads (forward and backward): sm_scale is a run-time argument."""
+    at = spec.attention
+    return {"heads": at.heads, "qk_dim": at.qk_dim, "v_dim": at.v_dim, "dtype": at.dtype, "topk": spec.topk.k}
+
+
+def attention_symbols(spec) -> dict[str, int]:
+    """The problem symbols of the sparse attention schedules (forward and backward)."""
+    at = spec.attention
+    return {"heads": at.heads, "heads_pad": next_pow2(at.heads), "dv_pad": next_pow2(at.v_dim, 16),
+            "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 0,
+            "v_dim": at.v_dim, "rope_dim": at.rope_dim}
 
 
 class SparseAttentionOp(Op):
@@ -58,8 +72,7 @@ class SparseAttentionOp(Op):
         return {"q": dq, "kv": dkv}
 
     def semantic_fields(self, spec):
-        at = spec.attention  # sm_scale is a run-time argument: not part of the kernel
-        return {"heads": at.heads, "qk_dim": at.qk_dim, "v_dim": at.v_dim, "dtype": at.dtype, "topk": spec.topk.k}
+        return attention_fields(spec)
 
     def module_stem(self, spec):
         at = spec.attention
@@ -75,10 +88,7 @@ class SparseAttentionOp(Op):
                          "dv_chunk": dv_pad // point["v_split"]}
 
     def problem_symbols(self, spec):
-        at = spec.attention
-        return {"heads": at.heads, "heads_pad": next_pow2(at.heads), "dv_pad": next_pow2(at.v_dim, 16),
-                "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 0,
-                "v_dim": at.v_dim, "rope_dim": at.rope_dim}
+        return attention_symbols(spec)
 
     def cost(self, spec):
         at, k = spec.attention, spec.topk.k
@@ -124,14 +134,7 @@ class SparseAttentionOp(Op):
         g = generator(device, seed)
         q = torch.randn(S_, at.heads, at.qk_dim, device=device, generator=g).bfloat16()
         kv = torch.randn(SKV_, at.qk_dim, device=device, generator=g).bfloat16()
-        pos = torch.arange(SKV_ - S_, SKV_, device=device)
-        keys = torch.rand(S_, SKV_, device=device, generator=g)
-        keys = keys.masked_fill(torch.arange(SKV_, device=device)[None, :] > pos[:, None], -1.0)
-        vals, idx = keys.topk(min(k, SKV_), dim=1)
-        idx = torch.where(vals >= 0, idx, SKV_).int()
-        if k > SKV_:
-            idx = torch.cat([idx, torch.full((S_, k - SKV_), SKV_, dtype=torch.int32, device=device)], 1)
-        return (q, kv, idx.contiguous(), at.softmax_scale)
+        return (q, kv, causal_topk_indices(S_, SKV_, k, device, g), at.softmax_scale)
 
     def poisoned_outputs(self, spec, inputs):
         q = inputs[0]

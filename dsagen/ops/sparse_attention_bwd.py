@@ -31,7 +31,7 @@ from ..verify import Mismatch, assert_close
 from . import register
 from .base import (SKV, TORCH_DTYPES, Call, Cost, Op, S, check_out, check_scale, check_tensor, generator,
                    next_pow2)
-from .sparse_attention import SparseAttentionOp
+from .sparse_attention import SparseAttentionOp, attention_fields, attention_symbols
 
 CHECKED_KV_ROWS = 64  # selected kv rows whose dkv a sampled check compares (plus unselected ones)
 
@@ -89,8 +89,7 @@ class SparseAttentionBwdOp(Op):
             f"{self.name} needs bf16 attention (attention.dtype is {spec.attention.dtype})")
 
     def semantic_fields(self, spec):
-        at = spec.attention  # sm_scale is a run-time argument: not part of the kernel
-        return {"heads": at.heads, "qk_dim": at.qk_dim, "v_dim": at.v_dim, "dtype": at.dtype, "topk": spec.topk.k}
+        return attention_fields(spec)
 
     def module_stem(self, spec):
         at = spec.attention
@@ -102,10 +101,7 @@ class SparseAttentionBwdOp(Op):
                 "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 16}
 
     def problem_symbols(self, spec):
-        at = spec.attention
-        return {"heads": at.heads, "heads_pad": next_pow2(at.heads), "dv_pad": next_pow2(at.v_dim, 16),
-                "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 0,
-                "v_dim": at.v_dim, "rope_dim": at.rope_dim}
+        return attention_symbols(spec)
 
     def cost(self, spec):
         at, k = spec.attention, spec.topk.k
