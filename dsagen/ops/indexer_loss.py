@@ -218,6 +218,11 @@ class IndexerLossFamily(Op):
     def problem_symbols(self, spec):
         return loss_symbols(spec)
 
+    def shape_info(self, spec, S_, SKV_):
+        ix, at = spec.indexer, spec.attention
+        return {"S": S_, "SKV": SKV_, "Hi": ix.heads, "Di": ix.head_dim, "H": at.heads, "Dqk": at.qk_dim,
+                "topk": spec.topk.k}
+
 
 class IndexerLossOp(IndexerLossFamily):
     name = "indexer_loss"
@@ -279,11 +284,6 @@ class IndexerLossOp(IndexerLossFamily):
 
     def naive(self, spec, inputs):
         return lambda: naive_indexer_loss(*inputs)
-
-    def shape_info(self, spec, S_, SKV_):
-        ix, at = spec.indexer, spec.attention
-        return {"S": S_, "SKV": SKV_, "Hi": ix.heads, "Di": ix.head_dim, "H": at.heads, "Dqk": at.qk_dim,
-                "topk": spec.topk.k}
 
 
 register(IndexerLossOp())

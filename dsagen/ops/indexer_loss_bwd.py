@@ -113,10 +113,5 @@ class IndexerLossBwdOp(IndexerLossFamily):
     def naive(self, spec, inputs):
         return lambda: naive_indexer_loss_bwd(*inputs)
 
-    def shape_info(self, spec, S_, SKV_):
-        ix, at = spec.indexer, spec.attention
-        return {"S": S_, "SKV": SKV_, "Hi": ix.heads, "Di": ix.head_dim, "H": at.heads, "Dqk": at.qk_dim,
-                "topk": spec.topk.k}
-
 
 register(IndexerLossBwdOp())
