@@ -45,7 +45,7 @@ def register(kernel: str, library, namespace: str, call) -> None:
                 inputs[name] = value
         outputs = dict(zip(op.outputs, saved[k:]))
         wanted = {n: g.contiguous() for n, g in zip(op.outputs, grads) if n not in op.non_differentiable}
-        args = op.backward_args(None, inputs, outputs, wanted)
+        args = op.backward_args(inputs, outputs, wanted)
         result = call(op.backward_kernel, tuple(args), ctx.handle)
         result = result if isinstance(result, tuple) else (result,)
         by_name = op.input_gradients(result)

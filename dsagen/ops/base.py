@@ -171,7 +171,7 @@ class Op:
     backward_kernel: str | None = None
     non_differentiable: tuple[str, ...] = ()
 
-    def backward_args(self, spec, inputs: Mapping[str, Any], outputs: Mapping[str, Any],
+    def backward_args(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any],
                       grads: Mapping[str, Any]) -> tuple:
         """The backward kernel's positional arguments, from this op's inputs and outputs (by name)
         and the gradients of its differentiable outputs (contiguous, zeros where unused)."""

@@ -237,7 +237,7 @@ class IndexerLossOp(IndexerLossFamily):
     backward_kernel = "indexer_loss_bwd"
     non_differentiable = ("index_lse",)
 
-    def backward_args(self, spec, inputs, outputs, grads):
+    def backward_args(self, inputs, outputs, grads):
         return (*(inputs[name] for name, _ in self.args), outputs["index_lse"], grads["loss"])
 
     def input_gradients(self, bwd_outputs):

@@ -63,7 +63,7 @@ class SparseAttentionOp(Op):
     backward_kernel = "sparse_attention_bwd"
     non_differentiable = ("lse",)
 
-    def backward_args(self, spec, inputs, outputs, grads):
+    def backward_args(self, inputs, outputs, grads):
         return (inputs["q"], inputs["kv"], inputs["indices"], outputs["out"], outputs["lse"], grads["out"],
                 inputs["sm_scale"])
 
