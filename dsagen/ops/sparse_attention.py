@@ -34,24 +34,37 @@ def naive_sparse_attention(q, kv, idx, sm_scale: float, v_dim: int, chunk: int =
     return out, lse
 
 
-def attention_fields(spec) -> dict:
-    """What sparse attention's math reads (forward and backward): sm_scale is a run-time argument."""
-    at = spec.attention
-    return {"heads": at.heads, "qk_dim": at.qk_dim, "v_dim": at.v_dim, "dtype": at.dtype, "topk": spec.topk.k}
+class SparseAttentionFamily(Op):
+    """What the forward and the backward of sparse attention share: the fields their math reads
+    (sm_scale is a run-time argument, not part of a kernel), module names, padded tile sizes and
+    the symbols their schedules are written in."""
+    backends = ("triton", "tvm")
+
+    def semantic_fields(self, spec):
+        at = spec.attention
+        return {"heads": at.heads, "qk_dim": at.qk_dim, "v_dim": at.v_dim, "dtype": at.dtype, "topk": spec.topk.k}
+
+    def module_stem(self, spec):
+        at = spec.attention
+        return f"{self.name}_h{at.heads}_dqk{at.qk_dim}_dv{at.v_dim}_{at.dtype}"
+
+    @staticmethod
+    def tile_dims(spec) -> dict[str, int]:
+        """The Triton templates' padded V and rope widths (power-of-two tiles, at least 16)."""
+        at = spec.attention
+        return {"rope_dim": at.rope_dim, "dv_pad": next_pow2(at.v_dim, 16),
+                "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 16}
+
+    def problem_symbols(self, spec):
+        at = spec.attention
+        return {"heads": at.heads, "heads_pad": next_pow2(at.heads), "dv_pad": next_pow2(at.v_dim, 16),
+                "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 0,
+                "v_dim": at.v_dim, "rope_dim": at.rope_dim}
 
 
-def attention_symbols(spec) -> dict[str, int]:
-    """The problem symbols of the sparse attention schedules (forward and backward)."""
-    at = spec.attention
-    return {"heads": at.heads, "heads_pad": next_pow2(at.heads), "dv_pad": next_pow2(at.v_dim, 16),
-            "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 0,
-            "v_dim": at.v_dim, "rope_dim": at.rope_dim}
-
-
-class SparseAttentionOp(Op):
+class SparseAttentionOp(SparseAttentionFamily):
     name = "sparse_attention"
     summary = "sparse MLA attention: out [S, H, v_dim] bf16 and natural-log lse [S, H] over the selected rows"
-    backends = ("triton", "tvm")
     stage = True
     outputs = ("out", "lse")
     short_names = {"block_h": "bh", "block_n": "n", "v_split": "vs", "num_warps": "w", "num_stages": "s",
@@ -71,24 +84,11 @@ class SparseAttentionOp(Op):
         dq, dkv = bwd_outputs
         return {"q": dq, "kv": dkv}
 
-    def semantic_fields(self, spec):
-        return attention_fields(spec)
-
-    def module_stem(self, spec):
-        at = spec.attention
-        return f"sparse_attention_h{at.heads}_dqk{at.qk_dim}_dv{at.v_dim}_{at.dtype}"
-
     def derived(self, spec, point, backend):
-        at = spec.attention
-        dv_pad = next_pow2(at.v_dim, 16)
-        common = {"rope_dim": at.rope_dim}
         if backend != "triton":
-            return common
-        return common | {"dv_pad": dv_pad, "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 16,
-                         "dv_chunk": dv_pad // point["v_split"]}
-
-    def problem_symbols(self, spec):
-        return attention_symbols(spec)
+            return {"rope_dim": spec.attention.rope_dim}
+        tiles = self.tile_dims(spec)
+        return tiles | {"dv_chunk": tiles["dv_pad"] // point["v_split"]}
 
     def cost(self, spec):
         at, k = spec.attention, spec.topk.k

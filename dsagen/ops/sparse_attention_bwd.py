@@ -29,9 +29,8 @@ import torch
 from .. import reference
 from ..verify import Mismatch, assert_close
 from . import register
-from .base import (SKV, TORCH_DTYPES, Call, Cost, Op, S, check_out, check_scale, check_tensor, generator,
-                   next_pow2)
-from .sparse_attention import SparseAttentionOp, attention_fields, attention_symbols
+from .base import SKV, TORCH_DTYPES, Call, Cost, S, check_out, check_scale, check_tensor, generator
+from .sparse_attention import SparseAttentionFamily, SparseAttentionOp
 
 CHECKED_KV_ROWS = 64  # selected kv rows whose dkv a sampled check compares (plus unselected ones)
 
@@ -70,10 +69,9 @@ def backward_inputs(spec, q, kv, idx, sm_scale: float, seed: int) -> tuple:
     return (q, kv, idx, out.to(q.dtype), lse.float(), d_out, sm_scale)
 
 
-class SparseAttentionBwdOp(Op):
+class SparseAttentionBwdOp(SparseAttentionFamily):
     name = "sparse_attention_bwd"
     summary = "sparse MLA attention backward: dq [S, H, Dqk] and dkv [SKV, Dqk] bf16 from out, lse and d_out"
-    backends = ("triton", "tvm")
     stage = False
     outputs = ("dq", "dkv")
     short_names = {"block_h": "bh", "block_n": "n", "num_warps": "w", "num_stages": "s", "deterministic_dkv": "det"}
@@ -88,20 +86,8 @@ class SparseAttentionBwdOp(Op):
             None if spec.attention.dtype == "bf16" else
             f"{self.name} needs bf16 attention (attention.dtype is {spec.attention.dtype})")
 
-    def semantic_fields(self, spec):
-        return attention_fields(spec)
-
-    def module_stem(self, spec):
-        at = spec.attention
-        return f"sparse_attention_bwd_h{at.heads}_dqk{at.qk_dim}_dv{at.v_dim}_{at.dtype}"
-
     def derived(self, spec, point, backend):
-        at = spec.attention
-        return {"rope_dim": at.rope_dim, "dv_pad": next_pow2(at.v_dim, 16),
-                "dr_pad": next_pow2(at.rope_dim, 16) if at.rope_dim else 16}
-
-    def problem_symbols(self, spec):
-        return attention_symbols(spec)
+        return self.tile_dims(spec)
 
     def cost(self, spec):
         at, k = spec.attention, spec.topk.k
