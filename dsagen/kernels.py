@@ -49,8 +49,8 @@ def _refuse_grad(kernel: str, args, in_place: bool) -> None:
                            "buffers out (the outputs are then differentiable where the kernel has a backward), "
                            "or call it under torch.no_grad()")
     if not autograd.differentiable(kernel):
-        hint = (" (the indexer's q, k and weights are trained through kernels.indexer_loss; its logits only "
-                "select indices)" if kernel in ("indexer", "indexer_topk", "paged_indexer") else "")
+        hint = get_op(kernel).no_backward_hint
+        hint = f" ({hint})" if hint else ""
         raise RuntimeError(
             f"dsagen.{kernel}: an input requires grad, but this kernel has no backward pass, so the result "
             f"would silently carry no gradient{hint}; call it under torch.no_grad() or on detached tensors "

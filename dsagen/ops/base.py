@@ -170,6 +170,8 @@ class Op:
     # outputs that carry no gradient (statistics such as an lse); None: not differentiable
     backward_kernel: str | None = None
     non_differentiable: tuple[str, ...] = ()
+    # said, when there is no backward, to a caller whose input requires grad: where training goes instead
+    no_backward_hint: str = ""
 
     def backward_args(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any],
                       grads: Mapping[str, Any]) -> tuple:

@@ -69,6 +69,11 @@ def indexer_cost(spec, output_bytes) -> Cost:
     return Cost("", 2 * S * W * ix.heads * ix.head_dim, nbytes, "fp8" if ix.dtype == "fp8_e4m3" else "bf16")
 
 
+# the indexer's logits only select indices: its inputs learn through the training loss
+INDEXER_TRAINS_THROUGH_LOSS = ("the indexer's q, k and weights are trained through kernels.indexer_loss; its logits "
+                               "only select indices")
+
+
 def indexer_symbols(spec) -> dict[str, int]:
     ix = spec.indexer
     return {"heads": ix.heads, "heads_pad": next_pow2(ix.heads), "d_pad": next_pow2(ix.head_dim, 32),
@@ -82,6 +87,7 @@ class IndexerOp(Op):
     stage = True
     short_names = {"block_m": "m", "block_h": "hb", "block_n": "n", "num_warps": "w", "num_stages": "s"}
     naive_name = "bf16 einsum + relu + weights (chunks of 256)"
+    no_backward_hint = INDEXER_TRAINS_THROUGH_LOSS
     args = (("q", "Tensor"), ("k", "Tensor"), ("k_scale", "Tensor?"), ("weights", "Tensor"), ("ks", "Tensor"),
             ("ke", "Tensor"))
 

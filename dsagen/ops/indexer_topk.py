@@ -8,7 +8,8 @@ from .. import reference
 from ..verify import TOLERANCES, assert_topk
 from . import register
 from .base import Call, Cost, Op, S, causal_window_mean, next_pow2
-from .indexer import check_indexer_inputs, indexer_cost, indexer_inputs, indexer_symbols, naive_indexer
+from .indexer import (INDEXER_TRAINS_THROUGH_LOSS, check_indexer_inputs, indexer_cost, indexer_inputs, indexer_symbols,
+                      naive_indexer)
 from .topk import check_topk_out, few_keys_warning, naive_topk, poisoned_indices
 
 
@@ -19,6 +20,7 @@ class IndexerTopKOp(Op):
     short_names = {"block_m": "m", "block_h": "hb", "block_n": "n", "radix_bits": "r", "num_warps": "w",
                    "num_stages": "s", "sample": "smp", "candidates": "c"}
     naive_name = "bf16 einsum indexer, then torch.topk"
+    no_backward_hint = INDEXER_TRAINS_THROUGH_LOSS
     args = (("q", "Tensor"), ("k", "Tensor"), ("k_scale", "Tensor?"), ("weights", "Tensor"), ("ks", "Tensor"),
             ("ke", "Tensor"))
 

@@ -27,6 +27,7 @@ from ..cache_formats import pack_index_pages, pow2_scale, unpack_index_pages
 from ..verify import assert_close
 from . import register
 from .base import SKV, Call, Cost, Op, S, W, check_out, check_tensor, generator, next_pow2
+from .indexer import INDEXER_TRAINS_THROUGH_LOSS
 
 WORKLOAD_NEXT_N = 2
 
@@ -111,6 +112,7 @@ class PagedIndexerOp(Op):
     needs_cache = True
     short_names = {"block_n": "n", "block_h": "hb", "key_blocks": "kb", "num_warps": "w", "num_stages": "s"}
     naive_name = "gather pages to dense + bf16 einsum (chunks of 8 requests)"
+    no_backward_hint = INDEXER_TRAINS_THROUGH_LOSS
     args = (("q", "Tensor"), ("index_cache", "Tensor"), ("weights", "Tensor"), ("context_lens", "Tensor"),
             ("block_table", "Tensor"))
 
