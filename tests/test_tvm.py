@@ -148,14 +148,15 @@ def test_tvm_cpu_kernels_tune_for_real(tmp_path, monkeypatch):
     assert json.loads(json.dumps(info))  # plain data
 
 
-def _cpu_points(spec: dsagen.Spec, kernel: str) -> list[dict]:
-    """Three legal CPU schedules far apart (first, middle, last of the legal grid)."""
+def cpu_points(spec: dsagen.Spec, kernel: str, around: dict | None = None) -> list[dict]:
+    """Three legal CPU schedules far apart (first, middle, last of the legal grid), the CUDA knobs
+    held fixed at their values in `around` (default: their defaults)."""
     from dsagen.gpus import get_gpu
     from dsagen.plan import problem_symbols
     from dsagen.tuning.study import fixed_knobs
 
     space = load_space("tvm", kernel)
-    fixed = fixed_knobs(space, "cpu")
+    fixed = fixed_knobs(space, "cpu", around)
     legal = [p for p in space.legal_points(problem_symbols(spec, kernel, get_gpu("nvidia-h200")))
              if all(p[k] == v for k, v in fixed.items())]
     return [legal[0], legal[len(legal) // 2], legal[-1]]
@@ -167,7 +168,7 @@ def test_cpu_schedules_far_apart_agree_with_the_reference(kernel, which, gen):
     spec = dsagen.Spec(indexer=dsagen.IndexerSpec(heads=16, head_dim=128, dtype="fp8_e4m3"),
                        topk=dsagen.TopKSpec(k=100),
                        attention=dsagen.AttentionSpec(heads=40, qk_dim=576, v_dim=512))
-    point = _cpu_points(spec, kernel)[which]
+    point = cpu_points(spec, kernel)[which]
     kernels = dsagen.build(spec, backend="tvm", schedules={kernel: point})
     assert kernels.resolve(kernel, device_type="cpu").point == point
     S, SKV = 7, 1031

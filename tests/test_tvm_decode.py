@@ -21,16 +21,12 @@ from dsagen.backends import tvm as tvm_backend
 from dsagen.backends.triton import interpreter_problem
 from dsagen.cache_formats import MLA_FORMATS, dequantize_mla_rows
 from dsagen.decode import decode_windows, positions_to_slots
-from dsagen.gpus import get_gpu
-from dsagen.plan import problem_symbols
-from dsagen.schedule import load_space
-from dsagen.tuning.study import fixed_knobs
 from dsagen.verify import TOLERANCES, assert_close, assert_topk
 from test_decode_step import Batch, serving_spec
 from test_decode_topk import TVM_SMALL, make_case as topk_case, make_spec as topk_spec, tie_keys
 from test_paged_indexer import make_case, make_spec as indexer_spec
 from test_sparse_decode import expected, make_spec as decode_spec, problem
-from test_tvm import nvcc_compiles
+from test_tvm import cpu_points, nvcc_compiles
 
 pytestmark = pytest.mark.skipif(tvm_backend.available() is not None, reason=str(tvm_backend.available()))
 
@@ -85,21 +81,13 @@ def test_cuda_source_for_odd_shapes(tmp_path):
         nvcc_compiles(source, tmp_path, kernel)
 
 
-def cpu_points(spec: dsagen.Spec, kernel: str) -> list[dict]:
-    """Three legal CPU schedules far apart (first, middle, last of the legal grid; CUDA knobs fixed)."""
-    space = load_space("tvm", kernel)
-    fixed = fixed_knobs(space, "cpu", dsagen.build(spec, backend="tvm").resolve(kernel, device_type="cpu").point)
-    legal = [p for p in space.legal_points(problem_symbols(spec, kernel, get_gpu("nvidia-h200")))
-             if all(p[k] == v for k, v in fixed.items())]
-    return [legal[0], legal[len(legal) // 2], legal[-1]]
-
-
 @pytest.mark.parametrize("which", [0, 1, 2], ids=["first", "middle", "last"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_cpu_schedules_far_apart_agree_with_the_reference(kernel, which, gen):
     spec = dsagen.Spec(indexer=dsagen.IndexerSpec(heads=16, head_dim=128), topk=dsagen.TopKSpec(k=150),
                        attention=dsagen.AttentionSpec(heads=20), cache=dsagen.CacheSpec(page_size=16))
-    point = cpu_points(spec, kernel)[which]
+    # the CUDA knobs at what a build resolves (a raw default may be illegal for this spec)
+    point = cpu_points(spec, kernel, dsagen.build(spec, backend="tvm").resolve(kernel, device_type="cpu").point)[which]
     kernels = dsagen.build(spec, backend="tvm", schedules={kernel: point})
     assert kernels.resolve(kernel, device_type="cpu").point == point
     if kernel == "mla_cache_write":
