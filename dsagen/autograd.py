@@ -6,20 +6,28 @@ Why here: an op declares only `backward_kernel`, `non_differentiable`, `backward
 (forward and backward traced as one node each) and CUDA graphs all see the same two ops. The
 backward runs the build that ran the forward (the build handle is an op argument), so it uses that
 build's backend, schedules and deterministic mode.
+
+The backward ops themselves have no backward: differentiating a gradient a second time (after
+`torch.autograd.grad(..., create_graph=True)`) raises, naming the op, instead of torch's default for
+an op without a formula (a warning and zero gradients).
 """
 from __future__ import annotations
 
 import torch
 
-from .ops import get_op
+from .ops import all_ops, get_op
 
 
 def register(kernel: str, library, namespace: str, call) -> None:
-    """Attach the backward of `kernel` (when its op has one) to the op `namespace::kernel`.
+    """Attach the backward of `kernel` (when its op has one) to the op `namespace::kernel`; else,
+    when `kernel` is the backward of other ops, a formula that refuses a double backward.
 
     call(kernel, args, handle) runs a registered op (torch_ops.call)."""
     op = get_op(kernel)
     if op.backward_kernel is None:
+        forwards = [fwd.name for fwd in all_ops() if fwd.backward_kernel == kernel]
+        if forwards:
+            _refuse_double_backward(kernel, forwards, library, namespace)
         return
     names = [name for name, _ in op.args]
 
@@ -50,6 +58,22 @@ def register(kernel: str, library, namespace: str, call) -> None:
         result = result if isinstance(result, tuple) else (result,)
         by_name = op.input_gradients(result)
         return (*(by_name.get(n) if ctx.needs_input_grad[i] else None for i, n in enumerate(names)), None)
+
+    torch.library.register_autograd(f"{namespace}::{kernel}", backward, setup_context=setup_context, lib=library)
+
+
+def _refuse_double_backward(kernel: str, forwards: list, library, namespace: str) -> None:
+    """Give `namespace::kernel` (the backward of `forwards`) a formula that raises when reached: its
+    outputs then carry a graph under create_graph=True, and only a second differentiation fails."""
+    names = " / ".join(forwards)
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{names}: double backward (create_graph=True) is not supported; its gradients come from "
+            f"dsagen::{kernel}, which has no backward of its own")
 
     torch.library.register_autograd(f"{namespace}::{kernel}", backward, setup_context=setup_context, lib=library)
 

@@ -161,6 +161,35 @@ def test_compiled_training_step_equals_eager(device, gen):
             assert torch.equal(a.grad, b.grad), name
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_double_backward_raises_naming_the_op(device, gen, compiled):
+    """create_graph=True gives the same first gradients, which carry a graph; differentiating them
+    again raises (never zeros). Compiled, AOT autograd refuses a double backward itself."""
+    spec = small_spec()
+    kernels = dsagen.build(spec, deterministic=True)  # the two first-order runs then agree bitwise
+    q, kv, idx = attention_case(gen, spec, 4, 23, device)
+    iq, ik, w, aq, akv, alse, _ = loss_case(gen, spec, 4, 23, device)
+
+    def attention(q, kv):
+        return kernels.sparse_attention(q, kv, idx)[0].float().square().sum()
+
+    def loss(iq, ik, w):
+        return kernels.indexer_loss(iq, ik, w, aq, akv, alse, idx)[0].square().sum()
+
+    for op, forward, inputs in (("sparse_attention", attention, (q, kv)), ("indexer_loss", loss, (iq, ik, w))):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        once = torch.autograd.grad(forward(*leaves), leaves)
+        if compiled:
+            torch._dynamo.reset()
+            forward = torch.compile(forward, fullgraph=True, backend="aot_eager")
+        grads = torch.autograd.grad(forward(*leaves), leaves, create_graph=True)
+        for a, b in zip(once, grads):
+            assert torch.equal(a, b.detach()) and b.requires_grad
+        match = "double backward" if compiled else rf"^{op}: double backward \(create_graph=True\) is not supported"
+        with pytest.raises(RuntimeError, match=match):
+            torch.autograd.grad(sum(g.float().sum() for g in grads), leaves)
+
+
 def test_dsa_layer_trains(device, gen):
     """dsa(): the selection runs without a graph (integer indices), attention with one; the indexer
     trains through indexer_loss with the attention's lse."""
