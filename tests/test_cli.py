@@ -35,6 +35,17 @@ def section(text: str, kernel: str) -> str:
     return text.split(f"[{kernel}]", 1)[1].split("\n[", 1)[0]
 
 
+def seen_gpu():
+    """(GPU type, compute capability, GPU whose limits apply) of a command run without --gpu: the
+    GPU torch sees, else the H200 of the shipped database, as dsagen.resolve decides."""
+    from dsagen.gpus import GPUS
+    from dsagen.resolve import DEFAULT_GPU, gpu_context
+
+    gpu_type, cc = gpu_context(None, default=DEFAULT_GPU)
+    target = GPUS.get(gpu_type, GPUS[DEFAULT_GPU])
+    return gpu_type, cc or "{}.{}".format(*target.compute_capability), target
+
+
 # ------------------------------------------------------------------------------------------------
 # --help
 
@@ -70,7 +81,7 @@ def test_command_help_mentions_its_options(command, options):
 def v32_check():
     result = invoke("check", V32, "--S", "4096", "--SKV", "32768", "--window", "causal")
     assert result.exit_code == 0, result.output
-    return result.plain
+    return ANSI.sub("", result.stdout)  # stderr may hold a note on whose schedules these are
 
 
 def test_check_says_valid_and_prints_the_spec(v32_check):
@@ -85,11 +96,18 @@ def test_check_indexer_flops(v32_check):
     assert re.search(r"FLOPs\s+= 16384\*S\*W\s+-> 2\.062e\+12\n", section(v32_check, "indexer"))
 
 
-def test_check_sparse_attention_floor_on_h200(v32_check):
+def test_check_sparse_attention_floor_on_the_gpu_seen(v32_check):
+    """2 * S * k * heads * (qk_dim + v_dim) FLOPs at the bf16 peak of the GPU type `check` plans for
+    (the one torch sees, else the H200: 3.09 ms there); the gathered rows are far below the memory roof."""
+    from dsagen.gpus import GPUS
+
+    _, _, target = seen_gpu()
+    flops = 2 * 4096 * 2048 * 128 * (576 + 512)
+    assert flops / (GPUS["nvidia-h200"].bf16_tflops * 1e9) == pytest.approx(3.09, abs=0.005)
     text = section(v32_check, "sparse_attention")
-    floor = re.search(r"roofline floor on nvidia-h200: ([0-9.]+) ms \((\w+)-bound\)", text)
+    floor = re.search(rf"roofline floor on {re.escape(target.name)}: ([0-9.]+) ms \((\w+)-bound\)", text)
     assert floor, text
-    assert float(floor.group(1)) == pytest.approx(3.09, abs=0.005)
+    assert float(floor.group(1)) == pytest.approx(flops / (target.bf16_tflops * 1e9), abs=0.005)
     assert floor.group(2) == "compute"
 
 
@@ -101,9 +119,20 @@ def test_check_sparse_attention_floor_on_h200(v32_check):
                                       "registers"), id="sparse_attention"),
 ])
 def test_check_prints_schedule_footprint_and_constraints(v32_check, kernel, constraints):
+    """The schedule a build on the GPU seen (else the H200) resolves, with its source: the shipped
+    H200 entries answer the H200 and every GPU type of its compute capability (the H100)."""
+    from dsagen import load_spec
+    from dsagen.resolve import Resolver
+
+    gpu_type, cc, target = seen_gpu()
+    hit = Resolver(load_spec(V32), "triton", gpu_type, cc).resolve(kernel, 4096, 32768, "cuda")
     text = section(v32_check, kernel)
-    assert re.search(r"schedule: \{.*\}\n  from: tuned \((exact|nearest) bucket .*nvidia-h200\.json\n", text), text
-    assert "footprint: smem_bytes=" in text and "(smem limit 232448)" in text
+    assert f"  schedule: {hit.point}\n  from: {hit.source}\n" in text, text
+    if gpu_type == "nvidia-h200":
+        assert re.search(r"from: tuned \((exact|nearest) bucket .*nvidia-h200\.json\n", text), text
+    elif cc == "9.0":
+        assert re.search(r"from: tuned on nvidia-h200 \(same compute capability 9\.0, .*nvidia-h200\.json\n", text)
+    assert "footprint: smem_bytes=" in text and f"(smem limit {target.smem_per_block})" in text
     for name in constraints:
         assert re.search(rf"constraint {name}: .*\[ok\]", text), name
     assert "VIOLATED" not in text
@@ -435,3 +464,74 @@ def test_decode_shapes_need_a_spec_with_a_cache():
     result = invoke("bench", "specs/deepseek_v32.toml", "--shapes", "decode", "--backend", "tvm", "--device", "cpu")
     assert result.exit_code != 0
     assert "--shapes decode times the decode kernels" in result.output and "[cache]" in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels a spec's build does not offer, shapes no build runs, an output folder that is a file
+
+@pytest.mark.parametrize("command", ["show", "bench", "tune"])
+@pytest.mark.parametrize("kernel", ["sparse_decode", "paged_indexer"])
+def test_a_decode_kernel_of_a_spec_without_a_cache_is_one_error_line(command, kernel):
+    """The reason is the one the Python API gives when the kernel is called."""
+    import dsagen
+    from dsagen.errors import BackendError
+
+    with pytest.raises(BackendError) as api:
+        dsagen.build(dsagen.load_spec(V32)).run(kernel)
+    extra = {"show": [], "bench": ["--S", "1", "--SKV", "64", "--backend", "tvm", "--device", "cpu"],
+             "tune": ["--S", "1", "--SKV", "64", "--device", "cpu"]}[command]
+    line = assert_one_error_line(invoke(command, V32, "--kernel", kernel, *extra), f"--kernel {kernel}: ",
+                                 stdout_empty=command == "show")
+    assert line.endswith(str(api.value)), (line, str(api.value))
+    assert "[cache]" in line
+
+
+def test_a_kernel_without_a_template_on_the_backend_is_one_error_line():
+    assert_one_error_line(invoke("show", V32, "--kernel", "indexer_topk", "--backend", "tvm"),
+                          "--kernel indexer_topk: indexer_topk has no tvm template (its backends: triton)")
+
+
+def test_check_refuses_more_queries_than_keys_as_tune_and_bench_do():
+    tuned = invoke("tune", V32, "--S", "8192", "--SKV", "4096", "--device", "cpu")
+    assert tuned.exit_code == 1, tuned.output
+    refusal = ANSI.sub("", tuned.stderr).strip()
+    assert refusal.startswith("error: no shape with S <= SKV"), refusal
+    assert_one_error_line(invoke("check", V32, "--S", "8192", "--SKV", "4096"), refusal.removeprefix("error: "))
+    assert invoke("check", V32, "--S", "4096", "--SKV", "4096").exit_code == 0
+
+
+def test_generate_into_a_file_names_out(tmp_path):
+    occupied = tmp_path / "modules"
+    occupied.write_text("mine")
+    line = assert_one_error_line(invoke("generate", V32, "-o", occupied), "-o/--out", str(occupied), "is a file")
+    assert "Errno" not in line
+    assert occupied.read_text() == "mine"
+    assert_one_error_line(invoke("generate", V32, "-o", occupied / "below"), "-o/--out", "cannot create the folder")
+
+
+# ------------------------------------------------------------------------------------------------
+# without a GPU and without --gpu the CUDA schedules are the default GPU type's: said on stderr
+
+NO_GPU_NOTE = "note: no GPU seen: showing the schedules a build on nvidia-h200 would run"
+
+
+@pytest.mark.parametrize("command,extra", [
+    pytest.param("check", (), id="check"), pytest.param("explain", (), id="explain"),
+    pytest.param("show", ("-k", "topk"), id="show"), pytest.param("generate", ("-o", "OUT"), id="generate"),
+])
+def test_without_a_gpu_the_output_says_whose_schedules_it_shows(command, extra, tmp_path, monkeypatch):
+    import dsagen.resolve
+
+    extra = [tmp_path / "out" if a == "OUT" else a for a in extra]
+    monkeypatch.setattr(dsagen.resolve, "detected_gpu", lambda: None)
+    result = invoke(command, V32, *extra)
+    assert result.exit_code == 0, result.output
+    assert ANSI.sub("", result.stderr).splitlines()[0].startswith(NO_GPU_NOTE), result.stderr
+    assert "--gpu" in result.stderr and "--device cpu" in result.stderr
+    assert NO_GPU_NOTE not in result.stdout
+    for named in (["--gpu", "nvidia-h200"], ["--device", "cpu"]):
+        assert NO_GPU_NOTE not in invoke(command, V32, *extra, *named).output, named
+    monkeypatch.setattr(dsagen.resolve, "detected_gpu", lambda: ("nvidia-h100", "9.0"))
+    seen = invoke(command, V32, *extra)
+    assert seen.exit_code == 0, seen.output
+    assert "no GPU seen" not in seen.output

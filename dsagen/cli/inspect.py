@@ -12,7 +12,7 @@ import typer
 
 from .errors import friendly_errors, printable
 from .options import (BACKEND_OPTION, GPU_OPTION, SPEC_ARGUMENT, TARGET_DEVICE_OPTION, Backend, Device, Window,
-                      kernel_names, load_checked_spec, resolver_for)
+                      check_shape, kernel_names, load_checked_spec, resolver_for)
 
 S_OPTION = typer.Option(4096, "--S", min=1, help="query tokens (rows of the indexer logits)")
 SKV_OPTION = typer.Option(32768, "--SKV", min=1, help="key/value tokens")
@@ -26,6 +26,16 @@ def _resolve_all(spec_path: Path, backend: Backend, gpu: str | None, S: int, SKV
     spec = load_checked_spec(spec_path, backend.value)
     resolver = resolver_for(spec, backend, gpu)
     return spec, resolver, [resolver.resolve(op.name, S, SKV, device.value) for op in enabled(spec, backend.value)]
+
+
+def _note_assumed_gpu(resolver, gpu: str | None, device: Device) -> None:
+    """Without a GPU and without --gpu, the CUDA schedules shown are those of the default GPU type,
+    not of this machine: say so on stderr, once nothing can fail any more (so an error comes alone)."""
+    from dsagen.resolve import detected_gpu
+
+    if gpu is None and device == Device.cuda and detected_gpu() is None:
+        typer.echo(f"note: no GPU seen: showing the schedules a build on {resolver.gpu_type} would run; pass "
+                   "--gpu TYPE for another GPU type, or --device cpu for this machine's", err=True)
 
 
 def _where(resolver, device: Device) -> str:
@@ -55,9 +65,11 @@ def check(
     from dsagen.plan import causal_window_mean, cost, problem_symbols
     from dsagen.schedule import load_space
 
+    check_shape(S, SKV)
     spec, resolver, hits = _resolve_all(spec_path, backend, gpu, S, SKV, device)
+    _note_assumed_gpu(resolver, gpu, device)
     target = resolver.plan_gpu
-    w = causal_window_mean(min(S, SKV), SKV) if window == Window.causal else SKV
+    w = causal_window_mean(S, SKV) if window == Window.causal else SKV
     sizes = {"S": S, "SKV": SKV, "W": w}
     typer.echo(f"spec {printable(str(spec_path))}: valid (semantic hash {spec.semantic_hash()}), "
                f"name {printable(spec.name)!s}")
@@ -107,12 +119,24 @@ def generate(
     with the schedules a build would use at --S/--SKV on --gpu/--device."""
     from dsagen.fileio import atomic_write_text
 
-    _, _, hits = _resolve_all(spec_path, backend, gpu, S, SKV, device)
-    out.mkdir(parents=True, exist_ok=True)
+    _, resolver, hits = _resolve_all(spec_path, backend, gpu, S, SKV, device)
+    _make_output_folder(out)
+    _note_assumed_gpu(resolver, gpu, device)
     for hit in hits:
         path = out / f"{hit.module_name}.py"
         atomic_write_text(path, hit.generated.source)
         typer.echo(f"{hit.kernel}: {path}  (schedule {hit.point}, from {hit.source})")
+
+
+def _make_output_folder(out: Path) -> None:
+    """Create -o's folder (and its parents); a file in the way is an error naming -o."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"-o/--out {printable(str(out))}: is a file, not a folder: give a folder to write the "
+                         "generated modules into") from None
+    except OSError as exc:
+        raise ValueError(f"-o/--out {printable(str(out))}: cannot create the folder: {exc.strerror or exc}") from None
 
 
 def show(
@@ -127,8 +151,10 @@ def show(
     """Print the generated source of one kernel of SPEC as a build would run it at --S/--SKV
     (where its schedule came from goes to stderr, so stdout is the module alone)."""
     spec = load_checked_spec(spec_path, backend.value)
-    name = kernel_names([kernel])[0]
-    hit = resolver_for(spec, backend, gpu).resolve(name, S, SKV, device.value)
+    name = kernel_names([kernel], spec=spec, backend=backend.value)[0]
+    resolver = resolver_for(spec, backend, gpu)
+    hit = resolver.resolve(name, S, SKV, device.value)
+    _note_assumed_gpu(resolver, gpu, device)
     typer.echo(f"# {name} at S={S} SKV={SKV}: schedule {hit.point}, from {hit.source}", err=True)
     typer.echo(hit.generated.source, nl=False)
 
@@ -148,6 +174,7 @@ def explain(
     nearest legal point when a default does not fit the spec.
     """
     spec, resolver, hits = _resolve_all(spec_path, backend, gpu, S, SKV, device)
+    _note_assumed_gpu(resolver, gpu, device)
     typer.echo(f"{printable(spec.name)} ({backend.value}) at S={S} SKV={SKV} on {device.value}: "
                f"{_where(resolver, device)}")
     for hit in hits:

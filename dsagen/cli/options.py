@@ -52,19 +52,43 @@ def load_checked_spec(path: Path, backend: str):
     return spec
 
 
-def kernel_names(kernel: list[str] | None, default: tuple[str, ...] | None = None) -> list[str]:
-    """--kernel values checked against the registry (default: the three stages)."""
+def kernel_names(kernel: list[str] | None, default: tuple[str, ...] | None = None, *, spec=None,
+                 backend: str | None = None) -> list[str]:
+    """--kernel values checked against the registry (default: the three stages) and, given the
+    spec and backend, against what a build of that spec offers there."""
     from dsagen.errors import DsagenError
     from dsagen.ops import get_op, stages
 
     if not kernel:
-        return list(default or stages())
-    for name in kernel:
-        try:
-            get_op(name)
-        except DsagenError as exc:  # bad usage: exit 2 with the known kernels
-            raise typer.BadParameter(str(exc), param_hint="'--kernel'") from None
-    return list(dict.fromkeys(kernel))
+        names = list(default or stages())
+    else:
+        for name in kernel:
+            try:
+                get_op(name)
+            except DsagenError as exc:  # bad usage: exit 2 with the known kernels
+                raise typer.BadParameter(str(exc), param_hint="'--kernel'") from None
+        names = list(dict.fromkeys(kernel))
+    if spec is not None:
+        check_offered(names, spec, backend)
+    return names
+
+
+def check_offered(names: list[str], spec, backend: str) -> None:
+    """Refuse a kernel the spec's build does not offer on `backend` (a decode kernel without a
+    [cache] section, a kernel without a template there) with the reason the Python API gives
+    when it is called, before anything is generated or run."""
+    from dsagen.errors import BackendError
+    from dsagen.ops import get_op
+
+    for name in names:
+        problem = get_op(name).unavailable(spec, backend)
+        if problem:
+            raise BackendError(f"--kernel {name}: {problem}")
+
+
+def check_shape(S: int, SKV: int) -> None:
+    """One --S/--SKV pair, held to the rule `shapes` applies to tune and bench."""
+    shapes([S], [SKV], None)
 
 
 def default_kernels(spec, backend: str, shape_set: str | None) -> tuple[str, ...] | None:

@@ -99,10 +99,13 @@ def tune(
 
     spec = load_checked_spec(spec_path, backend.value)
     pairs = shapes(S, SKV, shape_set)
-    names = kernel_names(kernel, default_kernels(spec, backend.value, shape_set))
+    names = kernel_names(kernel, default_kernels(spec, backend.value, shape_set), spec=spec, backend=backend.value)
     device = run_device("tune", backend, device, "tune the CPU kernels with --backend tvm")
     if backend == Backend.tvm and (problem := tvm_available()):
         raise ValueError(problem)
+    if devices and device == Device.cpu:
+        raise ValueError("--devices starts one tuning process per GPU, and --device cpu times candidates on this "
+                         "CPU, one at a time: drop --devices (--jobs N compiles N candidates at once on the CPU)")
     if devices:
         raise typer.Exit(_spawn_device_workers(devices))
     open_storage(storage)  # a bad URL or an unreachable server fails before any work
@@ -137,7 +140,7 @@ def tune(
 
 def _tune_all(spec, pairs, kernels: list[str], common: dict, pool, quiet: bool, results: list) -> None:
     """One study per (shape, kernel), in order, on a shared pool of worker processes; stop on Ctrl-C."""
-    from dsagen.tuning.study import TuneRequest, tune_kernel
+    from dsagen.tuning.study import TuneRequest, trial_count, tune_kernel
 
     for s, skv in pairs:
         for name in kernels:
@@ -145,8 +148,10 @@ def _tune_all(spec, pairs, kernels: list[str], common: dict, pool, quiet: bool, 
             results.append(r)
             fails = ", ".join(f"{n} {k}" for k, n in sorted(r.failures.items())) or "none"
             best = f"best {r.best_ms:.4f} ms {r.best_point}" if r.best_ms is not None else "no passing candidate"
-            typer.echo(f"{name} S={s} SKV={skv}: {best}; {r.evaluated}/{r.budget} trials "
+            typer.echo(f"{name} S={s} SKV={skv}: {best}; {trial_count(r.evaluated, r.budget)} "
                        f"({r.sampler}, {r.legal} legal points; {r.evaluated_here} here, failed: {fails}); {r.db_outcome}")
+            if r.comparison:  # before and after: the schedule builds ran, against the winner
+                typer.echo(f"  {r.comparison}")
             if r.interrupted:
                 typer.echo("interrupted: what was measured is kept; run the same command again to resume", err=True)
                 raise typer.Exit(130)
@@ -183,7 +188,7 @@ def bench(
 
     spec = load_checked_spec(spec_path, backend.value)
     pairs = shapes(S, SKV, shape_set)
-    names = kernel_names(kernel, default_kernels(spec, backend.value, shape_set))
+    names = kernel_names(kernel, default_kernels(spec, backend.value, shape_set), spec=spec, backend=backend.value)
     device = run_device("bench", backend, device, "time the CPU kernels with --backend tvm --device cpu")
     if device == Device.cpu and backend == Backend.triton:
         raise ValueError("--device cpu times the TVM backend's CPU kernels: add --backend tvm "
