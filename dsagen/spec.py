@@ -277,10 +277,11 @@ def spec_from_dict(data: Mapping[str, Any]) -> Spec:
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read and validate a TOML spec file."""
+    """Read and validate a TOML spec file (a leading UTF-8 byte-order mark, as some Windows editors
+    write, is not part of the TOML)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise SpecError(f"cannot read spec file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

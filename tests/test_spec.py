@@ -319,6 +319,15 @@ def test_non_utf8_file_names_the_file(tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + V32.read_bytes())
+    assert dsagen.load_spec(path) == dsagen.load_spec(V32)
+    path.write_bytes(b"\xef\xbb\xbf[indexer\n")  # errors still point at the text's own line and column
+    with pytest.raises(SpecError, match=r"not valid TOML: .*\(at line 1, column 9\)"):
+        dsagen.load_spec(path)
+
+
 def test_toml_nan_sm_scale_is_rejected(tmp_path):
     path = tmp_path / "nan.toml"
     path.write_text(V32.read_text().replace("sm_scale = 0.13523", "sm_scale = nan"))
