@@ -3,7 +3,8 @@ max_logits output of the sparse attention kernels, on both backends, against flo
 
 Shapes are FlashMLA's scaled down for the CPU (h_q 64 and 128, top-k a multiple of 64) and shapes
 FlashMLA refuses (h_q 1, 3, 16; top-k 100). Builds are shared between tests through the compat
-build cache, so each (heads, top-k, backend) is built once.
+build cache, so each (heads, top-k, backend) is built once. The argument checks of every compat
+entry point are in tests/test_compat_args.py.
 """
 from __future__ import annotations
 
@@ -200,41 +201,6 @@ def test_no_valid_index_at_all(device):
         result = flash_mla_sparse_fwd(q, kv.to(device), idx.to(device), 0.1)
         assert result[0].shape == (3, 5, D_V) and result[1].shape == result[2].shape == (3, 5)
         assert_all_invalid(result, range(3))
-
-
-def test_arguments_are_checked(device):
-    bf = torch.bfloat16
-    q = torch.zeros(2, 4, D_QK, dtype=bf, device=device)
-    kv = torch.zeros(10, 1, D_QK, dtype=bf, device=device)
-    idx = torch.zeros(2, 1, 8, dtype=torch.int32, device=device)
-    bad = [
-        ("attn_sink is not supported.*topk_length", dict(attn_sink=torch.zeros(4, device=device))),
-        ("d_v=256: must be 512", dict(d_v=256)),
-        ("q must be torch.bfloat16", dict(q=q.half())),
-        ("q must be a bf16 tensor", dict(q=q[0])),
-        ("d_qk must be 576", dict(q=torch.zeros(2, 4, 128, dtype=bf, device=device))),
-        ("h_kv must be 1", dict(kv=torch.zeros(10, 2, D_QK, dtype=bf, device=device))),
-        ("kv's last dimension is 512", dict(kv=torch.zeros(10, 1, 512, dtype=bf, device=device))),
-        ("kv must be torch.bfloat16", dict(kv=kv.float())),
-        ("indices must be torch.int32", dict(indices=idx.long())),
-        (r"indices must be \[s_q=2, h_kv=1, topk\]", dict(indices=idx[:1])),
-        (r"indices must be an int32 tensor", dict(indices=idx[:, 0])),
-        (r"topk_length must be an int32 tensor \[s_q=2\]", dict(topk_length=torch.zeros(2, dtype=torch.int64))),
-        (r"topk_length must be an int32 tensor \[s_q=2\]", dict(topk_length=torch.zeros(3, dtype=torch.int32))),
-        ("sm_scale", dict(sm_scale=float("nan"))),
-        ("backend='cuda' is not supported", dict(backend="cuda")),
-    ]
-    for match, change in bad:
-        args = dict(q=q, kv=kv, indices=idx, sm_scale=0.1) | change
-        with pytest.raises(ValueError, match=match):
-            flash_mla_sparse_fwd(**args)
-
-
-def test_inputs_requiring_grad_are_refused(device):
-    q = torch.zeros(2, 4, D_QK, dtype=torch.bfloat16, device=device, requires_grad=True)
-    kv = torch.zeros(10, 1, D_QK, dtype=torch.bfloat16, device=device)
-    with pytest.raises(RuntimeError, match="no backward"):
-        flash_mla_sparse_fwd(q, kv, torch.zeros(2, 1, 100, dtype=torch.int32, device=device), 0.1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,5 +8,8 @@ today, so that an engine switches by changing one import:
 
 The spec is inferred from the tensors (head counts, dims, top-k, page size), each inferred spec
 is built once per process, and the tuned schedules come from the tuning database. Where the peers
-refuse a shape (head counts, next_n), these accept it.
+refuse a shape (head counts, next_n), these accept it. Every argument is checked before anything
+is built or launched, and an error names the function and the caller's argument (TypeError for a
+value of the wrong type, ValueError for a wrong dtype, shape or value, RuntimeError for inputs
+that require grad: like the peers, these have no backward).
 """

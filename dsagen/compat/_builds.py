@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 import functools
+import re
+from typing import Mapping
 
+from ..errors import SpecError
 from ..kernels import DSAKernels, build
 from ..spec import AttentionSpec, CacheSpec, IndexerSpec, Spec, TopKSpec
+
+# the spec field each of kernels_for's numbers becomes
+SPEC_FIELDS = {"index_heads": "indexer.heads", "index_dim": "indexer.head_dim", "topk": "topk.k",
+               "heads": "attention.heads", "qk_dim": "attention.qk_dim", "v_dim": "attention.v_dim",
+               "page_size": "cache.page_size"}
+_SPEC_FIELD = re.compile(r"\b(?:indexer|topk|attention|cache)\.[a-z_]+\b")
 
 
 @functools.lru_cache(maxsize=64)
@@ -18,3 +27,15 @@ def kernels_for(index_heads: int = 64, index_dim: int = 128, index_dtype: str = 
                 topk=TopKSpec(k=topk), attention=AttentionSpec(heads=heads, qk_dim=qk_dim, v_dim=v_dim),
                 cache=cache, name="inferred from the call's tensors")
     return build(spec, backend)
+
+
+def kernels_for_call(fn: str, said: Mapping[str, str], **numbers) -> DSAKernels:
+    """kernels_for(**numbers) for the compat function `fn`. The caller wrote tensors, not a spec,
+    so a spec its shapes cannot make is reported in the caller's words: `said` maps each number
+    given to the caller's expression for it ({"heads": "h_q (q.shape[2])"})."""
+    try:
+        return kernels_for(**numbers)
+    except SpecError as exc:
+        words = {SPEC_FIELDS[name]: expression for name, expression in said.items()}
+        text = _SPEC_FIELD.sub(lambda m: words.get(m[0], m[0]), str(exc))
+        raise ValueError(f"{fn}: {text}") from None

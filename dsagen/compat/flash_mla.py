@@ -8,8 +8,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.base import check_scale
-from ._builds import kernels_for
+from ..backends import BACKENDS
+from ..cache_formats import MLA_FORMATS
+from ._args import Args
+from ._builds import kernels_for_call
+
+BF16 = torch.bfloat16
+FP8_CACHE = MLA_FORMATS["deepseek_v32_fp8"]  # 512 fp8 latent | 4 fp32 scales | 64 bf16 rope per token
 
 
 @dataclass
@@ -34,33 +39,57 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table, 
 
     q [b, s_q, h_q, 576] bf16; k_cache uint8 or fp8 [blocks, page, 1, 656] (512 fp8 | 4 fp32 scales |
     64 bf16 rope per token); indices [b, s_q, topk] int32 cache slots (block * page + offset), -1 or
-    out of range = invalid. A query with no valid index gives out 0 and lse +inf. Only the sparse
-    FP8 path is served (indices given, is_fp8_kvcache=True, causal=False), as in FlashMLA.
+    out of range = invalid. A query with no valid index gives out 0 and lse +inf (every query, where
+    topk is 0). Only the sparse FP8 path is served (indices given, is_fp8_kvcache=True,
+    causal=False), as in FlashMLA; block_table and cache_seqlens are not read on it.
     """
+    args = Args("flash_mla_with_kvcache")
+    causal, is_fp8_kvcache = args.flag("causal", causal), args.flag("is_fp8_kvcache", is_fp8_kvcache)
     if indices is None or not is_fp8_kvcache or causal:
-        raise ValueError("dsagen serves flash_mla_with_kvcache's sparse FP8 path only: pass indices, "
-                         "is_fp8_kvcache=True and causal=False")
-    if head_dim_v != 512:
-        raise ValueError(f"head_dim_v={head_dim_v!r}: must be 512 (the V3.2 FP8 cache)")
+        raise args.fail("dsagen serves the sparse FP8 path only: pass indices, "
+                        "is_fp8_kvcache=True and causal=False")
+    if args.integer("head_dim_v", head_dim_v, 1) != FP8_CACHE.latent_dim:
+        raise args.fail(f"head_dim_v={head_dim_v!r}: must be {FP8_CACHE.latent_dim} (the V3.2 FP8 cache)")
     if not isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
-        raise ValueError("tile_scheduler_metadata must come from dsagen.compat.flash_mla.get_mla_metadata()")
+        raise args.fail("tile_scheduler_metadata must come from dsagen.compat.flash_mla.get_mla_metadata(), "
+                        f"got {type(tile_scheduler_metadata).__name__}", TypeError)
     if num_splits is not None:
-        raise ValueError("num_splits must be None")
-    if not isinstance(q, torch.Tensor) or q.dim() != 4 or not isinstance(indices, torch.Tensor) or indices.dim() != 3:
-        raise ValueError("q must be [b, s_q, h_q, 576] and indices [b, s_q, topk]")
-    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
-        raise ValueError("k_cache must be [blocks, page_size, 1, 656]")
-    shapes = {"b": q.shape[0], "s_q": q.shape[1], "h_q": q.shape[2], "page": k_cache.shape[1],
-              "topk": indices.shape[-1]}
+        raise args.fail(f"num_splits must be None (what get_mla_metadata() returns), got {type(num_splits).__name__}")
+    unread = "not read on the sparse path: indices hold the cache slots"
+    args.optional_tensor("block_table", block_table, unread)
+    args.optional_tensor("cache_seqlens", cache_seqlens, unread)
+    d_qk = FP8_CACHE.latent_dim + FP8_CACHE.rope_dim
+    args.tensor("q", q, BF16, f"[b, s_q, h_q, {d_qk}] bf16", (None, None, None, None))
+    (b, s_q, h_q, q_dim), dev = q.shape, q.device
+    if q_dim != d_qk:
+        raise args.fail(f"q.shape[-1] (d_qk) must be {d_qk} ({FP8_CACHE.latent_dim} latent + {FP8_CACHE.rope_dim} "
+                        f"rope values per token: the FP8 cache's layout), got {q_dim}")
+    if isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.float8_e4m3fn:
+        k_cache = k_cache.view(torch.uint8)
+    row_bytes = FP8_CACHE.bytes_per_token
+    args.tensor("k_cache", k_cache, torch.uint8, f"[blocks, page_size, 1, {row_bytes}] uint8 or fp8_e4m3fn",
+                (None, None, 1, row_bytes), dev)
+    offset = 0 if torch.compiler.is_compiling() else k_cache.storage_offset()
+    if any(x % 4 for x in (k_cache.stride(0), k_cache.stride(1), offset)):
+        raise args.fail(f"k_cache rows must start at multiples of 4 bytes (strides {k_cache.stride()}, offset "
+                        f"{offset}), so its fp32 scales can be read in place")
+    args.tensor("indices", indices, torch.int32, "[b, s_q, topk] int32, b, s_q = q.shape[:2]", (b, s_q, None), dev)
+    scale = args.scale("softmax_scale", softmax_scale)
+    args.at_least_one("h_q (q.shape[2])", h_q)
+    args.no_grad_needed({"q": q})
+    shapes = {"b": b, "s_q": s_q, "h_q": h_q, "page": k_cache.shape[1], "topk": indices.shape[-1]}
     if tile_scheduler_metadata.config and tile_scheduler_metadata.config != shapes:
-        raise ValueError(f"tile_scheduler_metadata was made for {tile_scheduler_metadata.config}, "
-                         f"this call has {shapes}: use one metadata object per shape")
+        raise args.fail(f"tile_scheduler_metadata was made for {tile_scheduler_metadata.config}, "
+                        f"this call has {shapes}: use one metadata object per shape")
     tile_scheduler_metadata.config = shapes
-    cache = k_cache.view(torch.uint8) if k_cache.dtype != torch.uint8 else k_cache
-    kernels = kernels_for(heads=q.shape[2], qk_dim=q.shape[3], v_dim=head_dim_v, topk=indices.shape[-1],
-                          page_size=k_cache.shape[1])
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    out, lse = kernels.sparse_decode(q, cache, indices, scale)
+    if indices.shape[-1] == 0:  # no index can be valid
+        return (torch.zeros((b, s_q, h_q, FP8_CACHE.latent_dim), dtype=BF16, device=dev),
+                torch.full((b, h_q, s_q), math.inf, device=dev))
+    said = {"heads": "h_q (q.shape[2])", "topk": "topk (indices.shape[-1])",
+            "page_size": "page_size (k_cache.shape[1])"}
+    kernels = kernels_for_call(args.fn, said, heads=h_q, qk_dim=d_qk, v_dim=FP8_CACHE.latent_dim,
+                               topk=indices.shape[-1], page_size=k_cache.shape[1])
+    out, lse = kernels.sparse_decode(q, k_cache, indices, q_dim ** -0.5 if scale is None else scale)
     return out, lse.transpose(1, 2).contiguous()
 
 
@@ -75,59 +104,50 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     logsumexp and max_logits the largest sm_scale * q . kv. A query with no valid index gives
     out 0, max_logits -inf and lse +inf. topk_length [s_q] int32 (optional): only the first
     topk_length[i] indices of query i count. attn_sink is not supported (None only). Any h_q and
-    any topk are accepted (FlashMLA takes h_q 64 or 128). backend (dsagen's, keyword only): the
-    kernels to run, "triton" or "tvm".
+    any topk are accepted (FlashMLA takes h_q 64 or 128). There is no backward (as in FlashMLA):
+    inputs that require grad are refused outside torch.no_grad(). backend (dsagen's, keyword
+    only): the kernels to run, "triton" or "tvm".
     """
+    args = Args("flash_mla_sparse_fwd")
     if attn_sink is not None:
-        raise ValueError("attn_sink is not supported by dsagen's flash_mla_sparse_fwd: pass attn_sink=None "
-                         "(supported: q, kv, indices, sm_scale, d_v=512 and topk_length)")
-    if isinstance(d_v, bool) or d_v != 512:
-        raise ValueError(f"d_v={d_v!r}: must be 512 (V is the first 512 columns of each kv row)")
-    if sm_scale is not None:
-        check_scale("sm_scale", sm_scale)
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError("q must be a bf16 tensor [s_q, h_q, d_qk]")
-    if not isinstance(kv, torch.Tensor) or kv.dim() != 3:
-        raise ValueError("kv must be a bf16 tensor [s_kv, h_kv=1, d_qk]")
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 3:
-        raise ValueError("indices must be an int32 tensor [s_q, h_kv=1, topk]")
-    for name, t in (("q", q), ("kv", kv)):
-        if t.dtype != torch.bfloat16:
-            raise ValueError(f"{name} must be torch.bfloat16, got {t.dtype}")
-    if indices.dtype != torch.int32:
-        raise ValueError(f"indices must be torch.int32, got {indices.dtype}")
-    s_q, h_q, d_qk = q.shape
+        raise args.fail("attn_sink is not supported by dsagen's flash_mla_sparse_fwd: pass attn_sink=None "
+                        "(supported: q, kv, indices, sm_scale, d_v=512 and topk_length)")
+    d_v = args.integer("d_v", d_v, 1)
+    if d_v != 512:
+        raise args.fail(f"d_v={d_v}: must be 512 (V is the first 512 columns of each kv row)")
+    sm_scale = args.scale("sm_scale", sm_scale)
+    if backend not in BACKENDS:
+        raise args.fail(f"backend={backend!r} is not supported: allowed {', '.join(BACKENDS)}")
+    copied = dict(contiguous_last=False)  # the kernels take row strides: a strided last dimension is copied
+    args.tensor("q", q, BF16, "[s_q, h_q, d_qk] bf16", (None, None, None), **copied)
+    (s_q, h_q, d_qk), dev = q.shape, q.device
     if d_qk not in (576, 512):
-        raise ValueError(f"q is [s_q, h_q, {d_qk}]: d_qk must be 576 (512 latent + 64 rope) or 512")
-    if kv.shape[1] != 1:
-        raise ValueError(f"kv has h_kv={kv.shape[1]}: sparse MLA shares one kv head (h_kv must be 1)")
-    if kv.shape[2] != d_qk:
-        raise ValueError(f"kv's last dimension is {kv.shape[2]} but q's is {d_qk}: they must be equal")
-    if indices.shape[0] != s_q or indices.shape[1] != 1:
-        raise ValueError(f"indices must be [s_q={s_q}, h_kv=1, topk], got {list(indices.shape)}")
-    for name, t in (("kv", kv), ("indices", indices)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, but q is on {q.device}")
+        raise args.fail(f"q.shape[-1] (d_qk) must be 576 (512 latent + 64 rope) or 512 (latent only), got {d_qk}")
+    args.tensor("kv", kv, BF16, "[s_kv, h_kv=1, d_qk] bf16, d_qk = q.shape[-1]: sparse MLA shares one kv head",
+                (None, 1, d_qk), dev, **copied)
+    args.tensor("indices", indices, torch.int32, "[s_q, h_kv=1, topk] int32, s_q = q.shape[0]", (s_q, 1, None), dev,
+                **copied)
+    if topk_length is not None:
+        args.tensor("topk_length", topk_length, torch.int32, "[s_q] int32 or None, s_q = q.shape[0]", (s_q,), dev,
+                    **copied)
+    args.at_least_one("h_q (q.shape[1])", h_q)
+    args.no_grad_needed({"q": q, "kv": kv})
     topk = indices.shape[2]
     idx = indices[:, 0, :]
     if topk_length is not None:
-        if not isinstance(topk_length, torch.Tensor) or topk_length.dtype != torch.int32 \
-                or tuple(topk_length.shape) != (s_q,):
-            raise ValueError(f"topk_length must be an int32 tensor [s_q={s_q}] or None")
-        if topk_length.device != q.device:
-            raise ValueError(f"topk_length is on {topk_length.device}, but q is on {q.device}")
         keep = torch.arange(topk, device=idx.device, dtype=torch.int32)[None, :] < topk_length[:, None]
         idx = torch.where(keep, idx, -1)
     if topk == 0 or kv.shape[0] == 0:  # no index can be valid
         out = torch.zeros((s_q, h_q, d_v), dtype=q.dtype, device=q.device)
         return (out, torch.full((s_q, h_q), -math.inf, device=q.device),
                 torch.full((s_q, h_q), math.inf, device=q.device))
-    # the kernels take row strides; the last dimension must have stride 1
     q2 = q if q.stride(-1) == 1 else q.contiguous()
     kv2 = kv[:, 0, :]
     kv2 = kv2 if kv2.stride(-1) == 1 else kv2.contiguous()
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
-    kernels = kernels_for(heads=h_q, qk_dim=d_qk, v_dim=d_v, topk=topk, backend=backend)
+    said = {"heads": "h_q (q.shape[1])", "topk": "topk (indices.shape[-1])", "qk_dim": "d_qk (q.shape[-1])",
+            "v_dim": "d_v"}
+    kernels = kernels_for_call(args.fn, said, heads=h_q, qk_dim=d_qk, v_dim=d_v, topk=topk, backend=backend)
     max_logits = torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
     out, lse = kernels.run("sparse_attention", q2, kv2, idx, sm_scale, max_logits=max_logits)
     return out, max_logits, lse
