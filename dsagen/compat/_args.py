@@ -46,6 +46,7 @@ class Args:
         self.fn = fn
 
     def fail(self, message: str, kind: type[Exception] = ValueError) -> Exception:
+        """The error to raise, its message prefixed with the function's name."""
         return kind(f"{self.fn}: {message}")
 
     def tensor(self, name: str, t: Any, dtype: torch.dtype, layout: str, shape: tuple,
@@ -78,6 +79,7 @@ class Args:
         return number
 
     def flag(self, name: str, value: Any) -> bool:
+        """A bool parameter of the peers: True or False only (no 0/1 or None standing in for one)."""
         if not isinstance(value, bool):
             raise self.fail(f"{name} must be True or False, got {describe(value)}", TypeError)
         return value
