@@ -283,7 +283,7 @@ def test_triton_topk_under_the_interpreter_is_warning_free(gen, schedule):
     k = 37
     kernels = dsagen.build(small_spec(k=k), schedules={"topk": schedule} if schedule else None)
     x, ks, ke = awkward_logits(gen, 11, 1001)
-    with warnings.catch_warnings(), np.errstate(over="warn", invalid="warn", divide="warn"):
+    with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
         warnings.simplefilter("error", RuntimeWarning)
         got = kernels.topk(x, ks, ke, out=torch.full((11, k), -7, dtype=torch.int32))
     assert_topk_nan_first(got, x, ks, ke, k)
@@ -307,7 +307,7 @@ def test_triton_fused_indexer_topk_under_the_interpreter_is_warning_free_and_nan
     k_scale[[10, 11, 12, 13, 14, 15, 16, 17, 90]] = math.nan
     ks = torch.tensor([0, 0, 20, 0, 100, 5], dtype=torch.int32)
     ke = torch.tensor([150, 80, 150, 9, 150, 9], dtype=torch.int32)
-    with warnings.catch_warnings(), np.errstate(over="warn", invalid="warn", divide="warn"):
+    with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
         warnings.simplefilter("error", RuntimeWarning)
         got = kernels.indexer_topk(q, kk, k_scale, w, ks, ke)
     ref = reference.indexer(q, kk, k_scale, w, ks, ke)

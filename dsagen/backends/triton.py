@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 import types
+import warnings
 from pathlib import Path
 
 from .source_cache import import_file, materialize  # noqa: F401  (materialize: the lifecycle's first step)
@@ -118,6 +119,21 @@ def interpreter_problem() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _numpy_quiet():
+    """NaN and inf in the data are values, not mistakes: a GPU computes inf - inf or the max of a
+    row of NaN silently, so the interpreter's NumPy must not warn about them either (invalid value,
+    overflow, divide by zero, All-NaN slice), for this launch only. A category the caller set to
+    "raise" (np.errstate) is left as it is: asking NumPy to raise is asking to know."""
+    import numpy
+
+    quiet = {kind: "ignore" for kind, how in numpy.geterr().items() if how in ("warn", "print", "log")}
+    with numpy.errstate(**quiet), warnings.catch_warnings():
+        if quiet:
+            warnings.filterwarnings("ignore", message="All-NaN (slice|axis) encountered", category=RuntimeWarning)
+        yield
+
+
 def launcher(path: Path, name: str, interpret: bool):
     """The generated module's launcher `name`, ready to call with CPU (interpret) or CUDA tensors."""
     if interpret and (problem := interpreter_problem()):
@@ -127,7 +143,7 @@ def launcher(path: Path, name: str, interpret: bool):
         return fn
 
     def run_interpreted(*args, **kwargs):
-        with _jit_helpers_interpreted():
+        with _jit_helpers_interpreted(), _numpy_quiet():
             return fn(*args, **kwargs)
 
     return run_interpreted
