@@ -158,15 +158,40 @@ def test_fixed_point_dkv_is_as_close_as_the_float_atomics(device, gen):
     assert close.all(), "fixed-point and fp32 dkv differ by more than one bf16 rounding"
 
 
-def test_nan_in_d_out_reaches_both_gradients(device, backend, gen):
-    kernels = dsagen.build(make_spec(k=9, heads=3), backend=backend, deterministic=True)
-    q, kv, idx, out, lse, d_out, scale = bwd_inputs(kernels.spec, gen, device, 4, 30)
-    d_out[2, 1, 5] = math.nan
-    dq, dkv = kernels.sparse_attention_bwd(q, kv, idx, out, lse, d_out, scale)
-    assert torch.isnan(dq[2, 1]).all() and not torch.isnan(dq[3]).any()
-    picked = idx[2].long()
-    picked = picked[(picked >= 0) & (picked < kv.shape[0])]
-    assert torch.isnan(dkv[picked]).any(dim=1).all()
+def selected_rows(idx: torch.Tensor, skv: int) -> torch.Tensor:
+    """[SKV] bool: the kv rows that the query rows of idx select (valid indices only)."""
+    flat = idx.cpu().long().flatten()
+    rows = torch.zeros(skv, dtype=torch.bool)
+    rows[flat[(flat >= 0) & (flat < skv)]] = True
+    return rows
+
+
+@pytest.mark.parametrize("source", ["d_out", "kv"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+def test_nan_reaches_exactly_the_gradients_it_enters(device, backend, gen, deterministic, source):
+    """A NaN in one token's d_out makes dq NaN in that (token, head) and dkv NaN in the rows the
+    token selects, whole rows; a NaN in a kv row (after the forward) makes that row's dkv NaN and the
+    dq of the tokens selecting it. Everything else matches the float64 reference."""
+    kernels = dsagen.build(make_spec(k=9, heads=3), backend=backend, deterministic=deterministic)
+    q, kv, idx, out, lse, d_out, scale = bwd_inputs(kernels.spec, gen, device, 5, 30)
+    if source == "d_out":
+        d_out[2, 1, 5] = math.nan
+        nan_tokens, nan_rows = [2], selected_rows(idx[2], kv.shape[0])
+    else:
+        kv[7, 60] = math.nan  # a rope column (dP, which reads the first V_DIM, stays finite)
+        idx[3, 4] = 7
+        nan_tokens, nan_rows = (idx.cpu() == 7).any(1).nonzero().flatten().tolist(), torch.arange(30) == 7
+    inputs = (q, kv, idx, out, lse, d_out, scale)
+    dq, dkv = kernels.sparse_attention_bwd(*inputs, **poisoned(kernels.spec, inputs))
+    ref_dq, ref_dkv = reference.sparse_attention_bwd(*(a.cpu() for a in inputs[:6]), scale, 48)
+    assert nan_rows.any() and not nan_rows.all()
+    assert torch.equal(torch.isnan(ref_dkv), nan_rows[:, None].expand_as(ref_dkv)), "the reference's NaN rows"
+    assert torch.equal(torch.isnan(dkv).cpu(), torch.isnan(ref_dkv)), "NaN exactly in those rows"
+    assert_close("sparse_attention_bwd.dkv", dkv[~nan_rows.to(device)], ref_dkv[~nan_rows])
+    assert torch.isnan(ref_dq).flatten(1).any(1).nonzero().flatten().tolist() == nan_tokens
+    assert torch.equal(torch.isnan(dq).cpu(), torch.isnan(ref_dq))
+    finite = ~torch.isnan(ref_dq)
+    assert_close("sparse_attention_bwd.dq", dq.cpu()[finite], ref_dq[finite])
 
 
 def test_noncontiguous_inputs_and_the_scale_argument(device, backend, gen):
