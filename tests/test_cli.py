@@ -535,3 +535,22 @@ def test_without_a_gpu_the_output_says_whose_schedules_it_shows(command, extra, 
     seen = invoke(command, V32, *extra)
     assert seen.exit_code == 0, seen.output
     assert "no GPU seen" not in seen.output
+
+
+def test_a_corrupt_cpu_database_leaves_gpu_builds_alone(tmp_path, monkeypatch):
+    """A build for the H200 reads the H200's files (and those of its compute capability), never a
+    CPU type's: a corrupt CPU file in the user's folder changes nothing there, and stays as it is."""
+    from dsagen.gpus import cpu_type
+
+    monkeypatch.setenv("DSAGEN_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "autotune_db"
+    folder.mkdir()
+    corrupt = folder / f"{cpu_type()}.json"
+    corrupt.write_text('{"format": "dsagen-autotune-db",\n "version": oops\n')
+    result = invoke("explain", V32, "--gpu", "nvidia-h200")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("from: tuned (exact bucket S4096-SKV32768)") == 4, result.stdout
+    assert "warning" not in result.output.lower()
+    cpu = invoke("explain", V32, "--backend", "tvm", "--device", "cpu")  # the CPU's own file: how to recover
+    assert_one_error_line(cpu, f"{corrupt}:2: invalid JSON", "move it aside")
+    assert corrupt.read_text() == '{"format": "dsagen-autotune-db",\n "version": oops\n'

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 import dsagen
 from dsagen import db
 from dsagen.db.buckets import SHAPE_SETS, bucket_distance, bucket_of, parse_bucket
+from dsagen.db.store import UNREADABLE_HINT
 from dsagen.errors import DsagenError
 from dsagen.fileio import CacheDirError, atomic_write_text, file_lock, make_dirs
 from dsagen.cli.db import db_app
@@ -887,16 +888,147 @@ def test_deeply_nested_json_is_one_error_naming_the_file(tmp_path, text):
     path = tmp_path / "nvidia-h200.json"
     path.write_text(text)
     message = error_of(path)
+    assert "\n" not in message and message.endswith(f"; {UNREADABLE_HINT}")
     if message.startswith(f"{path}:1: an entry must be a JSON object"):
-        # Python 3.12's parser reads 5000 closed levels: the entry check refuses it, also one line
-        assert "\n" not in message and text.count("[") == 5001
+        # a parser whose C recursion limit lets it read 5000 closed levels (Python 3.13, and 3.12
+        # from some patch release on): the entry check refuses the file instead, also in one line
+        assert text.count("[") == 5001
         match = "an entry must be a JSON object"
     else:
-        assert message == f"{path}: invalid JSON: nested too deeply (a tuning database holds flat entries, one per line)"
+        assert message.startswith(f"{path}: invalid JSON: nested too deeply (a tuning database holds flat "
+                                  "entries, one per line)")
         match = "nested too deeply"
     with pytest.raises(db.TuningDBError, match=match):
         db.record(path, make_entry())
     assert path.read_text() == text  # never written over
     result = invoke("list", "--dir", tmp_path)
-    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Traceback" not in result.output
-    assert result.output.startswith(f"error: {path}: invalid JSON: nested too deeply")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output == f"error: {message}\n"  # the same one line, whichever check refused the file
+
+
+# ------------------------------------------------------------------------------------------------
+# a corrupt file stops only the lookups that need it, and is never written over
+
+
+def test_a_corrupt_file_of_another_gpu_type_blocks_no_lookup(tmp_path, caplog):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    write_db(shipped / "nvidia-h100.json", make_entry(gpu_type="nvidia-h100", ms=0.7))
+    cpu = user / "cpu-x86-64.json"  # a CPU type's entries never answer a GPU: the file is not even read
+    user.mkdir()
+    cpu.write_text('{"format": "dsagen-autotune-db",\n "version": oops\n')
+    h20 = user / "nvidia-h20.json"  # a GPU type dsagen does not know may hold 9.0 entries: read, passed over
+    h20.write_text("[]\n")
+    before = {p: p.read_bytes() for p in (cpu, h20)}
+    caplog.set_level(logging.WARNING, logger="dsagen")
+    for _ in range(2):
+        found = _lookup([user, shipped], gpu_type="nvidia-h200")
+        assert found.source == "tuned on nvidia-h100 (same compute capability 9.0, bucket S4096-SKV32768)"
+    assert _lookup([user, shipped], gpu_type="nvidia-a100", compute_capability="8.0") is None
+    [warning] = _warnings(caplog)  # once per file and process
+    assert warning.startswith(f"dsagen: skipped the tuning database of another GPU type: {h20}:1: the top level")
+    assert all(p.read_bytes() == text for p, text in before.items())
+
+
+def test_a_corrupt_file_of_the_asking_type_is_an_error_that_says_how_to_recover(tmp_path):
+    cpu = tmp_path / "cpu-x86-64.json"
+    text = '{"format": "dsagen-autotune-db",\n "version": oops\n'
+    cpu.write_text(text)
+    write_db(tmp_path / "nvidia-h200.json", make_entry())
+    assert _lookup([tmp_path]).source == "tuned (exact bucket S4096-SKV32768)"  # another type's build is fine
+    with pytest.raises(db.TuningDBError) as info:
+        _lookup([tmp_path], gpu_type="cpu-x86-64", compute_capability="cpu")
+    assert str(info.value).startswith(f"{cpu}:2: invalid JSON")
+    assert str(info.value).endswith("fix it, or move it aside (the next tuning run then starts a new one)")
+    with pytest.raises(db.TuningDBError, match="move it aside"):
+        db.record(cpu, make_entry(gpu_type="cpu-x86-64", compute_capability="cpu"))
+    assert cpu.read_text() == text
+
+
+# ------------------------------------------------------------------------------------------------
+# read-only databases: a dry run only reads, a write is one error naming the file
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """chmod a-w for the given paths; as root (who may write anyway) os.access is made to answer
+    as it would for a user, from the permission bits."""
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if mode & os.W_OK and not os.stat(path).st_mode & stat.S_IWUSR:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "access", access)
+    changed = []
+
+    def make(*paths: Path) -> None:
+        for path in paths:
+            path.chmod(stat.S_IMODE(path.stat().st_mode) & ~0o222)
+            changed.append(path)
+
+    yield make
+    for path in changed:
+        path.chmod(stat.S_IMODE(path.stat().st_mode) | 0o200)
+
+
+def test_prune_dry_run_writes_nothing_not_even_a_lock(tmp_path, read_only):
+    folder = tmp_path / "shipped"
+    path = write_db(folder / "nvidia-h200.json", make_entry(schedule={}), make_entry(S=1024))
+    text = path.read_bytes()
+    read_only(path, folder)
+    result = invoke("prune", path, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "would drop sparse_attention triton S4096-SKV32768 {}" in result.output
+    assert "2 entries would be dropped" in result.output  # block_h=64 num_warps=4 no longer names every knob
+    assert sorted(p.name for p in folder.iterdir()) == ["nvidia-h200.json"] and path.read_bytes() == text
+    result = invoke("prune", path)
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: {path}: the file is read-only")
+    assert path.read_bytes() == text
+
+
+def test_merge_into_a_read_only_database_is_one_error_naming_it(two_dirs, tmp_path, read_only):
+    user, shipped = two_dirs
+    a, b = user / "nvidia-h200.json", shipped / "nvidia-h200.json"
+    text = a.read_bytes()
+    read_only(a)
+    result = invoke("merge", a, b)
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: {a}: the file is read-only: make it writable, or write the result "
+                                    "to another file")
+    assert a.read_bytes() == text
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only(locked)
+    result = invoke("merge", a, b, "-o", locked / "nvidia-h200.json")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: {locked / 'nvidia-h200.json'}: cannot write in its folder {locked}")
+    assert list(locked.iterdir()) == []  # no lock file either
+    assert "Errno" not in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# --dir must be a folder; a CPU entry has no roofline
+
+
+@pytest.mark.parametrize("command", ["list", "show"])
+def test_dir_that_is_not_a_folder_is_one_error_naming_dir(two_dirs, tmp_path, command):
+    user, _ = two_dirs
+    for bad, what in ((user / "nvidia-h200.json", "is a file"), (tmp_path / "absent", "does not exist")):
+        result = invoke(command, "--dir", user, "--dir", bad)
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith(f"error: --dir {bad}: {what}; give a folder of <gpu-type>.json"), result.output
+
+
+def test_list_leaves_the_roofline_of_a_cpu_entry_empty(tmp_path):
+    write_db(tmp_path / "cpu-x86-64.json", make_entry(gpu_type="cpu-x86-64", compute_capability="cpu",
+                                                      device_name="cpu (TVM llvm, some CPU)", backend="tvm",
+                                                      pct_of_roofline=0.0, ms=12.5))
+    write_db(tmp_path / "nvidia-h200.json", make_entry())
+    result = invoke("list", "--dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line.split() for line in result.output.splitlines()[1:]}
+    assert rows["cpu-x86-64"][5:7] == ["12.5", "-"]
+    assert rows["nvidia-h200"][5:7] == ["1.5", "61.5"]

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .. import db as tdb
-from .errors import friendly_errors
+from .errors import friendly_errors, printable
 from ..db.buckets import parse_bucket
 
 db_app = typer.Typer(
@@ -21,7 +21,15 @@ _DIR_HELP = "database folder to read (repeatable); default: the user's folder, t
 
 
 def _dirs(given: Optional[List[Path]]) -> list[Path]:
-    return list(given) if given else tdb.default_dirs()
+    """--dir folders (each must be one), else the user's and the shipped folder."""
+    if not given:
+        return tdb.default_dirs()
+    for folder in given:
+        if not folder.is_dir():
+            what = "is a file" if folder.exists() else "does not exist"
+            raise ValueError(f"--dir {printable(str(folder))}: {what}; give a folder of <gpu-type>.json tuning "
+                             "databases")
+    return list(given)
 
 
 def _label(directory: Path, path: Path) -> str:
@@ -63,6 +71,12 @@ def _number(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _roofline_pct(entry: tdb.Entry) -> str:
+    """The %ROOF cell, empty ("-") for an entry tuned on a CPU: a CPU has no roofline, and a
+    percentage recorded there would be of a GPU's floor."""
+    return "-" if entry.compute_capability == "cpu" else _number(entry.pct_of_roofline, ".1f")
+
+
 def _stale(entry: tdb.Entry) -> str:
     """The STALE cell: empty when current, else which versions differ (recorded != running)."""
     why = tdb.stale_fields(entry)
@@ -95,7 +109,7 @@ def list_entries(
     rows = [["FILE", "GPU", "KERNEL", "BUCKET", "SPEC", "MS", "%ROOF", "DATE", "STALE", "SCHEDULE"]]
     for label, _, e in _matching(_dirs(dirs), gpu, kernel):
         rows.append([label, e.gpu_type, e.kernel, e.bucket, e.spec_hash[:8], _number(e.ms, ".4g"),
-                     _number(e.pct_of_roofline, ".1f"), e.date[:10], _stale(e), _schedule(e)])
+                     _roofline_pct(e), e.date[:10], _stale(e), _schedule(e)])
     typer.echo(_table(rows) if len(rows) > 1 else "no tuned entries")
 
 
@@ -222,6 +236,7 @@ def export(
     if path.stem != gpu:
         raise tdb.TuningDBError(f"{path}: the database of {gpu} must be written to a file named {gpu}.json")
     db.path = path
+    tdb.check_writable(path)
     with tdb.lock_for(path):
         tdb.save(db)
     typer.echo(f"exported {len(db.entries)} entries of {gpu} to {path}", err=True)

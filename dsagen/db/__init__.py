@@ -17,13 +17,14 @@ sys.modules (importlib.import_module("dsagen.db.lookup") returns it).
 from .buckets import SHAPE_SETS, bucket_distance, bucket_of, parse_bucket
 from .schema import (FORMAT, KERNEL_NAME, NULLABLE_VERSIONS, VERSION, VERSION_KEYS, Entry, Key, TuningDB,
                      TuningDBError, check_gpu_type, dump, parse, recordable_semantics)
-from .store import (annotate, db_files, db_path, default_dirs, load, lock_for, merge, prune, record, save,
-                    shipped_db_dir, user_db_dir)
+from .store import (annotate, check_writable, db_files, db_path, default_dirs, load, lock_for, merge, prune, record,
+                    save, shipped_db_dir, user_db_dir)
 from .lookup import Found, effective_entries, lookup, running_versions, stale_fields  # rebinds `lookup`
 
 __all__ = [
     "FORMAT", "KERNEL_NAME", "NULLABLE_VERSIONS", "SHAPE_SETS", "VERSION", "VERSION_KEYS", "Entry", "Found", "Key",
-    "TuningDB", "TuningDBError", "annotate", "bucket_distance", "bucket_of", "check_gpu_type", "db_files", "db_path",
-    "default_dirs", "dump", "effective_entries", "load", "lock_for", "lookup", "merge", "parse", "parse_bucket",
-    "prune", "record", "recordable_semantics", "running_versions", "save", "shipped_db_dir", "stale_fields", "user_db_dir",
+    "TuningDB", "TuningDBError", "annotate", "bucket_distance", "bucket_of", "check_gpu_type", "check_writable",
+    "db_files", "db_path", "default_dirs", "dump", "effective_entries", "load", "lock_for", "lookup", "merge", "parse",
+    "parse_bucket", "prune", "record", "recordable_semantics", "running_versions", "save", "shipped_db_dir",
+    "stale_fields", "user_db_dir",
 ]

@@ -3,6 +3,10 @@
 Entries that cannot be used are passed over with a warning on the "dsagen" logger, once per entry
 and process: an empty schedule, or a schedule the caller's `usable` check rejects (typically one
 recorded before the search space grew a knob). The next usable entry answers instead.
+
+A file that does not parse stops only the lookups that need it: one of the asking GPU type is an
+error (saying how to recover); one of another GPU type is read only when its compute capability
+could match, and then passed over with a warning, once per file and process.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any, Callable, Mapping
 from ..__version__ import __version__
 from ..gpus import GPUS
 from .buckets import bucket_distance, bucket_of, parse_bucket
-from .schema import VERSION_KEYS, Entry, Key, TuningDB
+from .schema import VERSION_KEYS, Entry, Key, TuningDB, TuningDBError
 from .store import db_files, db_path, default_dirs, load
 
 log = logging.getLogger("dsagen")
@@ -100,13 +104,13 @@ class Found:
     stale: list[str]
 
 
-def _by_bucket(paths: list[Path], match: Callable[[Entry], bool],
+def _by_bucket(dbs: list[TuningDB], match: Callable[[Entry], bool],
                usable: Callable[[Entry], bool] | None) -> dict[str, tuple[Entry, Path]]:
     """bucket -> (entry, file) over files in priority order: the first file holding a usable entry
     for a bucket wins. Matching entries that cannot be used are warned about and passed over."""
     found: dict[str, tuple[Entry, Path]] = {}
-    for path in paths:
-        db = load(path)
+    for db in dbs:
+        path = db.path
         for entry in db.entries.values():
             if not match(entry) or entry.bucket in found or _empty(db, entry):
                 continue
@@ -127,6 +131,34 @@ def _rank(want: str, bucket: str) -> tuple[float, int, int]:
 def _compute_capability_of(gpu_type: str) -> str | None:
     gpu = GPUS.get(gpu_type)
     return None if gpu is None else f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
+
+
+def _may_hold(gpu_type: str, cc: str) -> bool:
+    """Whether the file of `gpu_type` can hold entries tuned on compute capability `cc`: a GPU type
+    dsagen knows has its own; a CPU type's entries are "cpu"; an unknown GPU type may have any."""
+    known = _compute_capability_of(gpu_type)
+    if known is not None:
+        return known == cc
+    if gpu_type.startswith("cpu-"):
+        return cc == "cpu"
+    return True
+
+
+_unreadable_warned: set[str] = set()
+
+
+def _load_other(path: Path) -> TuningDB | None:
+    """Another GPU type's file, or None where it does not parse: it is not the file this lookup is
+    about, so it is passed over with a warning (once per file and process) and left as it is."""
+    try:
+        return load(path)
+    except TuningDBError as exc:
+        with _warned_lock:
+            first = str(path) not in _unreadable_warned
+            _unreadable_warned.add(str(path))
+        if first:
+            log.warning("dsagen: skipped the tuning database of another GPU type: %s", exc)
+        return None
 
 
 def _nearest_semantics(paths: list[Path], kernel: str, backend: str, want: str, semantics: Mapping[str, Any],
@@ -196,7 +228,7 @@ def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_t
         return _nearest_semantics([db_path(gpu_type, d) for d in dirs], kernel, backend, want, semantics, near_fields,
                                   lambda e: (usable is None or usable(e)) and (legal is None or legal(e)))
 
-    own = _by_bucket([db_path(gpu_type, d) for d in dirs], same_kernel, usable)
+    own = _by_bucket([load(db_path(gpu_type, d)) for d in dirs], same_kernel, usable)
     if want in own:
         return found(own[want], f"tuned (exact bucket {want})")
     if own:
@@ -204,13 +236,13 @@ def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_t
         return found(own[near], f"tuned (nearest bucket {near} for {want})")
     if cc is None:
         return nearest_neighbour()
-    others: dict[str, list[Path]] = {}
+    others: dict[str, list[TuningDB]] = {}
     for d in dirs:
         for path in db_files(d):
-            if path.stem != gpu_type:
-                others.setdefault(path.stem, []).append(path)
-    same_cc = {g: _by_bucket(paths, lambda e: same_kernel(e) and e.compute_capability == cc, usable)
-               for g, paths in sorted(others.items())}
+            if path.stem != gpu_type and _may_hold(path.stem, cc) and (db := _load_other(path)) is not None:
+                others.setdefault(path.stem, []).append(db)
+    same_cc = {g: _by_bucket(dbs, lambda e: same_kernel(e) and e.compute_capability == cc, usable)
+               for g, dbs in sorted(others.items())}
     for g, buckets in same_cc.items():
         if want in buckets:
             return found(buckets[want], f"tuned on {g} (same compute capability {cc}, bucket {want})")

@@ -8,6 +8,7 @@ never leaves half a file, and a file that does not parse is never written over.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -64,17 +65,38 @@ def lock_for(path: Path):
 # whole files
 
 
+UNREADABLE_HINT = ("dsagen never writes over a database file it cannot read: fix it, or move it aside "
+                   "(the next tuning run then starts a new one)")
+
+
 def load(path: Path) -> TuningDB:
     """Read and check one database file; a missing file (also below a folder that is not one) is
-    an empty database of its stem's GPU type."""
+    an empty database of its stem's GPU type. A file that does not parse is an error naming its
+    line and saying how to recover."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (FileNotFoundError, NotADirectoryError):
         return TuningDB(path, path.stem)
     except UnicodeDecodeError as exc:
-        raise TuningDBError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return parse(text, path)
+        raise TuningDBError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); {UNREADABLE_HINT}") from None
+    try:
+        return parse(text, path)
+    except TuningDBError as exc:
+        raise TuningDBError(f"{exc}; {UNREADABLE_HINT}") from None
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any lock or write, to replace a read-only database file, or to write in its
+    folder (where the lock file goes too) when this process may not: one error naming the file
+    instead of an errno about a lock file. A missing folder is left to the write, which creates it."""
+    path = Path(path)
+    real = real_path(path)
+    if real.is_file() and not os.access(real, os.W_OK):
+        raise TuningDBError(f"{path}: the file is read-only: make it writable, or write the result to another file")
+    if real.parent.is_dir() and not os.access(real.parent, os.W_OK | os.X_OK):
+        raise TuningDBError(f"{path}: cannot write in its folder {real.parent} (read-only): write the result to "
+                            "another file")
 
 
 def save(db: TuningDB) -> None:
@@ -102,8 +124,10 @@ def _outcome(old: Entry | None, new: Entry) -> str:
     return f"kept: existing entry is faster ({old.ms:.4g} ms)"
 
 
-def record(path: Path, entry: Entry) -> str:
-    """Store a tuning result unless a faster, current one is already there.
+def record(path: Path, entry: Entry, beaten: dict | None = None) -> str:
+    """Store a tuning result unless a faster, current one is already there. `beaten`: a schedule
+    the new entry beat side by side (`dsagen tune`'s duel); a stored entry with that schedule is
+    replaced whatever time it recorded, a time taken on another day.
 
     The file is re-read inside its lock, so concurrent writers never drop each other's entries; a
     corrupt file raises TuningDBError and is left exactly as it is. Returns "added", "replaced" or
@@ -112,9 +136,11 @@ def record(path: Path, entry: Entry) -> str:
     path = Path(path)
     entry = Entry.from_json(entry.to_json(), f"entry for {path}")  # never write what load rejects
     _check_same_gpu(path, entry)
+    check_writable(path)
     with lock_for(path):
         db = load(path)
-        outcome = _outcome(db.entries.get(entry.key), entry)
+        old = db.entries.get(entry.key)
+        outcome = "replaced" if old is not None and old.schedule == beaten else _outcome(old, entry)
         if not outcome.startswith("kept"):
             db.entries[entry.key] = entry
             save(db)
@@ -122,12 +148,16 @@ def record(path: Path, entry: Entry) -> str:
 
 
 def prune(path: Path, keep: Callable[[Entry], bool], dry_run: bool = False) -> list[Entry]:
-    """Drop the entries `keep` rejects (under the file's lock, re-read first); returns them."""
+    """Drop the entries `keep` rejects (under the file's lock, re-read first); returns them. A dry
+    run only reads: no lock file, so it works on a database it may not write."""
     path = Path(path)
+    if dry_run:
+        return [e for e in load(path).entries.values() if not keep(e)]
+    check_writable(path)
     with lock_for(path):
         db = load(path)
         dropped = [e for e in db.entries.values() if not keep(e)]
-        if dropped and not dry_run:
+        if dropped:
             for e in dropped:
                 del db.entries[e.key]
             save(db)
@@ -140,6 +170,7 @@ def annotate(path: Path, semantics_by_hash: dict[tuple[str, str], dict]) -> list
     annotated. Entries recorded before the field existed can then answer specs that differ only
     in a near field (the head count)."""
     path = Path(path)
+    check_writable(path)
     with lock_for(path):
         db = load(path)
         done = []
@@ -167,6 +198,7 @@ def merge(a: Path, b: Path, out: Path | None = None) -> dict[str, int]:
     target = Path(out) if out is not None else a
     if not b.is_file():
         raise TuningDBError(f"{b}: no such tuning database to merge")
+    check_writable(target)
     with lock_for(target):
         ours, theirs = load(a), load(b)
         if ours.gpu_type != theirs.gpu_type:
