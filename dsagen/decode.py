@@ -12,15 +12,30 @@ def decode_windows(context_lens: torch.Tensor, next_n: int) -> tuple[torch.Tenso
     return torch.zeros_like(ke), ke
 
 
+INT32_MAX = 2**31 - 1
+
+
+def page_slots(entries: torch.Tensor, offsets: torch.Tensor, page_size: int) -> torch.Tensor:
+    """int64 cache slots entry * page_size + offset, computed without wrapping; -1 where the entry
+    is negative or the slot does not fit an int32 (no int32 slot could name it)."""
+    slots = entries.long() * page_size + offsets
+    return torch.where((entries >= 0) & (slots <= INT32_MAX), slots, -1)
+
+
 def positions_to_slots(positions: torch.Tensor, block_table: torch.Tensor, page_size: int,
                        next_n: int) -> torch.Tensor:
     """Token positions [B * next_n, k] of each request (-1 = none) -> cache slots [B, next_n, k]
-    (page * page_size + offset through the request's block table), -1 kept."""
+    (page * page_size + offset through the request's block table). -1 where a position has no
+    slot: -1 itself, a position past the table, a negative entry, a slot past int32."""
     rows, k = positions.shape
     batch = rows // next_n
+    width = block_table.shape[1]
+    if width == 0:  # no page to map a position to
+        return positions.new_full((batch, next_n, k), -1, dtype=torch.int32)
     pos = positions.long()
-    valid = pos >= 0
-    page_of = (pos.clamp_min(0) // page_size).clamp_max(block_table.shape[1] - 1)
+    page_of = pos.clamp_min(0) // page_size
+    in_table = (pos >= 0) & (page_of < width)
     request = torch.arange(batch, device=positions.device).repeat_interleave(next_n)[:, None]
-    slots = block_table.long()[request, page_of] * page_size + pos.clamp_min(0) % page_size
-    return torch.where(valid, slots, -1).to(torch.int32).reshape(batch, next_n, k)
+    entries = block_table[request, page_of.clamp_max(width - 1)]
+    slots = page_slots(entries, pos.clamp_min(0) % page_size, page_size)
+    return torch.where(in_table, slots, -1).to(torch.int32).reshape(batch, next_n, k)

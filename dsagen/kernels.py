@@ -248,6 +248,8 @@ class DSAKernels:
             raise ValueError(f"q is [B, s_q] = {list(q.shape[:2])} but index_q is {list(index_q.shape[:2])}")
         logits = self.paged_indexer(index_q, index_cache, index_weights, context_lens, block_table)
         slots = self.decode_topk(logits, context_lens, block_table)
+        if isinstance(q, torch.Tensor) and q.dim() == 4:  # with no request the top-k cannot tell s_q
+            slots = slots.reshape(q.shape[0], q.shape[1], self.spec.topk.k)
         out, lse = self.sparse_decode(q, mla_cache, slots, sm_scale)
         return DecodeOutput(out, lse, slots)
 

@@ -147,17 +147,49 @@ def test_matches_the_canonical_selection(device, gen, backend, schedule, B, next
         assert (got.reshape(-1, k)[r, :n] >= 0).all() and (got.reshape(-1, k)[r, n:] == -1).all()
 
 
-def test_positions_past_the_table_take_its_last_page(device, gen, backend):
-    """Logits wider than the block table (a context longer than its table): positions past the
-    table map through its last page, as dsagen.decode.positions_to_slots does, and no table entry
-    past the row is read."""
+def test_positions_past_the_table_are_outside_the_window(device, gen, backend):
+    """Logits wider than the block table (a context longer than its table): a position past the
+    table has no page, so the window stops at the table's last position. The logits past it are
+    +inf (they would rank first if read); every row gets 64 distinct slots of its own pages (they
+    used to map through the table's last page, as repeated slots)."""
     spec = make_spec(64, 16)
     logits, lens, table = make_case(gen, [700, 650], 1, 16, max_blocks=20, n_cols=600)
-    logits[:, 320:] += 4.0  # most winners lie past the table's 320 positions
+    logits[:, 320:] = math.inf
     for schedule in ({}, small(backend)):
         got = run_and_check(build(spec, backend, **schedule), (logits, lens, table), device)
-        ref = positions_to_slots(torch.stack(dt.canonical_positions(logits, lens, 64)), table, 16, 1)
+        for b in range(2):
+            want = positions_to_slots(dt.top_positions(logits[b, :320], 64)[None], table[b:b + 1], 16, 1)
+            assert torch.equal(torch.sort(got[b, 0]).values, torch.sort(want.reshape(-1)).values)
+            assert torch.unique(got[b, 0]).numel() == 64 and (got[b, 0] >= 0).all()
+
+
+# entries that give no slot: negative ones, and those whose slots do not fit an int32 (2**27 * 16 is
+# 2**31; 2**28 * 16 would wrap to slot 0); (2**27 - 1) * 16 + 15 = 2**31 - 1 still fits
+NO_SLOT = (-(2**31), -1, 2**27, 2**27 + 1, 2**28, 2**31 - 1)
+
+
+def test_table_entries_that_give_no_slot_emit_minus_one(device, gen, backend):
+    """Pages named by negative entries or by entries whose slots would not fit an int32 are in the
+    window (the selection does not read the table) but emit -1, never a wrapped slot; the largest
+    page whose slots fit int32 maps to the slots up to 2**31 - 1."""
+    spec = make_spec(8, 16)
+    logits = torch.randn(2, 2, 8, 16, generator=gen)
+    lens = torch.tensor([128, 128], dtype=torch.int32)
+    table = torch.tensor([[NO_SLOT[0], 3, NO_SLOT[1], 2**27 - 1, NO_SLOT[2], 5, NO_SLOT[3], 7],
+                          [0, NO_SLOT[4], 2, NO_SLOT[5], 4, NO_SLOT[0], 6, NO_SLOT[4]]], dtype=torch.int32)
+    no_slot = torch.isin(table, torch.tensor(NO_SLOT, dtype=torch.int32))
+    logits += torch.where(no_slot, -10.0, 0.0)[:, None, :, None]
+    logits[..., 0] += torch.where(no_slot, 20.0, 0.0)[:, None, :]  # of such pages, only the first positions win
+    logits[0, :, 3, 15] += 5.0  # and the slot 2**31 - 1
+    logits = logits.reshape(4, 128)
+    for schedule in ({}, small(backend)):
+        got = run_and_check(build(spec, backend, **schedule), (logits, lens, table), device)
+        ref = dt.decode_topk_reference(logits, lens, table, 8, 16)
         assert torch.equal(torch.sort(got, -1).values, torch.sort(ref, -1).values)
+        assert ((got == -1).sum(-1) == 4).all()  # the four winners on pages without slots
+        assert (got[0] == 2**31 - 1).any(-1).all()
+        slots = got[got >= 0].long()
+        assert ((slots // 16)[:, None] == torch.tensor([0, 2, 3, 4, 5, 6, 7, 2**27 - 1])).any(1).all()
 
 
 @pytest.mark.parametrize("levels,radix_bits", [(2, 8), (1, 8), (2, 10)], ids=["l2-r8", "l1-r8", "l2-r10"])

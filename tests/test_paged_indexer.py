@@ -211,6 +211,40 @@ def test_nan_propagates_as_in_the_prefill_indexer(device, backend, gen):
         assert_close("indexer.logits.fp8_e4m3", got, ref)
 
 
+def between_poison_pages(cache, spare=2):
+    """The cache as a view into a buffer with `spare` pages of 0xFF bytes (NaN fp8 keys, NaN scales)
+    before and after it: a key read through an entry outside [0, n_pages) brings NaN."""
+    wide = torch.full((cache.shape[0] + 2 * spare, *cache.shape[1:]), 0xFF, dtype=torch.uint8, device=cache.device)
+    wide[spare:spare + cache.shape[0]] = cache
+    return wide[spare:spare + cache.shape[0]]
+
+
+OUTSIDE_5_PAGES = (5, 6, 99, -1, 2**31 - 1, -(2**31))
+
+
+def test_table_entries_outside_the_cache_name_no_page(device, backend, gen):
+    """With 5 pages, an entry of 5, 6, 99, -1, 2**31 - 1 or -2**31 inside a context names no page:
+    its tokens are -inf in every row (as past the context), nothing is read through it (the cache
+    lies between pages of NaN), and the other tokens are unchanged."""
+    spec = make_spec(3, 40, 16)
+    kernels = dsagen.build(spec, backend=backend)
+    keys, scales = paged.quantize_index_keys(torch.randn(5 * 16, 40, generator=gen))
+    cache = pack_index_pages(keys, scales, 16)
+    bad = OUTSIDE_5_PAGES
+    table = torch.tensor([[0, bad[0], 1, bad[1]], [bad[2], 2, bad[3], 3], [4, bad[4], 0, bad[5]]], dtype=torch.int32)
+    lens = torch.tensor([64, 60, 50], dtype=torch.int32)
+    q = (torch.randn(3, 2, 3, 40, generator=gen) * 3).to(torch.float8_e4m3fn)
+    w = torch.randn(6, 3, generator=gen)
+    case = (q, between_poison_pages(cache.to(device)), w, lens, table)
+    got, ref = run_and_check(kernels, spec, case, device)
+    got = got.cpu()
+    outside = (table < 0) | (table >= 5)
+    assert (got.reshape(3, 2, 4, 16)[outside[:, None, :, None].expand(3, 2, 4, 16)] == -math.inf).all()
+    assert not torch.isnan(got).any()
+    inside = ref.reshape(3, 2, 4, 16)[~outside[:, None, :, None].expand(3, 2, 4, 16)]
+    assert torch.isfinite(inside).sum() > 0.9 * inside.numel()  # the visible tokens of real pages
+
+
 def test_empty_batches_and_tables(device, backend):
     spec = make_spec(3, 40, 16)
     kernels = dsagen.build(spec, backend=backend)

@@ -5,12 +5,15 @@ logits of each query row's visible prefix, emitted as cache slots.
     block_table [B, max_blocks] int32 -> slots [B, next_n, k] int32.
 
 next_n = rows / B (exactly). Row r sees the positions [0, visible) with visible =
-clamp(context_lens[b] - next_n + j + 1, 0, n_cols); no column at or past it is read. Its k largest
-logits there are selected exactly: NaN ranks above +inf (docs/numerics.md), every NaN ties with
-every other and -0 with +0, and ties go to the LOWER position, so the selected set is unique. Each
-selected position p is emitted as the slot block_table[b, p // page_size] * page_size + p % page_size
-(a position past the table takes its last page, as dsagen.decode.positions_to_slots does; a table
-of no columns gives -1), then -1 pads the rows whose window holds fewer than k keys. Order: the
+clamp(context_lens[b] - next_n + j + 1, 0, min(n_cols, max_blocks * page_size)): a position past
+the block table has no page, so it is not in the window; no column at or past it is read. Its k
+largest logits there are selected exactly: NaN ranks above +inf (docs/numerics.md), every NaN ties
+with every other and -0 with +0, and ties go to the LOWER position, so the selected set is unique.
+Each selected position p is emitted as the slot block_table[b, p // page_size] * page_size + p %
+page_size, computed in int64: a negative entry, or a slot that does not fit an int32, gives -1
+instead (never a wrapped slot; an entry past the cache's pages gives a slot past it, which
+sparse_decode skips), as dsagen.decode.positions_to_slots does. Then -1 pads the rows whose window
+holds fewer than k keys. Order: the
 schedule knob `sorted` = 1 emits each row by ascending position, the same bytes whatever schedule
 ran (what a deterministic, batch-invariant build pins); by default the order is deterministic too
 and the same for every split, but it depends on the radix_bits, levels and candidates knobs.
@@ -45,7 +48,7 @@ import math
 import sympy as sp
 import torch
 
-from ..decode import decode_windows, positions_to_slots
+from ..decode import decode_windows, page_slots, positions_to_slots
 from ..verify import Mismatch
 from . import register
 from .base import SKV, Call, Cost, Op, S, W, check_out, check_tensor, generator, next_pow2
@@ -78,33 +81,37 @@ def top_positions(window: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[:k]).values
 
 
-def canonical_positions(logits: torch.Tensor, context_lens: torch.Tensor, k: int) -> list[torch.Tensor]:
+def window_width(logits: torch.Tensor, block_table: torch.Tensor, page_size: int) -> int:
+    """The positions a row can see at most: the logits' columns, and only those the block table
+    holds pages for (a position past the table has no slot)."""
+    return min(logits.shape[1], block_table.shape[1] * page_size)
+
+
+def canonical_positions(logits, context_lens, block_table, k: int, page_size: int) -> list[torch.Tensor]:
     """Per row, the positions the kernel selects, ascending (top_positions of its visible window)."""
     next_n = request_rows(logits, context_lens)
     x = logits.detach().cpu()
-    visible = visible_lengths(context_lens.cpu(), next_n, x.shape[1])
+    visible = visible_lengths(context_lens.cpu(), next_n, window_width(x, block_table, page_size))
     return [top_positions(x[r, :int(visible[r])], k) for r in range(x.shape[0])]
 
 
 def decode_topk_reference(logits, context_lens, block_table, k: int, page_size: int) -> torch.Tensor:
-    """slots [B, next_n, k] int32 (CPU): the canonical answer, by ascending position, -1 padded."""
+    """slots [B, next_n, k] int32 (CPU): the canonical answer, by ascending position, -1 padded
+    (and -1 for a position whose table entry gives no slot)."""
     next_n = request_rows(logits, context_lens)
     n_req = context_lens.shape[0]
     table = block_table.cpu()
     pos = torch.full((n_req * next_n, k), -1, dtype=torch.int64)
-    for r, chosen in enumerate(canonical_positions(logits, context_lens, k)):
+    for r, chosen in enumerate(canonical_positions(logits, context_lens, table, k, page_size)):
         pos[r, :chosen.numel()] = chosen
-    if table.shape[1] == 0:  # no page to map a position to
-        return torch.full((n_req, next_n, k), -1, dtype=torch.int32)
     return positions_to_slots(pos, table, page_size, next_n)
 
 
 def slots_of_window(table_row: torch.Tensor, visible: int, page_size: int) -> torch.Tensor:
-    """int64 [visible]: the slot of each visible position of one request, as the kernel computes it
-    (int32 arithmetic; a position past the table takes its last page)."""
+    """int64 [visible]: the slot of each visible position of one request (visible <= the table's
+    positions), -1 where its entry gives none (negative, or a slot past int32)."""
     pos = torch.arange(visible)
-    page = (pos // page_size).clamp_max(table_row.shape[0] - 1)
-    return (table_row.long()[page] * page_size + pos % page_size).to(torch.int32).long()
+    return page_slots(table_row[pos // page_size], pos % page_size, page_size)
 
 
 def slots_to_positions(slots: torch.Tensor, table_row: torch.Tensor, visible: int, page_size: int) -> torch.Tensor:
@@ -112,7 +119,7 @@ def slots_to_positions(slots: torch.Tensor, table_row: torch.Tensor, visible: in
     own = slots_of_window(table_row, visible, page_size)
     ordered, order = torch.sort(own)
     at = torch.searchsorted(ordered, slots.long()).clamp_max(visible - 1)
-    return torch.where(ordered[at] == slots.long(), order[at], -1)
+    return torch.where((ordered[at] == slots.long()) & (slots.long() >= 0), order[at], -1)
 
 
 def assert_decode_topk(slots, logits, context_lens, block_table, k: int, page_size: int, rows=None) -> None:
@@ -120,8 +127,9 @@ def assert_decode_topk(slots, logits, context_lens, block_table, k: int, page_si
     back to distinct visible positions whose logits are the k largest of the window (NaN first: the
     NaN count must match; the other values equal exactly), those positions are the canonical ones
     (ties to the lower position), and every remaining slot is -1 (all slots -1 for a table of no
-    pages). A window longer than the table maps several positions to one slot: there the slots
-    must equal the canonical positions' slots."""
+    pages). The window stops at the table's last position. Where the window's slots are not one per
+    position (entries that give no slot, -1, or pages named twice), the slots must equal the
+    canonical positions' slots."""
     next_n = request_rows(logits, context_lens)
     n_req = context_lens.shape[0]
     got = slots.detach().cpu()
@@ -130,20 +138,20 @@ def assert_decode_topk(slots, logits, context_lens, block_table, k: int, page_si
     got = got.reshape(n_req * next_n, k)
     x = logits.detach().cpu()
     table = block_table.detach().cpu()
-    visible = visible_lengths(context_lens.cpu(), next_n, x.shape[1])
+    visible = visible_lengths(context_lens.cpu(), next_n, window_width(x, table, page_size))
     for r in (range(got.shape[0]) if rows is None else rows):
         r = int(r)
         b, vis = r // next_n, int(visible[r])
-        n = min(k, vis) if table.shape[1] else 0
+        n = min(k, vis)
         head, tail = got[r, :n], got[r, n:]
         if (tail != -1).any():
             raise Mismatch(f"decode_topk row {r}: slots {n}.. must be -1, got {tail[tail != -1][:5].tolist()}")
         if n == 0:
             continue
         want_pos = top_positions(x[r, :vis], k)
-        if vis > table.shape[1] * page_size:  # positions past the table share its last page's slots
-            want = slots_of_window(table[b], vis, page_size)[want_pos]
-            if not torch.equal(torch.sort(head.long()).values, torch.sort(want).values):
+        own = slots_of_window(table[b], vis, page_size)
+        if (own < 0).any() or torch.unique(own).numel() != vis:  # slots that name no single position
+            if not torch.equal(torch.sort(head.long()).values, torch.sort(own[want_pos]).values):
                 raise Mismatch(f"decode_topk row {r}: not the slots of the {n} largest of the window")
             continue
         pos = slots_to_positions(head, table[b], vis, page_size)
@@ -169,6 +177,7 @@ def naive_decode_topk(logits, context_lens, block_table, k: int, page_size: int)
     then the page-table transform (dsagen.decode.positions_to_slots)."""
     next_n = request_rows(logits, context_lens)
     _, ke = decode_windows(context_lens, next_n)
+    ke = ke.clamp_max(window_width(logits, block_table, page_size))
     n_cols = logits.shape[1]
     cols = torch.arange(n_cols, device=logits.device)
     masked = logits.masked_fill(cols[None, :] >= ke[:, None], -math.inf)

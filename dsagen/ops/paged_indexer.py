@@ -10,7 +10,9 @@ Row r = b * next_n + j is query j of request b; it sees the tokens s < context_l
 (token s lives in page block_table[b, s // page_size] at slot s % page_size) and gets
 logits[r, s] = k_scale[s] * sum_h weights[r, h] * relu(q[b, j, h] . k[s]) there, -inf in every other
 column (a visible length <= 0 gives an all -inf row). Table entries past a request's context are
-never read, nor are keys past it. relu keeps NaN, as in the prefill indexer. Backends: Triton and
+never read, nor are keys past it. A table entry outside [0, n_pages) names no page: its tokens are
+-inf in every row, as if outside the context, and nothing is read through it (the kernels mask it
+themselves: no host sync). relu keeps NaN, as in the prefill indexer. Backends: Triton and
 TVM (llvm for CPU tensors, cuda), with the same contract.
 
 Workload (tests, tuner, bench): S = B requests, each with a context of SKV tokens and next_n = 2
@@ -34,23 +36,28 @@ WORKLOAD_NEXT_N = 2
 
 def paged_indexer_reference(q, index_cache, weights, context_lens, block_table):
     """float64 logits written from the math: keys dequantized on the host, gathered through the
-    block table for the visible tokens only."""
+    block table for the visible tokens only; a token whose entry names no page stays -inf."""
     n_req, next_n, heads, head_dim = q.shape
-    page_size = index_cache.shape[1]
+    n_pages, page_size = index_cache.shape[:2]
     n_cols = block_table.shape[1] * page_size
     keys, scales = unpack_index_pages(index_cache.cpu(), head_dim)
     q64, w64 = q.cpu().double(), weights.cpu().double().reshape(n_req, next_n, heads)
     lens, table = context_lens.cpu().long(), block_table.cpu().long()
     out = torch.full((n_req * next_n, n_cols), -math.inf, dtype=torch.float64)
+    if n_pages == 0:  # no entry names a page
+        return out
     for b in range(n_req):
         n = min(int(lens[b]), n_cols)  # the last query row sees s < context_lens[b]
         if n <= 0:
             continue
         s = torch.arange(n)
-        token = table[b, s // page_size] * page_size + s % page_size
+        page = table[b, s // page_size]
+        in_page = (page >= 0) & (page < n_pages)
+        token = torch.where(in_page, page, 0) * page_size + s % page_size
         scores = torch.einsum("jhd,sd->jhs", q64[b], keys[token])
         scores = torch.where(scores < 0, torch.zeros_like(scores), scores)  # relu that keeps NaN
         logits = torch.einsum("jhs,jh->js", scores, w64[b]) * scales[token][None, :]
+        logits = logits.masked_fill(~in_page[None, :], -math.inf)
         for j in range(next_n):
             visible = min(int(lens[b]) - next_n + j + 1, n_cols)
             if visible > 0:
@@ -92,7 +99,9 @@ def naive_paged_indexer(q, index_cache, weights, context_lens, block_table, chun
     scales = flat[:, page_size * head_dim:].contiguous().view(torch.float32)
     out = torch.empty(n_req * next_n, n_cols, dtype=torch.float32, device=q.device)
     cols = torch.arange(n_cols, device=q.device)
-    table = block_table.long().clamp(0, n_pages - 1)  # entries past a context may be anything
+    in_page = (block_table >= 0) & (block_table < n_pages)  # entries past a context may be anything
+    table = torch.where(in_page, block_table.long(), 0)
+    no_page = (~in_page).repeat_interleave(page_size, dim=1)  # [B, n_cols]
     for b0 in range(0, n_req, chunk):
         t = table[b0:b0 + chunk]
         k = keys[t].reshape(t.shape[0], n_cols, head_dim).to(torch.bfloat16)
@@ -101,6 +110,7 @@ def naive_paged_indexer(q, index_cache, weights, context_lens, block_table, chun
         logits = torch.einsum("bjhs,bjh->bjs", scores, w) * scales[t].reshape(t.shape[0], 1, n_cols)
         visible = context_lens[b0:b0 + chunk, None].long() - next_n + 1 + torch.arange(next_n, device=q.device)
         logits = logits.masked_fill(cols[None, None, :] >= visible[..., None], -math.inf)
+        logits = logits.masked_fill(no_page[b0:b0 + chunk, None, :], -math.inf)
         out[b0 * next_n:(b0 + t.shape[0]) * next_n] = logits.reshape(-1, n_cols)
     return out
 
@@ -161,6 +171,9 @@ class PagedIndexerOp(Op):
         check_tensor("weights", weights, torch.float32, (n_req * next_n, ix.heads), dev)
         check_tensor("context_lens", context_lens, torch.int32, (n_req,), dev)
         check_tensor("block_table", block_table, torch.int32, (n_req, None), dev)
+        if index_cache.shape[0] >= 2**31:
+            raise ValueError(f"index_cache has {index_cache.shape[0]} pages: block_table's int32 entries "
+                             "name at most 2**31 - 1")
         n_cols = block_table.shape[1] * page_size
         check_out("out", out, torch.float32, (n_req * next_n, n_cols), dev)
         strides = {"q": q.stride()[:3], "index_cache": index_cache.stride()[:1], "weights": weights.stride()[:1],
