@@ -148,8 +148,9 @@ def _tune_all(spec, pairs, kernels: list[str], common: dict, pool, quiet: bool, 
             results.append(r)
             fails = ", ".join(f"{n} {k}" for k, n in sorted(r.failures.items())) or "none"
             best = f"best {r.best_ms:.4f} ms {r.best_point}" if r.best_ms is not None else "no passing candidate"
-            typer.echo(f"{name} S={s} SKV={skv}: {best}; {trial_count(r.evaluated, r.budget)} "
-                       f"({r.sampler}, {r.legal} legal points; {r.evaluated_here} here, failed: {fails}); {r.db_outcome}")
+            trials = trial_count(r.evaluated, r.budget)
+            typer.echo(f"{name} S={s} SKV={skv}: {best}; {trials} ({r.sampler}, {r.legal} legal points; "
+                       f"{r.evaluated_here} here, failed: {fails}); {r.db_outcome}")
             if r.comparison:  # before and after: the schedule builds ran, against the winner
                 typer.echo(f"  {r.comparison}")
             if r.interrupted:

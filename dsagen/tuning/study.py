@@ -6,6 +6,11 @@ they are told to Optuna as pruned. Every candidate is compiled, checked against 
 reference and timed in a worker process (dsagen.tuning.worker); a wrong, crashing or hanging
 candidate is one failed trial. The study lives in the storage, so running the same command again
 resumes it, and several processes or hosts can add trials to it at once.
+
+A study starts from the schedule builds run today (the database's answer, else the defaults), and
+ends with a duel: its winner and that schedule, checked and timed in turns in one worker process.
+The winner is recorded only if it wins; otherwise the database is left as it was, so tuning never
+makes a kernel slower than what users already get.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from .. import db as tuning_db
 from ..db.buckets import bucket_of
 from ..ops import get_op
 from .storage import open_storage
-from .worker import EVENTS_TIMING, GRAPH_TIMING, Job, Outcome, Worker
+from .worker import DUEL_ROUNDS, EVENTS_TIMING, GRAPH_TIMING, Duel, DuelOutcome, Job, Outcome, Worker
 
 SAMPLERS = ("auto", "grid", "tpe")
 GRID_MAX = 48  # legal spaces up to this size are searched exhaustively by default
@@ -62,6 +67,7 @@ class TuneRequest:
     timing: dict = field(default_factory=lambda: dict(GRAPH_TIMING))
     confirm_top: int = 3  # re-time this many best points alone with CUDA events before recording
     jobs: int = 1  # worker processes on this device: they compile in parallel and time one at a time
+    duel_rounds: int = DUEL_ROUNDS  # turns of the winner against the current schedule, before recording
 
 
 @dataclass
@@ -80,6 +86,12 @@ class TuneResult:
     # why the winner could not be recorded (a corrupt or unwritable database file), else None; the
     # study itself is kept, and `dsagen tune` goes on with the next study and exits 1 at the end
     record_error: str | None = None
+    # the schedule builds ran before this study, where it came from, and its time beside the
+    # winner's (best_ms) in their duel; comparison says it in one line (None: nothing to compare)
+    current_point: dict | None = None
+    current_source: str | None = None
+    current_ms: float | None = None
+    comparison: str | None = None
 
 
 def study_name(spec: Spec, kernel: str, backend: str, gpu_type: str, bucket: str, sampler: str) -> str:
@@ -157,7 +169,7 @@ class Progress:
         left = max(self.budget - done, 0) * rate
         eta = time.strftime("%M:%S", time.gmtime(left)) if left < 3600 else f"{left / 3600:.1f} h"
         best = f"{best_ms:.4f} ms" if best_ms is not None else "-"
-        line = f"{self.label}  trial {done}/{self.budget}  last: {last}  best: {best}  ETA {eta}"
+        line = f"{self.label}  {trial_count(done, self.budget)}  last: {last}  best: {best}  ETA {eta}"
         if self.tty:
             self.stream.write("\r\033[K" + line)
         else:
@@ -165,9 +177,17 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.tty:
+        if self.enabled and self.tty and self.done_here:
             self.stream.write("\n")
             self.stream.flush()
+        self.enabled = False  # closed once: later lines start on a line of their own
+
+
+def trial_count(done: int, budget: int) -> str:
+    """`done` of `budget` trials ("5/6 trials"), said sensibly when a study already held more."""
+    if done <= budget:
+        return f"{done}/{budget} trials"
+    return f"{done} trials, more than the {budget} asked (the study already held them)"
 
 
 def _describe(outcome: Outcome) -> str:
@@ -179,12 +199,15 @@ def _describe(outcome: Outcome) -> str:
 class _StudyRun:
     """The trial loop one or more threads run, each driving its own worker process."""
 
-    def __init__(self, req, study, space, legal, sampler_kind, budget, plan_gpu, fixed):
+    def __init__(self, req, study, space, legal, sampler_kind, budget, plan_gpu, fixed, first=None):
         self.req, self.study, self.space = req, study, space
         self.choices = {n: [fixed[n]] if n in fixed else list(k.values) for n, k in space.knobs.items()}
         self.legal_keys = {_point_key(p): p for p in legal}
         self.order = list(self.legal_keys)
         random.Random(os.getpid()).shuffle(self.order)  # workers of one grid study start apart
+        if first is not None and _point_key(first) in self.legal_keys:  # a grid starts where builds are
+            self.order.remove(_point_key(first))
+            self.order.insert(0, _point_key(first))
         self.sampler_kind, self.budget, self.plan_gpu = sampler_kind, budget, plan_gpu
         self.deadline = time.monotonic() + req.timeout_s if req.timeout_s else None
         self.lock = threading.Lock()
@@ -317,11 +340,13 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     study.set_user_attr("spec", req.spec.to_dict())
     study.set_user_attr("legal_points", len(legal))
 
+    current = _built(req)
+    built_point = current.point if current is not None else None
     if sampler_kind == "tpe" and not _counted(study.get_trials(deepcopy=False)):
-        for point in _seed_points(req, legal, untuned.point, _built_point(req)):
+        for point in _seed_points(req, legal, untuned.point, built_point):
             study.enqueue_trial(point, skip_if_exists=True)
-    run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu, fixed)
-    bar = Progress(f"[{req.kernel} {bucket} {sampler_kind}]", budget, enabled=progress)
+    run = _StudyRun(req, study, space, legal, sampler_kind, budget, plan_gpu, fixed, first=built_point)
+    bar = Progress(f"[{_shape_label(req)} {sampler_kind}]", budget, enabled=progress)
     own_workers = workers is None
     workers = workers if workers is not None else [Worker() for _ in range(max(1, req.jobs))]
     threads = [threading.Thread(target=run.loop, args=(w, bar), daemon=True) for w in workers]
@@ -343,6 +368,9 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
             raise run.errors[0]
         failures, evaluated_here, interrupted = run.failures, run.evaluated_here, run.interrupted
         best_point, best_ms = _confirm(req, study, workers[0], plan_gpu, interrupted, progress)
+        bar.close()
+        verdict = _judge(req, study, workers[0], plan_gpu, current, best_point, best_ms, fixed, interrupted,
+                         progress)
     finally:
         bar.close()
         if own_workers or run.interrupted:
@@ -350,16 +378,26 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
                 w.close()
     evaluated = len(_counted(study.get_trials(deepcopy=False)))
     record_error = None
-    if best_point is None:
-        db_outcome = "nothing recorded: no candidate passed its check"
-    else:
+    db_outcome = verdict.outcome
+    if verdict.record:
+        best_ms = verdict.ms
         try:
-            db_outcome = _record(req, name, sampler_kind, best_point, best_ms, evaluated)
+            db_outcome = _record(req, name, sampler_kind, best_point, best_ms, evaluated, verdict.beaten)
         except (tuning_db.TuningDBError, OSError, ValueError) as exc:  # the measurements stay in the study
             record_error = f"{req.kernel} S={req.S} SKV={req.SKV}: the winner was not recorded: {exc}"
             db_outcome = f"NOT RECORDED: {exc}"
+    elif verdict.ms is not None:
+        best_ms = verdict.ms
     return TuneResult(name, sampler_kind, len(legal), budget, evaluated, evaluated_here, failures, best_point,
-                      best_ms, db_outcome, interrupted, record_error)
+                      best_ms, db_outcome, interrupted, record_error,
+                      current.point if current is not None else None, current.source if current is not None else None,
+                      verdict.current_ms, verdict.comparison)
+
+
+def _shape_label(req: TuneRequest) -> str:
+    """How progress lines name a study: the kernel at the shape asked for (a decode workload's S
+    requests, not the S * next_n rows of the call its bucket is named by)."""
+    return f"{req.kernel} S{req.S}-SKV{req.SKV}"
 
 
 TARGET_KNOB_PREFIXES = {"cpu": "cpu_", "cuda": "cuda_"}
@@ -408,15 +446,21 @@ def check_db_file(path: Path | None, gpu_type: str) -> Path:
     return path
 
 
-def _built_point(req: TuneRequest) -> dict | None:
-    """The schedule a build of this spec runs at this shape today, the tuning database included (an
-    entry of the nearest tuned head count, say): a study must start from it, or its winner could be
-    slower than what users already get."""
+def _built(req: TuneRequest):
+    """What a build of this spec runs at this shape today (a Resolved: point and source), the tuning
+    databases a build reads included (an entry of the nearest tuned head count, say); None if no
+    build could resolve it. A study starts from it and its winner must beat it to be recorded."""
     try:
         S_, SKV_ = get_op(req.kernel).call_shape(req.S, req.SKV)
-        return Resolver(req.spec, req.backend, req.gpu_type).resolve(req.kernel, S_, SKV_, req.device).point
+        return Resolver(req.spec, req.backend, req.gpu_type).resolve(req.kernel, S_, SKV_, req.device)
     except DsagenError:
         return None
+
+
+def _built_point(req: TuneRequest) -> dict | None:
+    """The point of _built: where a study starts."""
+    built = _built(req)
+    return built.point if built is not None else None
 
 
 def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict, built: dict | None = None) -> list[dict]:
@@ -470,12 +514,97 @@ def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted
         if outcome.ok:
             timed.append((outcome.ms, point))
         if progress:  # say what the confirmation saw: a dropped point would otherwise vanish silently
-            print(f"[{req.kernel} S{req.S}-SKV{req.SKV}] confirm {point}: {_describe(outcome)}", file=sys.stderr,
-                  flush=True)
+            print(f"[{_shape_label(req)}] confirm {point}: {_describe(outcome)}", file=sys.stderr, flush=True)
     if not timed:
         return json.loads(done[0].user_attrs["point"]), float(done[0].value)
     ms, point = min(timed, key=lambda x: x[0])
     return point, ms
+
+
+@dataclass
+class Verdict:
+    """What the end of a study decides: record the winner (at `ms`) or leave the database as it is
+    (`outcome` says why); `comparison` is the before/after line, `current_ms` the current
+    schedule's time in the duel, `beaten` the current schedule when the winner beat it there."""
+
+    record: bool
+    ms: float | None = None
+    outcome: str = ""
+    comparison: str | None = None
+    current_ms: float | None = None
+    beaten: dict | None = None
+
+
+def _judge(req: TuneRequest, study, worker, plan_gpu: str, current, winner: dict | None, winner_ms: float | None,
+           fixed: Mapping[str, int], interrupted: bool, progress: bool = True) -> Verdict:
+    """Whether the study's winner goes to the database: only if it beats the schedule builds run
+    today (`current`, a Resolved) in a duel. A study's own times cannot decide that: the current
+    schedule may have been timed first, on a machine still warming up, or under other load."""
+    if winner is None:
+        return Verdict(False, outcome="nothing recorded: no candidate passed its check")
+    if interrupted:
+        return Verdict(False, outcome="nothing recorded: interrupted before the winner met the current schedule "
+                                      "(the same command resumes the study and compares them)")
+    if current is None:  # builds cannot resolve this kernel today: anything that passed is better
+        return Verdict(True, winner_ms, comparison=f"no current schedule to compare with; winner {winner_ms:.4f} ms")
+    from_db = current.source.startswith("tuned")
+    if _same_schedule(current.point, winner, fixed):
+        comparison = f"the winner is the current schedule ({current.source}): {winner_ms:.4f} ms"
+        if from_db:
+            return Verdict(False, winner_ms, "nothing recorded: the winner is the schedule builds already run",
+                           comparison, winner_ms)
+        return Verdict(True, winner_ms, comparison=comparison, current_ms=winner_ms)
+    failed = _failed_trial(study, current.point)
+    if failed is not None:
+        return Verdict(True, winner_ms, comparison=f"the current schedule ({current.source}) failed in this study "
+                                                   f"({failed}); winner {winner_ms:.4f} ms", beaten=current.point)
+    return _duel(req, worker, plan_gpu, current, winner, winner_ms, progress)
+
+
+def _duel(req: TuneRequest, worker, plan_gpu: str, current, winner: dict, winner_ms: float,
+           progress: bool) -> Verdict:
+    """The current schedule and the winner, checked and timed in turns in one worker process."""
+    timing = GRAPH_TIMING if get_op(req.kernel).timing == "graph" else EVENTS_TIMING
+    job = Duel(req.spec.to_dict(), req.kernel, (dict(current.point), dict(winner)), req.S, req.SKV, req.device,
+               seed=req.seed * 100003 + 7907, plan_gpu=plan_gpu, backend=req.backend, timing=dict(timing),
+               rounds=req.duel_rounds)
+    if progress:
+        print(f"[{_shape_label(req)}] duel: the winner against the current schedule ({current.source}), "
+              f"{req.duel_rounds} rounds in turns", file=sys.stderr, flush=True)
+    result = worker.run(job, 3 * req.trial_timeout_s)  # two compiles and checks, then the rounds
+    if not isinstance(result, DuelOutcome):
+        return Verdict(False, outcome=f"nothing recorded: the duel with the current schedule did not finish "
+                                      f"({_describe(result)})")
+    now, new = result.sides
+    if not new.ok:
+        return Verdict(False, outcome=f"nothing recorded: the winner failed its duel ({_describe(new)})")
+    if not now.ok:
+        return Verdict(True, winner_ms, comparison=f"the current schedule ({current.source}) failed its duel "
+                                                   f"({_describe(now)}); winner {winner_ms:.4f} ms",
+                       beaten=current.point)
+    how = f"timed in turns in one process, median of {len(result.rounds)} rounds"
+    comparison = f"current schedule {now.ms:.4f} ms, winner {new.ms:.4f} ms ({how})"
+    if new.ms < now.ms:
+        return Verdict(True, new.ms, comparison=comparison + ": the winner is recorded", current_ms=now.ms,
+                       beaten=current.point)
+    return Verdict(False, new.ms, f"nothing recorded: the current schedule ({current.source}) stays",
+                   comparison + ": the current schedule stays", now.ms)
+
+
+def _same_schedule(a: Mapping[str, int], b: Mapping[str, int], fixed: Mapping[str, int]) -> bool:
+    """Whether two points make the same kernel here: equal on every knob the study tuned (the knobs
+    it held fixed, the pins and the other target's, do not change this target's kernel)."""
+    tuned = set(a) | set(b)
+    return all(int(a.get(k, -1)) == int(b.get(k, -1)) for k in tuned - set(fixed))
+
+
+def _failed_trial(study, point: Mapping[str, int]) -> str | None:
+    """How this study's trial of `point` failed (wrong, crashed, timeout...), if it did and none passed."""
+    key = _point_key(dict(point))
+    mine = [t for t in _counted(study.get_trials(deepcopy=False)) if t.user_attrs.get("point") == key]
+    if not mine or any(t.user_attrs.get("status") == "ok" for t in mine):
+        return None
+    return f"{mine[-1].user_attrs.get('status')}: {str(mine[-1].user_attrs.get('error', ''))[:120]}"
 
 
 def _best_trial(study):
@@ -505,7 +634,8 @@ def _device_facts(device: str, backend: str) -> tuple[str, str]:
     return f"cpu ({backend}, {cpu_model()})", "cpu"
 
 
-def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: float, evaluated: int) -> str:
+def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: float, evaluated: int,
+            beaten: dict | None = None) -> str:
     from ..workloads import rates as workload_rates
 
     rates = workload_rates(req.spec, req.kernel, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))
@@ -522,4 +652,4 @@ def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: flo
         trials=evaluated, sampler=sampler_kind, study=name,
         semantics=tuning_db.recordable_semantics(get_op(req.kernel).semantic_fields(req.spec)))
     path = _db_file(req)
-    return f"{path}: {tuning_db.record(path, entry)}"
+    return f"{path}: {tuning_db.record(path, entry, beaten=beaten)}"

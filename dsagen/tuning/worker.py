@@ -6,21 +6,32 @@ another, keeping Triton's compile cache warm; the parent gives every candidate a
 crash or a timeout costs that one trial: the worker is killed and a fresh one starts for the next.
 A fresh worker first imports what it needs and says it is ready; only then does a candidate's time
 limit start, so a slow process start on a busy CPU is never mistaken for a hanging candidate.
+
+A worker also runs the end of a study's duel (Duel): the study's winner and the schedule builds
+run today, both checked, then timed in turns in this one process, so that the winner is recorded
+only where it is faster than what users already get.
+
+A worker never outlives the process that started it: a thread in the worker watches its parent
+and ends the worker once the parent is gone (a `kill -9`), even in the middle of a candidate.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Callable
 
 from ..fileio import make_dirs
-from ..timing import cpu_ms, cuda_events_ms, cuda_graph_ms
+from ..timing import cpu_ms, cuda_events_ms, cuda_graph_ms, calls_ms, interleaved_ms
 
 _CUDA_FATAL = ("illegal memory access", "CUDA error", "unspecified launch failure", "misaligned address",
                "device-side assert", "an illegal instruction")
@@ -67,6 +78,54 @@ class Outcome:
         return self.status == "ok"
 
 
+DUEL_ROUNDS = 5  # rounds of a duel: each side timed once per round, in turns
+CPU_ROUND_MS = 20.0  # on the CPU a side's turn lasts about this long at least (short kernels: several calls)
+
+
+@dataclass(frozen=True)
+class Duel:
+    """Two schedules of one kernel at one shape, checked and then timed in turns in one process.
+
+    points[0] is the schedule builds run today, points[1] the study's winner; each is checked
+    against the reference on its own fresh inputs (the same seed) before any timing."""
+
+    spec: dict
+    kernel: str
+    points: tuple[dict, dict]
+    S: int
+    SKV: int
+    device: str
+    seed: int
+    plan_gpu: str
+    backend: str = "triton"
+    check_rows: int = 6
+    timing: dict = field(default_factory=lambda: dict(EVENTS_TIMING))  # per round on CUDA
+    rounds: int = DUEL_ROUNDS
+
+
+@dataclass
+class DuelOutcome:
+    """Per side of a Duel: its Outcome, with the median of its rounds as ms when both passed;
+    `rounds` holds every round's time (side by side), to show how far the turns agreed."""
+
+    sides: list[Outcome]
+    rounds: list[list[float]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(side.ok for side in self.sides)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DuelOutcome":
+        return cls([Outcome(**side) for side in data["sides"]], [list(r) for r in data["rounds"]])
+
+
+def _is_cuda_fatal(outcome) -> bool:
+    """An error that leaves this process's CUDA context unusable: the worker must not go on."""
+    sides = outcome.sides if isinstance(outcome, DuelOutcome) else [outcome]
+    return any(s.status == "error" and any(m in s.reason for m in _CUDA_FATAL) for s in sides)
+
+
 def _warm_up() -> None:
     """Import what evaluate needs before the worker says it is ready, so that a candidate's time
     limit is spent on the candidate, not on this process's imports (seconds on a busy CPU)."""
@@ -79,8 +138,9 @@ def _warm_up() -> None:
     from ..workloads import make_inputs  # noqa: F401
 
 
-def evaluate(job: Job) -> Outcome:
-    """Run one candidate in this process. Wrong results and Python-level errors become Outcomes."""
+def _checked_call(job, point: dict) -> tuple[Outcome, Callable[[], object] | None]:
+    """Render, compile and run `point` once on fresh inputs (job.seed) into poisoned outputs, and
+    check the result: (an "ok" Outcome and the call to time) or (the failure, None)."""
     import torch
 
     from .. import backends
@@ -93,7 +153,7 @@ def evaluate(job: Job) -> Outcome:
     spec = spec_from_dict(job.spec)
     t0 = time.perf_counter()
     try:
-        resolver = Resolver(spec, job.backend, job.plan_gpu, overrides={job.kernel: job.point})
+        resolver = Resolver(spec, job.backend, job.plan_gpu, overrides={job.kernel: point})
         path = materialize(resolver.resolve(job.kernel, device_type=job.device).generated)
         fn = backends.launcher(job.backend, path, job.kernel, job.device)
         inputs = make_inputs(spec, job.kernel, job.S, job.SKV, job.device, job.seed)
@@ -102,32 +162,71 @@ def evaluate(job: Job) -> Outcome:
         if job.device == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:  # compile errors, out of resources, launch failures
-        return Outcome("error", reason=f"{type(exc).__name__}: {_first_line(exc)}")
+        return Outcome("error", reason=f"{type(exc).__name__}: {_first_line(exc)}"), None
     compile_s = time.perf_counter() - t0
     try:
         checked = check(spec, job.kernel, inputs, result, sample_rows(job.S, job.check_rows, job.seed))
     except Mismatch as exc:
-        return Outcome("wrong", reason=f"rejected, wrong result: {exc}", compile_s=compile_s)
+        return Outcome("wrong", reason=f"rejected, wrong result: {exc}", compile_s=compile_s), None
 
     def run():
         return fn(*inputs, **outs)
 
+    return Outcome("ok", check=checked, compile_s=compile_s), run
+
+
+def evaluate(job: Job) -> Outcome:
+    """Run one candidate in this process. Wrong results and Python-level errors become Outcomes."""
+    outcome, run = _checked_call(job, job.point)
+    if run is None:
+        return outcome
+    with _timing_lock(job.device):  # workers compile and check concurrently but time one at a time
+        if job.device == "cuda":
+            opts = {k: v for k, v in job.timing.items() if k != "mode"}
+            timer = cuda_graph_ms if job.timing.get("mode") == "graph" else cuda_events_ms
+            outcome.ms = timer(run, **opts)
+        else:  # CPU: the TVM backend's real time, or the Triton interpreter's (meaningless but real)
+            outcome.ms = cpu_ms(run, reps=5 if job.backend == "tvm" else 3)
+    return outcome
+
+
+def duel(job: Duel) -> DuelOutcome:
+    """Check both schedules of `job`, then time them in turns (timing.interleaved_ms); each side's
+    ms is the median of its rounds. A side that fails its check leaves both untimed."""
+    sides, runs = zip(*(_checked_call(job, point) for point in job.points))
+    sides = list(sides)
+    if not all(side.ok for side in sides):
+        return DuelOutcome(sides)
+    with _timing_lock(job.device):
+        timer = _round_timer(job, runs)
+        rounds = interleaved_ms(list(runs), job.rounds, timer)
+    for side, times in zip(sides, rounds):
+        side.ms = statistics.median(times)
+    return DuelOutcome(sides, [list(r) for r in zip(*rounds)])
+
+
+def _round_timer(job: Duel, runs) -> Callable[[Callable[[], object]], float]:
+    """How one side's turn is timed: CUDA events (or graph replays) as `job.timing` says on a GPU;
+    on the CPU the median of enough calls that a turn lasts CPU_ROUND_MS, the same count for both
+    sides (sized from one call of each, which also warms them up)."""
     if job.device == "cuda":
         opts = {k: v for k, v in job.timing.items() if k != "mode"}
-        timer = cuda_graph_ms if job.timing.get("mode") == "graph" else cuda_events_ms
-        with _timing_lock():  # workers compile and check concurrently but time one at a time
-            ms = timer(run, **opts)
-    else:  # CPU: the TVM backend's real time, or the Triton interpreter's (meaningless but real)
-        ms = cpu_ms(run, reps=5 if job.backend == "tvm" else 3)
-    return Outcome("ok", ms=ms, check=checked, compile_s=compile_s)
+        base = cuda_graph_ms if job.timing.get("mode") == "graph" else cuda_events_ms
+        return lambda fn: base(fn, **opts)
+    fastest = min(calls_ms(run) for run in runs)
+    calls = max(1, min(50, math.ceil(CPU_ROUND_MS / max(fastest, 1e-3))))
+    return lambda fn: calls_ms(fn, calls)
 
 
-def _timing_lock():
-    """One lock per visible GPU, shared by every worker process of this host."""
+def _timing_lock(device: str = "cuda"):
+    """Who times must be alone: one lock per visible GPU, or one for the CPU, shared by every
+    worker process of this host (and every `dsagen tune` using this cache folder)."""
     from ..fileio import cache_dir, file_lock
 
-    device = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "_") or "none"
-    return file_lock(cache_dir() / "tuning" / f"timing-gpu-{device}.lock")
+    if device != "cuda":
+        return file_lock(cache_dir() / "tuning" / "timing-cpu.lock")
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "_") or "none"
+    return file_lock(cache_dir() / "tuning" / f"timing-gpu-{gpus}.lock")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -138,15 +237,19 @@ def _first_line(exc: BaseException) -> str:
 
 READY = "ready"  # the worker's first message: imports done, jobs welcome
 
-# Test hook, set only by tests/test_tune.py (and documented there): DSAGEN_TEST_HOLD_JOB="<n>:<file>"
-# makes a worker process, on receiving its n-th job, create <file> and then hold that job, never
-# evaluating it, until its parent kills it or closes the pipe (then it exits). A test thereby knows
-# for certain that a trial is in flight when it interrupts or kills the tuning process, however fast
-# the machine runs the other trials. Tuning never sets it.
+# Test hook, set only by tests (test_tune.py and test_tune_worker.py document it):
+# DSAGEN_TEST_HOLD_JOB="<n>:<file>" makes a worker process, on receiving its n-th job, write its pid
+# to <file> and then hold that job like a candidate that computes for ever: it never evaluates it
+# and never reads its pipe, so only a kill (its parent's, after Ctrl-C or a time limit) or the
+# parent watch ends it. A test thereby knows for certain that a trial is in flight when it
+# interrupts or kills the tuning process, however fast the machine runs the other trials. Tuning
+# never sets it.
 HOLD_ENV = "DSAGEN_TEST_HOLD_JOB"
 
+PARENT_WATCH_S = 0.2  # how often a worker looks whether its parent is still there
 
-def _hold_if_asked(served: int, recv: Connection) -> None:
+
+def _hold_if_asked(served: int) -> None:
     value = os.environ.get(HOLD_ENV)
     if not value:
         return
@@ -154,13 +257,32 @@ def _hold_if_asked(served: int, recv: Connection) -> None:
     if not n.isdigit() or int(n) != served or not path:
         return
     Path(path).write_text(f"{os.getpid()}\n")
-    while not recv.poll(1.0):  # anything readable here is the parent's EOF (it waits for our outcome)
-        pass
-    os._exit(0)
+    while True:  # busy with the candidate, as far as anyone can tell
+        time.sleep(1.0)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this process as soon as `parent_pid` is no longer its parent (it died and the worker was
+    handed to init or a subreaper): a candidate may compute for minutes, and an orphan would hold
+    the GPU or the CPU's timing lock meanwhile.
+
+    A thread that polls getppid rather than prctl(PR_SET_PDEATHSIG): Linux sends that signal when
+    the *thread* that started the child ends, and workers are started from a study's threads,
+    which end after every study while the pool of workers lives on. Polling works on every POSIX
+    system; it needs the GIL, which long kernels and compiles release or give up between calls.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_WATCH_S)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="dsagen-parent-watch", daemon=True).start()
 
 
 def _serve(recv: Connection, send: Connection) -> None:
-    """Worker main loop: receive Jobs, send Outcomes; exit after a CUDA error (the context is gone)."""
+    """Worker main loop: receive Jobs and Duels, send their outcomes; exit after a CUDA error (the
+    context is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         _warm_up()
@@ -176,13 +298,13 @@ def _serve(recv: Connection, send: Connection) -> None:
         if job is None:
             return
         served += 1
-        _hold_if_asked(served, recv)
+        _hold_if_asked(served)
         try:
-            outcome = evaluate(job)
+            outcome = duel(job) if isinstance(job, Duel) else evaluate(job)
         except Exception as exc:  # a bug outside the candidate's own code path
             outcome = Outcome("error", reason=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
         send.send(asdict(outcome))
-        if outcome.status == "error" and any(s in outcome.reason for s in _CUDA_FATAL):
+        if _is_cuda_fatal(outcome):
             return
 
 
@@ -215,7 +337,8 @@ class Worker:
         self._log = log_dir / f"worker-{os.getpid()}-{self.restarts}.log"
         with open(self._log, "w") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "dsagen.tuning.worker", str(to_child_r), str(from_child_w)],
+                [sys.executable, "-m", "dsagen.tuning.worker", str(to_child_r), str(from_child_w),
+                 str(os.getpid())],  # the parent the worker watches
                 pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 env=env, start_new_session=True)
         os.close(to_child_r)
@@ -226,9 +349,10 @@ class Worker:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def run(self, job: Job, timeout_s: float) -> Outcome:
-        """Evaluate one job; its time limit starts when a (re)started worker has said it is ready,
-        so a busy CPU's slow process start never costs a candidate its trial."""
+    def run(self, job: Job | Duel, timeout_s: float) -> Outcome | DuelOutcome:
+        """Evaluate one job (a DuelOutcome for a Duel that ran; an Outcome otherwise, also for a
+        Duel that crashed or timed out); its time limit starts when a (re)started worker has said
+        it is ready, so a busy CPU's slow process start never costs a candidate its trial."""
         if not self.alive():
             if self._proc is not None:
                 self.restarts += 1
@@ -242,8 +366,9 @@ class Worker:
             if not self._recv.poll(timeout_s):
                 self.kill()
                 return Outcome("timeout", reason=f"no result within {timeout_s:g} s: killed (a hang costs one trial)")
-            outcome = Outcome(**self._recv.recv())
-            if outcome.status == "error" and any(s in outcome.reason for s in _CUDA_FATAL):
+            data = self._recv.recv()
+            outcome = DuelOutcome.from_dict(data) if "sides" in data else Outcome(**data)
+            if _is_cuda_fatal(outcome):
                 self.kill()  # it exits by itself; make sure the next job goes to a fresh one
             return outcome
         except (EOFError, OSError, ValueError, AttributeError):  # died, or killed by another thread
@@ -314,4 +439,9 @@ def _describe_exit(code: int | None) -> str:
 
 
 if __name__ == "__main__":
-    _serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))
+    # run as the package's module, not as __main__: the Jobs and Duels that arrive as pickles are
+    # dsagen.tuning.worker's classes, and _serve tells them apart by class
+    from dsagen.tuning import worker as _worker
+
+    _worker._exit_with_parent(int(sys.argv[3]))
+    _worker._serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))
