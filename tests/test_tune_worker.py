@@ -1,6 +1,7 @@
-"""A worker process never outlives the `dsagen tune` that started it.
+"""Worker processes: they never outlive the `dsagen tune` that started them, and they time on the
+CPU one at a time.
 
-The worker holds a candidate (the test hook dsagen.tuning.worker.HOLD_ENV: it computes for ever, as
+In the first test the worker holds a candidate (the test hook dsagen.tuning.worker.HOLD_ENV: it computes for ever, as
 far as anyone can tell, and never reads its pipe) when its parent is killed with SIGKILL, which
 leaves the parent no chance to clean up; the worker must notice and exit on its own.
 """
@@ -78,3 +79,33 @@ def test_a_worker_exits_when_its_tune_process_is_killed(tmp_path, child_env):
             proc.kill()
         if worker is not None and running(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_cpu_candidates_and_duels_are_timed_under_the_hosts_cpu_lock(tmp_path, monkeypatch):
+    """--jobs N compiles N candidates at once on the CPU, but times one at a time: every timed call
+    runs while the CPU timing lock (one file for the host's cache folder) is held."""
+    import fcntl
+
+    from dsagen.tuning import worker as worker_module
+    from dsagen.tuning.worker import Duel, Job, Outcome
+
+    monkeypatch.setenv("DSAGEN_CACHE_DIR", str(tmp_path / "cache"))
+    lock_file = tmp_path / "cache" / "tuning" / "timing-cpu.lock"
+    held: list[bool] = []
+
+    def timed_call():
+        with open(lock_file, "a+") as other:  # another open file: blocked while anyone holds the lock
+            try:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(True)
+            else:
+                held.append(False)
+                fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+
+    monkeypatch.setattr(worker_module, "_checked_call", lambda job, point: (Outcome("ok", check="fake"), timed_call))
+    job = Job({}, "topk", {"block_n": 1}, 4, 200, "cpu", seed=0, plan_gpu="nvidia-h200", backend="tvm")
+    assert worker_module.evaluate(job).ok and held and all(held)
+    held.clear()
+    duel = Duel({}, "topk", ({"block_n": 1}, {"block_n": 2}), 4, 200, "cpu", seed=0, plan_gpu="nvidia-h200", rounds=3)
+    assert worker_module.duel(duel).ok and len(held) >= 2 * 3 and all(held)
