@@ -91,14 +91,14 @@ def _holding(lock):
 
 def _last_line_start(f, size: int) -> int:
     """Offset of the last line of an open file of `size` bytes (its final newline not counted)."""
-    pos, chunk = size - 1, 1 << 16  # a final newline ends the last line; it does not start one
+    pos, chunk = size - 1, 4096  # a final newline ends the last line; it does not start one
     while pos > 0:
         start = max(0, pos - chunk)
         f.seek(start)
         found = f.read(pos - start).rfind(b"\n")
         if found >= 0:
             return start + found + 1
-        pos = start
+        pos, chunk = start, min(chunk * 2, 1 << 20)
     return 0
 
 
