@@ -140,6 +140,7 @@ def test_tvm_cpu_kernels_tune_for_real(tmp_path, monkeypatch):
     [entry] = tuning_db.load(db_file).entries.values()
     assert entry.backend == "tvm" and entry.kernel == "topk" and entry.compute_capability == "cpu"
     assert entry.ms > 0 and entry.trials == 1
+    assert entry.pct_of_roofline is None  # a roofline floor is a GPU's
     space = load_space("tvm", "topk")
     for name, value in entry.schedule.items():  # only CPU knobs were tuned
         if name.startswith("cuda_"):

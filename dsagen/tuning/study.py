@@ -658,7 +658,9 @@ def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: flo
         kernel=req.kernel, backend=req.backend, spec_hash=req.spec.semantic_hash(req.kernel),
         bucket=bucket_of(call_S, call_SKV), shape={"S": call_S, "SKV": call_SKV},
         schedule=point, ms=ms, tflops=rates["tflops"], gbps=rates["gbps"],
-        pct_of_roofline=rates["pct_of_roofline"], gpu_type=req.gpu_type, device_name=device_name,
+        # a roofline floor is a GPU's: a CPU entry has none
+        pct_of_roofline=rates["pct_of_roofline"] if req.device == "cuda" else None,
+        gpu_type=req.gpu_type, device_name=device_name,
         compute_capability=cc, date=datetime.date.today().isoformat(), versions=tuning_db.running_versions(),
         trials=evaluated, sampler=sampler_kind, study=name,
         semantics=tuning_db.recordable_semantics(get_op(req.kernel).semantic_fields(req.spec)))
