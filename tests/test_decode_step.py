@@ -12,6 +12,8 @@ from dsagen import reference
 from dsagen.cache_formats import MLA_FORMATS, dequantize_mla_rows, pack_index_pages
 from dsagen.compat import deep_gemm, flash_mla
 from dsagen.decode import decode_windows, positions_to_slots
+from dsagen.ops.decode_topk import decode_topk_reference
+from dsagen.ops.paged_indexer import paged_indexer_reference
 from dsagen.verify import TOLERANCES, assert_close, assert_topk
 
 FMT = MLA_FORMATS["deepseek_v32_fp8"]
@@ -99,6 +101,73 @@ def test_a_decode_step_matches_the_float64_pipeline(gen, device, next_n, context
     assert_close("sparse_decode.lse", res.lse.reshape(B * next_n, spec.attention.heads), ref_lse)
 
 
+# entries outside 5 pages: the size, size + 1, a page far off, -1 and the int32 extremes
+OUTSIDE_5_PAGES = (5, 6, 99, -1, 2**31 - 1, -(2**31))
+
+
+def between_poison_pages(cache, spare=2):
+    """The cache as a view into a buffer with `spare` pages of 0xFF bytes (NaN codes, scales and
+    rope values) on each side: whatever is read through an entry outside the cache brings NaN."""
+    wide = torch.full((cache.shape[0] + 2 * spare, *cache.shape[1:]), 0xFF, dtype=torch.uint8, device=cache.device)
+    wide[spare:spare + cache.shape[0]] = cache
+    return wide[spare:spare + cache.shape[0]]
+
+
+def table_outside_5_pages():
+    """Three requests of 4 pages each: every value of OUTSIDE_5_PAGES once, real pages between."""
+    bad = OUTSIDE_5_PAGES
+    return torch.tensor([[0, bad[0], 1, bad[4]], [2, bad[2], bad[3], 3], [4, bad[5], bad[1], 0]], dtype=torch.int32)
+
+
+def test_decode_with_table_entries_outside_the_caches(gen, device, backend):
+    """With 5 pages, a table entry of 5, 6, 99, -1, 2**31 - 1 or -2**31 inside a context: the paged
+    indexer gives that page's tokens -inf (nothing read: the caches lie between pages of 0xFF), the
+    top-k emits slots of real pages only (each request sees more than k real tokens), and the
+    attention matches the float64 reference over those slots."""
+    spec = serving_spec()
+    kernels = dsagen.build(spec, backend=backend)
+    batch = Batch(spec, gen, [64, 64, 60], 2, max_blocks=1, device=device)  # 3 x 1 + 2 = 5 pages
+    table = table_outside_5_pages().to(device)
+    mla_cache = between_poison_pages(batch.mla_cache.to(device))
+    kernels.mla_cache_write(batch.rows.to(device), torch.arange(5 * 16, dtype=torch.int32, device=device), mla_cache)
+    index_cache = between_poison_pages(batch.index_cache.to(device))
+    q, index_q, weights, context = batch.on_device("q", "index_q", "weights", "context_lens")
+    res = kernels.decode(q, mla_cache, index_q, index_cache, weights, context, table)
+
+    logits = kernels.paged_indexer(index_q, index_cache, weights, context, table)
+    assert_close("indexer.logits.fp8_e4m3", logits, paged_indexer_reference(index_q, index_cache, weights, context,
+                                                                             table))
+    want = decode_topk_reference(logits, context, table, spec.topk.k, 16)
+    assert torch.equal(res.slots.cpu().sort(-1).values, want.sort(-1).values)
+    entries = table.cpu().long()
+    real = torch.where((entries >= 0) & (entries < 5), entries, -1)[:, None, None, :]  # each request's real pages
+    assert ((res.slots.cpu().long()[..., None] // 16) == real).any(-1).all()
+
+    cache_rows = dequantize_mla_rows(mla_cache.cpu().reshape(-1, FMT.bytes_per_token), FMT)
+    ref_out, ref_lse = reference.sparse_attention(batch.q.reshape(6, spec.attention.heads, 576), cache_rows,
+                                                  res.slots.cpu().reshape(6, -1), spec.attention.softmax_scale, 512)
+    assert_close("sparse_decode.out", res.out.reshape(6, spec.attention.heads, 512), ref_out)
+    assert_close("sparse_decode.lse", res.lse.reshape(6, spec.attention.heads), ref_lse)
+
+
+def test_decode_of_no_request_keeps_next_n(device, backend):
+    """No request and next_n = 2: the top-k cannot tell next_n from zero logits rows, and decode()
+    still returns [0, 2, ...] outputs."""
+    spec = serving_spec()
+    kernels = dsagen.build(spec, backend=backend)
+    at, ix = spec.attention, spec.indexer
+    q = torch.zeros(0, 2, at.heads, 576, dtype=torch.bfloat16, device=device)
+    mla_cache = torch.zeros(4, 16, 1, FMT.bytes_per_token, dtype=torch.uint8, device=device)
+    index_q = torch.zeros(0, 2, ix.heads, ix.head_dim, dtype=torch.float8_e4m3fn, device=device)
+    index_cache = torch.zeros(4, 16, 1, ix.head_dim + 4, dtype=torch.uint8, device=device)
+    weights = torch.zeros(0, ix.heads, device=device)
+    context = torch.zeros(0, dtype=torch.int32, device=device)
+    table = torch.zeros(0, 3, dtype=torch.int32, device=device)
+    res = kernels.decode(q, mla_cache, index_q, index_cache, weights, context, table)
+    assert res.out.shape == (0, 2, at.heads, 512) and res.lse.shape == (0, 2, at.heads)
+    assert res.slots.shape == (0, 2, spec.topk.k) and res.slots.dtype == torch.int32
+
+
 def test_decode_traces_with_no_graph_break(gen, device):
     import torch._dynamo
 
@@ -150,6 +219,23 @@ def test_deep_gemm_fp8_paged_mqa_logits(gen, device, heads, next_n, max_context_
     want = torch.full((2 * next_n, max_context_len), -math.inf, dtype=torch.float64)
     want[:, :width] = ref[:, :width]
     assert_close("indexer.logits.fp8_e4m3", got, want)
+
+
+def test_deep_gemm_fp8_paged_mqa_logits_with_entries_outside_the_cache(gen, device):
+    """DeepGEMM's entry point over 5 pages with entries 5, 6, 99, -1, 2**31 - 1 and -2**31 inside
+    the contexts: -inf for those pages' tokens, nothing read through them, the rest as the math."""
+    spec = serving_spec(index_heads=32, index_dim=128)
+    batch = Batch(spec, gen, [64, 64, 60], 2, max_blocks=1, device=device)  # 5 pages
+    table = table_outside_5_pages().to(device)
+    cache = between_poison_pages(batch.index_cache.to(device))
+    q, w, context = batch.on_device("index_q", "weights", "context_lens")
+    meta = deep_gemm.get_paged_mqa_logits_metadata(context, 16, 132)
+    got = deep_gemm.fp8_paged_mqa_logits(q, cache, w, context, table, meta, 80, clean_logits=True)
+    want = torch.full((6, 80), -math.inf, dtype=torch.float64)
+    want[:, :64] = paged_indexer_reference(q, cache, w, context, table)
+    assert_close("indexer.logits.fp8_e4m3", got, want)
+    outside = ((table < 0) | (table >= 5)).cpu().repeat_interleave(16, 1).repeat_interleave(2, 0)
+    assert (got.cpu()[:, :64][outside] == -math.inf).all()
 
 
 @pytest.mark.parametrize("h_q", [64, 16], ids=["H64-peer-shape", "H16-refused-by-peer"])

@@ -16,7 +16,6 @@ On the GPU, compute-sanitizer does that job.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 
@@ -300,9 +299,10 @@ class Case:
     corrupt: object
     triton_only: bool = False
     packed: tuple = ()  # tensors whose inner layout is fixed: margins on dim 0 only
+    deterministic: bool = False  # a batch-invariant build (its own schedule knobs)
 
     def __str__(self):
-        return f"{self.kernel}-{self.arg}"
+        return f"{self.kernel}-{self.arg}" + ("-deterministic" if self.deterministic else "")
 
 
 CASES = [
@@ -311,11 +311,13 @@ CASES = [
     *(Case("indexer_topk", w, "prefill", 25, 40, windows(w), triton_only=True) for w in ("ks", "ke", "ks,ke")),
     Case("sparse_attention", "indices", "prefill", 6, 40, selected(lambda a: a["kv"].shape[0])),
     Case("sparse_attention_bwd", "indices", "prefill", 6, 40, selected(lambda a: a["kv"].shape[0])),
+    Case("sparse_attention_bwd", "indices", "prefill", 6, 40, selected(lambda a: a["kv"].shape[0]), deterministic=True),
     Case("indexer_loss", "indices", "training", 6, 40, selected(lambda a: a["ik"].shape[0])),
     Case("indexer_loss_bwd", "indices", "training", 6, 40, selected(lambda a: a["ik"].shape[0])),
     Case("paged_indexer", "block_table", "decode", 4, 40, table_entries(n_pages), packed=("index_cache",)),
     Case("paged_indexer", "context_lens", "decode", 5, 40, context_lengths(n_cols), packed=("index_cache",)),
     Case("decode_topk", "block_table", "decode", 4, 40, table_entries(first_page_past_int32)),
+    Case("decode_topk", "block_table", "decode", 4, 40, table_entries(first_page_past_int32), deterministic=True),
     Case("decode_topk", "context_lens", "decode", 5, 40, context_lengths(n_cols)),
     Case("sparse_decode", "indices", "decode", 3, 40,
          selected(lambda a: a["mla_cache"].shape[0] * a["mla_cache"].shape[1]), packed=("mla_cache",)),
@@ -345,7 +347,8 @@ def test_out_of_range_values_stay_inside_the_tensors(case, backend, device, gen,
               for n, t in named.items() if isinstance(t, torch.Tensor)}
     args = [inputs[n].view if n in inputs else named[n] for n in names]
     outputs = {n: Guarded.of(t, True) for n, t in op.poisoned_outputs(spec, args).items()}
-    result = dsagen.build(spec, backend=backend).run(case.kernel, *args, **{n: g.view for n, g in outputs.items()})
+    kernels = dsagen.build(spec, backend=backend, deterministic=case.deterministic)
+    result = kernels.run(case.kernel, *args, **{n: g.view for n, g in outputs.items()})
     assert bounds_checked is None or not bounds_checked.violations
     op.check(spec, args, result, checked_rows(named))
     for name, g in inputs.items():
