@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
+from dsagen.backends.triton import interpreter_problem
 from dsagen.tuning import worker as worker_module
 from dsagen.tuning.storage import JournalError, open_storage
 from dsagen.tuning.worker import Outcome
@@ -85,6 +86,8 @@ def records(data: bytes) -> list[dict]:
     return [json.loads(line) for line in data.splitlines()]
 
 
+# the tune runs with --device cpu on the Triton backend: the interpreter must be usable here
+@pytest.mark.skipif(interpreter_problem() is not None, reason=str(interpreter_problem()))
 def test_a_torn_last_record_is_set_aside_and_tuning_goes_on(home, child_env, monkeypatch, caplog):
     """A study of two trials in a process of its own; 37 bytes cut off its journal's end (as if
     that process died writing); the next tune keeps every complete record, moves the torn one aside
