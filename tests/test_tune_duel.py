@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
+from test_tune import SMALL  # the small spec every tuner test uses
 import dsagen
 from dsagen import db as tuning_db
 from dsagen.backends import tvm as tvm_backend
@@ -30,20 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FAULTY = Path(__file__).resolve().parent / "data" / "faulty_templates"
 runner = CliRunner()
 
-SMALL = """
-name = "small"
-[indexer]
-heads = 4
-head_dim = 32
-dtype = "bf16"
-[topk]
-k = 16
-[attention]
-heads = 16
-qk_dim = 96
-v_dim = 64
-dtype = "bf16"
-"""
 S, SKV = 4, 300
 KERNEL = "sparse_attention"
 

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
+from test_tune import SMALL  # the small spec every tuner test uses
 from dsagen.backends.triton import interpreter_problem
 from dsagen.tuning import worker as worker_module
 from dsagen.tuning.storage import JournalError, open_storage
@@ -24,27 +25,13 @@ from dsagen.tuning.worker import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_GPU_TYPE = "cpu-triton-interpreter"
-SPEC = """
-name = "small"
-[indexer]
-heads = 4
-head_dim = 32
-dtype = "bf16"
-[topk]
-k = 16
-[attention]
-heads = 16
-qk_dim = 96
-v_dim = 64
-dtype = "bf16"
-"""
 runner = CliRunner()
 
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("DSAGEN_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "small.toml").write_text(SPEC)
+    (tmp_path / "small.toml").write_text(SMALL)
     return tmp_path
 
 

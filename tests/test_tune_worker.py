@@ -18,10 +18,9 @@ import pytest
 
 from dsagen.backends.triton import interpreter_problem
 from dsagen.tuning.worker import HOLD_ENV
+from test_tune import SMALL  # the small spec every tuner test uses
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = '[indexer]\nheads = 4\nhead_dim = 32\ndtype = "bf16"\n[topk]\nk = 16\n' \
-       '[attention]\nheads = 16\nqk_dim = 96\nv_dim = 64\ndtype = "bf16"\n'
 
 
 def running(pid: int) -> bool:
@@ -56,7 +55,7 @@ def held_worker_pid(flag: Path, proc: subprocess.Popen) -> int:
 @pytest.mark.skipif(interpreter_problem() is not None, reason=str(interpreter_problem()))
 def test_a_worker_exits_when_its_tune_process_is_killed(tmp_path, child_env):
     spec = tmp_path / "small.toml"
-    spec.write_text(SPEC)
+    spec.write_text(SMALL)
     flag = tmp_path / "held"
     env = {**child_env, "DSAGEN_CACHE_DIR": str(tmp_path / "cache"), HOLD_ENV: f"1:{flag}"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "tune", str(spec), "-k", "topk", "--S", "4",
