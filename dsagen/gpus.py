@@ -1,7 +1,8 @@
 """GPU types dsagen knows: the ceilings that roofline floors are computed from.
 
-The H200 numbers were measured on that GPU (shared targets file, 2026-11-28: device copy, bf16
-matmul, torch._scaled_mm fp8 matmul); the others are vendor datasheet figures (dense, SXM parts).
+The H200 numbers were measured on an H200 on 2026-11-28 (torch 2.11, triton 3.6): a device-to-device
+copy, a bf16 matmul and a torch._scaled_mm fp8 matmul. The others are vendor datasheet figures
+(dense, SXM parts).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 class GPU:
     name: str  # the GPU type, also the tuning-database file stem
     compute_capability: tuple[int, int]
-    sms: int
     smem_per_block: int  # bytes of shared memory one program may use
     bf16_tflops: float
     fp8_tflops: float | None
@@ -23,10 +23,10 @@ class GPU:
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in (
-        GPU("nvidia-h200", (9, 0), 132, 232448, 756.0, 1328.6, 4.159,
+        GPU("nvidia-h200", (9, 0), 232448, 756.0, 1328.6, 4.159,
             "measured on an H200, 2026-11-28 (copy, bf16 mm, fp8 _scaled_mm)"),
-        GPU("nvidia-h100", (9, 0), 132, 232448, 989.0, 1979.0, 3.35, "NVIDIA H100 SXM datasheet"),
-        GPU("nvidia-a100", (8, 0), 108, 166912, 312.0, None, 2.039, "NVIDIA A100 80GB SXM datasheet"),
+        GPU("nvidia-h100", (9, 0), 232448, 989.0, 1979.0, 3.35, "NVIDIA H100 SXM datasheet"),
+        GPU("nvidia-a100", (8, 0), 166912, 312.0, None, 2.039, "NVIDIA A100 80GB SXM datasheet"),
     )
 }
 

@@ -21,7 +21,7 @@ from .backends import tvm as tvm_backend
 from .backends.source_cache import materialize
 from .errors import BackendError
 from .ops import enabled as enabled_ops, get_op, names as op_names
-from .resolve import DEFAULT_GPU, Resolved, Resolver, detected_gpu, gpu_context  # noqa: F401  (re-exported)
+from .resolve import Resolved, Resolver, gpu_context
 from .spec import Spec
 from . import autograd, torch_ops
 

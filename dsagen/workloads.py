@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from .ops import get_op
-from .ops.base import causal_windows  # noqa: F401  (re-exported)
 from .spec import Spec
 
 
