@@ -2,9 +2,10 @@
 `check`, `show`, `generate` and `explain` alike.
 
 Order: an override (`build(schedules=...)`, a tuning trial) -> the tuning database (this GPU type's
-exact shape bucket, its nearest bucket, then another GPU type of the same compute capability) ->
-the spec's pinned knobs -> the search space's defaults -> the nearest legal point. The answer says
-where it came from, and carries the rendered module (lower + render) that runs it.
+exact shape bucket, its nearest bucket, then another GPU type of the same compute capability; then
+the nearest tuned head count, this GPU type's entries before the other's) -> the spec's pinned
+knobs -> the search space's defaults -> the nearest legal point. The answer says where it came
+from, and carries the rendered module (lower + render) that runs it.
 """
 from __future__ import annotations
 

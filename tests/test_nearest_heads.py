@@ -14,6 +14,8 @@ from dsagen.db.buckets import bucket_of
 from dsagen.ops import get_op
 
 GPU = "nvidia-h200"
+SIBLING = "nvidia-h100"  # the same compute capability (9.0); no file of its own unless a test records one
+DEVICE_NAMES = {GPU: "NVIDIA H200", SIBLING: "NVIDIA H100 80GB HBM3"}
 V32 = dsagen.load_spec("specs/deepseek_v32.toml")
 
 
@@ -29,11 +31,11 @@ def with_index_heads(heads: int, head_dim: int = 128):
     return dataclasses.replace(V32, indexer=dataclasses.replace(V32.indexer, heads=heads, head_dim=head_dim))
 
 
-def indexer_entry(spec, schedule, S=4096, SKV=32768, semantics=True) -> db.Entry:
+def indexer_entry(spec, schedule, S=4096, SKV=32768, semantics=True, gpu=GPU, cc="9.0") -> db.Entry:
     op = get_op("indexer")
     return db.Entry(kernel="indexer", backend="triton", spec_hash=spec.semantic_hash("indexer"), bucket=bucket_of(S, SKV),
                     shape={"S": S, "SKV": SKV}, schedule=schedule, ms=1.0, tflops=None, gbps=None,
-                    pct_of_roofline=None, gpu_type=GPU, device_name="NVIDIA H200", compute_capability="9.0",
+                    pct_of_roofline=None, gpu_type=gpu, device_name=DEVICE_NAMES.get(gpu, gpu), compute_capability=cc,
                     date="2026-11-29", versions=db.running_versions(), trials=4, sampler="tpe", study="test",
                     semantics=op.semantic_fields(spec) if semantics else None)
 
@@ -46,13 +48,13 @@ AT_64 = point(block_m=64, num_stages=4)
 AT_16 = point(block_m=8, block_h=16, num_warps=8)
 
 
-def resolve(heads: int, head_dim: int = 128):
-    return dsagen.build(with_index_heads(heads, head_dim), gpu=GPU).resolve("indexer", 4096, 32768, "cuda")
+def resolve(heads: int, head_dim: int = 128, gpu: str = GPU):
+    return dsagen.build(with_index_heads(heads, head_dim), gpu=gpu).resolve("indexer", 4096, 32768, "cuda")
 
 
 def record(*entries: db.Entry) -> None:
     for e in entries:
-        db.record(db.db_path(GPU), e)
+        db.record(db.db_path(e.gpu_type), e)
 
 
 @pytest.mark.parametrize("heads,want,tuned", [(48, AT_64, 64), (24, AT_16, 16), (128, AT_64, 64), (10, AT_16, 16)],
@@ -87,6 +89,56 @@ def test_only_the_head_count_may_differ():
 def test_entries_without_recorded_semantics_are_no_neighbours():
     record(indexer_entry(with_index_heads(64), AT_64, semantics=False))
     assert "tuned" not in resolve(32).source
+
+
+# ------------------------------------------------------------------------------------------------
+# a GPU type without entries of its own borrows a sibling's of the same compute capability, tiers and all
+
+BORROWED = "tuned on nvidia-h200 (same compute capability 9.0) for heads=32 (nearest to heads=64)"
+
+
+def test_a_sibling_gpu_s_nearest_head_count_serves_a_gpu_without_its_own_file():
+    """The H100 has no file: the H200's entry tuned for 32 heads answers a 64-head spec, as it
+    does on the H200, and the source says both that it was borrowed and that it is a neighbour."""
+    record(indexer_entry(with_index_heads(32), AT_64))
+    on_h200, on_h100 = resolve(64), resolve(64, gpu=SIBLING)
+    assert on_h200.point == on_h100.point == AT_64
+    assert on_h100.source.startswith(BORROWED + ", bucket S4096-SKV32768, ")
+    assert on_h100.source.endswith("nvidia-h200.json")
+
+
+def test_a_sibling_s_neighbour_must_be_legal_here():
+    """block_h = 16 does not fit 8 heads: the sibling's legal, farther neighbour answers."""
+    record(indexer_entry(with_index_heads(16), AT_16), indexer_entry(with_index_heads(64), AT_64))
+    hit = resolve(8, gpu=SIBLING)
+    assert hit.point == AT_64 and "tuned on nvidia-h200 (same compute capability 9.0) for heads=64" in hit.source
+
+
+def test_a_neighbour_tuned_on_another_compute_capability_serves_no_sibling():
+    """A GPU type dsagen does not know may hold entries of any compute capability: only 9.0 ones
+    serve the H100."""
+    record(indexer_entry(with_index_heads(32), AT_64, gpu="nvidia-l40", cc="8.9"))
+    assert "tuned" not in resolve(64, gpu=SIBLING).source
+
+
+@pytest.mark.parametrize("own_heads,source", [(64, "tuned (exact bucket S4096-SKV32768)"),
+                                              (16, "tuned for heads=16 (nearest to heads=64)")],
+                         ids=["own-exact", "own-farther-neighbour"])
+def test_a_gpu_s_own_entry_wins_over_a_sibling_s(own_heads, source):
+    """The H100's own file answers before the H200's, even with a farther head count."""
+    own = point(block_m=32, block_h=2)
+    record(indexer_entry(with_index_heads(32), AT_64), indexer_entry(with_index_heads(own_heads), own, gpu=SIBLING))
+    hit = resolve(64, gpu=SIBLING)
+    assert hit.point == own and hit.source.startswith(source + ", ") and "nvidia-h100.json" in hit.source
+
+
+def test_explain_and_check_say_the_schedule_is_a_sibling_s_neighbour():
+    record(indexer_entry(with_index_heads(32), AT_64))
+    for command in ("explain", "check"):
+        result = CliRunner().invoke(cli.app, [command, "specs/deepseek_v32.toml", "--gpu", SIBLING],
+                                    env={"COLUMNS": "200", "NO_COLOR": "1"})
+        assert result.exit_code == 0, result.output
+        assert f"from: {BORROWED}, bucket S4096-SKV32768, " in result.output, result.output
 
 
 def test_annotate_fills_in_the_fields_of_matching_entries(tmp_path):

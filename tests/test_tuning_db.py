@@ -500,13 +500,27 @@ def test_cli_help_lists_the_commands():
         assert command in result.output
 
 
+def listed_table(output: str) -> list[str]:
+    """The table of `db list`: its lines before the blank line that ends it."""
+    return output.split("\n\n")[0].splitlines()
+
+
+def listed_files(output: str) -> dict[str, str]:
+    """The lines after the table of `db list`: file -> which GPU its entries were tuned on."""
+    return dict(line.split(": ", 1) for line in output.split("\n\n")[1].splitlines())
+
+
 def test_cli_list(two_dirs):
     user, shipped = two_dirs
     result = invoke("list", "--dir", user, "--dir", shipped)
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = listed_table(result.output)
     assert lines[0].split() == ["FILE", "GPU", "KERNEL", "BUCKET", "SPEC", "MS", "%ROOF", "DATE", "STALE", "SCHEDULE"]
     assert len(lines) == 1 + 5
+    assert listed_files(result.output) == {
+        str(user / "nvidia-h200.json"): "2 entries tuned on NVIDIA H200 (compute capability 9.0)",
+        str(shipped / "nvidia-h200.json"): "2 entries tuned on NVIDIA H200 (compute capability 9.0)",
+        str(shipped / "nvidia-h100.json"): "1 entry tuned on NVIDIA H200 (compute capability 9.0)"}
     indexer = next(line for line in lines if " indexer " in line)
     # says why, on the entry's own line: recorded version != running version
     assert f"  stale: torch 2.11.0 != {db.running_versions()['torch']}  " in indexer
@@ -518,9 +532,33 @@ def test_cli_list(two_dirs):
     assert first.endswith("block_h=64 num_warps=4")
 
     result = invoke("list", "--dir", user, "--dir", shipped, "--gpu", "nvidia-h100")
-    assert len(result.output.splitlines()) == 2
+    assert len(listed_table(result.output)) == 2
     result = invoke("list", "--dir", user, "--dir", shipped, "--kernel", "topk")
     assert result.output.strip() == "no tuned entries"
+
+
+def test_cli_list_says_which_gpu_each_file_was_tuned_on_and_whom_it_serves(tmp_path):
+    """An H100 without a file of its own builds with the H200 file's entries: `db list` says
+    where each file's entries were measured, and which GPU types borrow them."""
+    write_db(tmp_path / "nvidia-h200.json", make_entry(), make_entry(S=1024),
+             make_entry(S=2048, device_name="NVIDIA H200 NVL"))
+    write_db(tmp_path / "cpu-x86-64.json", make_entry(gpu_type="cpu-x86-64", compute_capability="cpu",
+                                                      device_name="cpu (TVM llvm, some CPU)", backend="tvm"))
+    result = invoke("list", "--dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert listed_files(result.output) == {
+        str(tmp_path / "cpu-x86-64.json"): "1 entry tuned on cpu (TVM llvm, some CPU)",
+        str(tmp_path / "nvidia-h200.json"): "2 entries tuned on NVIDIA H200 (compute capability 9.0), 1 entry tuned "
+                                            "on NVIDIA H200 NVL (compute capability 9.0); also serves nvidia-h100 "
+                                            "(same compute capability, no file of its own)"}
+    result = invoke("list", "--dir", tmp_path, "--gpu", "nvidia-h100")
+    assert result.exit_code == 0 and result.output == (
+        "no tuned entries of nvidia-h100; its builds use the entries tuned on its compute capability in "
+        f"{tmp_path / 'nvidia-h200.json'}\n")
+    assert invoke("list", "--dir", tmp_path, "--gpu", "nvidia-a100").output == "no tuned entries\n"
+    write_db(tmp_path / "nvidia-h100.json", make_entry(gpu_type="nvidia-h100", device_name="NVIDIA H100"))
+    listed = invoke("list", "--dir", tmp_path).output
+    assert "also serves" not in listed and "1 entry tuned on NVIDIA H100 (compute capability 9.0)" in listed
 
 
 def test_cli_list_labels_the_user_folder(tmp_path):
@@ -1029,6 +1067,6 @@ def test_list_leaves_the_roofline_of_a_cpu_entry_empty(tmp_path):
     write_db(tmp_path / "nvidia-h200.json", make_entry())
     result = invoke("list", "--dir", tmp_path)
     assert result.exit_code == 0, result.output
-    rows = {line.split()[1]: line.split() for line in result.output.splitlines()[1:]}
+    rows = {line.split()[1]: line.split() for line in listed_table(result.output)[1:]}
     assert rows["cpu-x86-64"][5:7] == ["12.5", "-"]
     assert rows["nvidia-h200"][5:7] == ["1.5", "61.5"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,6 +11,7 @@ import typer
 from .. import db as tdb
 from .errors import friendly_errors, printable
 from ..db.buckets import parse_bucket
+from ..db.lookup import borrowing_gpu_types, sibling_files
 
 db_app = typer.Typer(
     help="Inspect, merge and export the tuning databases (one JSON file per GPU type; the user's "
@@ -94,6 +96,39 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def _file_name(label: str, path: Path) -> str:
+    """'shipped nvidia-h200.json' in a standard folder, else the file's path (its label)."""
+    return f"{label} {path.name}" if label in ("user", "shipped") else label
+
+
+def _device(device_name: str, cc: str) -> str:
+    """'NVIDIA H200 (compute capability 9.0)'; a CPU's device name says what it is on its own."""
+    name = printable(device_name) or "an unnamed device"
+    return name if cc == "cpu" else f"{name} (compute capability {cc})"
+
+
+def _tuned_on(entries: list[tdb.Entry], dirs: list[Path]) -> str:
+    """How many of a file's listed entries were measured on which device, and the GPU types without
+    a file of their own whose builds borrow entries of that compute capability."""
+    counts = Counter((e.device_name, e.compute_capability) for e in entries)
+    devices = [f"{n} {'entries' if n > 1 else 'entry'} tuned on {_device(*device)}"
+               for device, n in counts.most_common()]
+    borrowers = sorted({g for _, cc in counts if cc != "cpu" for g in borrowing_gpu_types(cc, dirs)})
+    served = (f"; also serves {', '.join(borrowers)} (same compute capability, no file of its own)"
+              if borrowers else "")
+    return ", ".join(devices) + served
+
+
+def _no_entries(gpu: str | None, dirs: list[Path]) -> str:
+    """The answer when nothing is listed; for a GPU type, whose files its builds borrow from (a
+    build takes another GPU type's entry where its own files hold none for that kernel and spec)."""
+    lenders = [_file_name(_label(path.parent, path), path) for path in sibling_files(gpu, dirs)] if gpu else []
+    if not lenders:
+        return "no tuned entries"
+    return (f"no tuned entries of {gpu}; its builds use the entries tuned on its compute capability in "
+            f"{', '.join(lenders)}")
+
+
 @db_app.command("list")
 @friendly_errors
 def list_entries(
@@ -101,16 +136,25 @@ def list_entries(
     kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="only this kernel"),
     dirs: Optional[List[Path]] = typer.Option(None, "--dir", help=_DIR_HELP),
 ) -> None:
-    """List the tuned entries, one line each.
+    """List the tuned entries, one line each, then per file the GPU its entries were tuned on.
 
     STALE says why an entry was tuned with other versions than this process runs, recorded
-    version != running version, e.g. "stale: torch 2.11.0+cu130 != 2.13.0+cpu".
+    version != running version, e.g. "stale: torch 2.11.0+cu130 != 2.13.0+cpu". A GPU type with
+    no file of its own is served by the files of its compute capability; the last lines say which.
     """
+    folders = _dirs(dirs)
     rows = [["FILE", "GPU", "KERNEL", "BUCKET", "SPEC", "MS", "%ROOF", "DATE", "STALE", "SCHEDULE"]]
-    for label, _, e in _matching(_dirs(dirs), gpu, kernel):
+    by_file: dict[str, list[tdb.Entry]] = {}
+    for label, path, e in _matching(folders, gpu, kernel):
         rows.append([label, e.gpu_type, e.kernel, e.bucket, e.spec_hash[:8], _number(e.ms, ".4g"),
                      _roofline_pct(e), e.date[:10], _stale(e), _schedule(e)])
-    typer.echo(_table(rows) if len(rows) > 1 else "no tuned entries")
+        by_file.setdefault(_file_name(label, path), []).append(e)
+    if not by_file:
+        typer.echo(_no_entries(gpu, folders))
+        return
+    typer.echo(_table(rows) + "\n")
+    for name, entries in by_file.items():
+        typer.echo(f"{name}: {_tuned_on(entries, folders)}")
 
 
 @db_app.command("show")

@@ -161,12 +161,13 @@ def _load_other(path: Path) -> TuningDB | None:
         return None
 
 
-def _nearest_semantics(paths: list[Path], kernel: str, backend: str, want: str, semantics: Mapping[str, Any],
+def _nearest_semantics(dbs: list[TuningDB], kernel: str, backend: str, want: str, semantics: Mapping[str, Any],
                        near_fields: tuple[str, ...], fits: Callable[[Entry], bool]) -> Found | None:
     """Among entries of this kernel whose recorded semantic fields equal `semantics` except in
     `near_fields` (positive integers such as the head count), the nearest: the smallest sum of
     |log2(theirs / ours)| over those fields, then the nearest bucket; `fits` rejects schedules that
-    are illegal for the asking spec. An earlier file wins a tie."""
+    are illegal for the asking spec. An earlier file wins a tie. The source says only what was
+    near ("for heads=32 (nearest to heads=64), bucket ..."): the caller says whose file it was."""
     near = [f for f in near_fields if isinstance(semantics.get(f), int) and semantics[f] > 0]
     if not near:
         return None
@@ -178,21 +179,49 @@ def _nearest_semantics(paths: list[Path], kernel: str, backend: str, want: str, 
                 and all(isinstance(e.semantics[f], int) and e.semantics[f] > 0 for f in near))
 
     best = None
-    for order, path in enumerate(paths):
-        db = load(path)
+    for order, db in enumerate(dbs):
         for e in db.entries.values():
             if not similar(e) or _empty(db, e) or not fits(e):
                 continue
             distance = sum(abs(math.log2(e.semantics[f] / semantics[f])) for f in near)
             rank = (distance, *_rank(want, e.bucket), order)
             if best is None or rank < best[0]:
-                best = (rank, e, path)
+                best = (rank, e, db.path)
     if best is None:
         return None
     _, e, path = best
     theirs = ", ".join(f"{f}={e.semantics[f]}" for f in near)
     ours = ", ".join(f"{f}={semantics[f]}" for f in near)
-    return Found(e, f"tuned for {theirs} (nearest to {ours}), bucket {e.bucket}", path, stale_fields(e))
+    return Found(e, f"for {theirs} (nearest to {ours}), bucket {e.bucket}", path, stale_fields(e))
+
+
+def _sibling_paths(dirs: list[Path], gpu_type: str, cc: str) -> list[Path]:
+    """The files of the other GPU types that may hold entries tuned on compute capability `cc`."""
+    return [path for d in dirs for path in db_files(d) if path.stem != gpu_type and _may_hold(path.stem, cc)]
+
+
+def _siblings(dirs: list[Path], gpu_type: str, cc: str) -> dict[str, list[TuningDB]]:
+    """The readable sibling files (_sibling_paths), per GPU type (sorted), each type's files in
+    folder order."""
+    others: dict[str, list[TuningDB]] = {}
+    for path in _sibling_paths(dirs, gpu_type, cc):
+        if (db := _load_other(path)) is not None:
+            others.setdefault(path.stem, []).append(db)
+    return dict(sorted(others.items()))
+
+
+def sibling_files(gpu_type: str, dirs: list[Path]) -> list[Path]:
+    """The other GPU types' files whose entries tuned on `gpu_type`'s compute capability its builds
+    may borrow (none where dsagen does not know that compute capability)."""
+    cc = _compute_capability_of(gpu_type)
+    return [] if cc is None else _sibling_paths([Path(d) for d in dirs], gpu_type, cc)
+
+
+def borrowing_gpu_types(cc: str, dirs: list[Path]) -> list[str]:
+    """The GPU types dsagen knows, of compute capability `cc`, with no file in `dirs`: their builds
+    take every tier of the lookup from the entries other GPU types' files hold for `cc`."""
+    present = {path.stem for d in dirs for path in db_files(Path(d))}
+    return [g for g in GPUS if g not in present and _compute_capability_of(g) == cc]
 
 
 def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_type: str,
@@ -201,16 +230,18 @@ def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_t
            near_fields: tuple[str, ...] = (), legal: Callable[[Entry], bool] | None = None) -> Found | None:
     """The tuned entry for a kernel at (S, SKV) on a GPU type, or None.
 
-    Order: this GPU type's exact bucket, then its nearest bucket, then another GPU type's entry
-    tuned on the same compute capability (exact, then nearest), then (given the asking spec's
-    `semantics`) this GPU type's entry for the nearest value of `near_fields` (say, the nearest
-    tuned head count) whose schedule is `legal` here. dirs default to the user's folder,
-    then the shipped one; for the same key an earlier folder wins. compute_capability None: known
-    GPU types take theirs from dsagen.gpus, unknown ones skip the other-GPU step. Entries of other
-    kernels (also kernels this install does not know) never match. A matching entry with an empty
-    schedule, or one that `usable` rejects (say, a schedule recorded before the search space grew
-    a knob), is passed over with a warning, once per entry and process, so the nearest usable
-    bucket answers instead.
+    Order: this GPU type's exact bucket, then its nearest bucket; then another GPU type's entry
+    tuned on the same compute capability (exact, then nearest bucket); then, given the asking
+    spec's `semantics`, the entry for the nearest value of `near_fields` (say, the nearest tuned
+    head count) whose schedule is `legal` here: among this GPU type's entries first, then among
+    the same-compute-capability entries of other GPU types, so a GPU type without a file of its
+    own (an H100 beside the H200's file) is served by every tier of its sibling's file. dirs
+    default to the user's folder, then the shipped one; for the same key an earlier folder wins.
+    compute_capability None: known GPU types take theirs from dsagen.gpus, unknown ones skip the
+    other-GPU steps. Entries of other kernels (also kernels this install does not know) never
+    match. A matching entry with an empty schedule, or one that `usable` rejects (say, a schedule
+    recorded before the search space grew a knob), is passed over with a warning, once per entry
+    and process, so the nearest usable bucket answers instead.
     """
     dirs = default_dirs() if dirs is None else [Path(d) for d in dirs]
     want = bucket_of(S, SKV)
@@ -222,27 +253,27 @@ def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_t
     def found(hit: tuple[Entry, Path], source: str) -> Found:
         return Found(hit[0], source, hit[1], stale_fields(hit[0]))
 
-    def nearest_neighbour() -> Found | None:
+    def nearest_neighbour(dbs: list[TuningDB], fits: Callable[[Entry], bool],
+                          tuned_where: Callable[[Entry], str]) -> Found | None:
         if not semantics or not near_fields:
             return None
-        return _nearest_semantics([db_path(gpu_type, d) for d in dirs], kernel, backend, want, semantics, near_fields,
-                                  lambda e: (usable is None or usable(e)) and (legal is None or legal(e)))
+        hit = _nearest_semantics(dbs, kernel, backend, want, semantics, near_fields,
+                                 lambda e: fits(e) and (usable is None or usable(e)) and (legal is None or legal(e)))
+        return None if hit is None else Found(hit.entry, f"{tuned_where(hit.entry)} {hit.source}", hit.path, hit.stale)
 
-    own = _by_bucket([load(db_path(gpu_type, d)) for d in dirs], same_kernel, usable)
+    own_dbs = [load(db_path(gpu_type, d)) for d in dirs]
+    own = _by_bucket(own_dbs, same_kernel, usable)
     if want in own:
         return found(own[want], f"tuned (exact bucket {want})")
     if own:
         near = min(own, key=lambda b: _rank(want, b))
         return found(own[near], f"tuned (nearest bucket {near} for {want})")
-    if cc is None:
-        return nearest_neighbour()
-    others: dict[str, list[TuningDB]] = {}
-    for d in dirs:
-        for path in db_files(d):
-            if path.stem != gpu_type and _may_hold(path.stem, cc) and (db := _load_other(path)) is not None:
-                others.setdefault(path.stem, []).append(db)
-    same_cc = {g: _by_bucket(dbs, lambda e: same_kernel(e) and e.compute_capability == cc, usable)
-               for g, dbs in sorted(others.items())}
+    siblings = _siblings(dirs, gpu_type, cc) if cc is not None else {}
+
+    def tuned_on_cc(entry: Entry) -> bool:
+        return entry.compute_capability == cc
+
+    same_cc = {g: _by_bucket(dbs, lambda e: same_kernel(e) and tuned_on_cc(e), usable) for g, dbs in siblings.items()}
     for g, buckets in same_cc.items():
         if want in buckets:
             return found(buckets[want], f"tuned on {g} (same compute capability {cc}, bucket {want})")
@@ -251,7 +282,11 @@ def lookup(*, kernel: str, backend: str, spec_hash: str, S: int, SKV: int, gpu_t
         _, g, near = min(candidates)
         return found(same_cc[g][near],
                      f"tuned on {g} (same compute capability {cc}, nearest bucket {near} for {want})")
-    return nearest_neighbour()
+    hit = nearest_neighbour(own_dbs, lambda e: True, lambda e: "tuned")
+    if hit is None and siblings:
+        hit = nearest_neighbour([db for dbs in siblings.values() for db in dbs], tuned_on_cc,
+                                lambda e: f"tuned on {e.gpu_type} (same compute capability {cc})")
+    return hit
 
 
 def effective_entries(gpu_type: str, dirs: list[Path] | None = None) -> TuningDB:
