@@ -1,9 +1,10 @@
-"""Time the V3.2 kernels at the shapes of the H200 targets file, beside naive PyTorch, same run.
+"""Time the V3.2 kernels at the reference shapes of the H200 records, beside naive PyTorch, same run.
 
     python benchmarks/run_targets.py --out benchmarks/results [--sweep]
 
 Writes targets-<date>.json and prints a table. --sweep also times a few schedules per kernel (each
 checked against the reference first) and prints them, to see how far schedules alone move a kernel.
+The shapes are those of benchmarks/results/README.md ("Shapes and peers").
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import dsagen  # noqa: E402
 from dsagen import bench  # noqa: E402
 from dsagen.gpus import get_gpu  # noqa: E402
 
-SHAPES = {  # from the H200 targets file
+SHAPES = {  # (S, SKV) of each kernel's reference shape
     "sparse_attention": (4096, 8192),
     "indexer": (4096, 32768),
     "topk": (4096, 32768),
