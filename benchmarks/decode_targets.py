@@ -1,4 +1,4 @@
-"""Decode kernels at the H200 targets-file shapes, beside naive PyTorch in the same run, and one whole
+"""Decode kernels at the H200 records' decode shapes, beside naive PyTorch in the same run, and one whole
 decode step replayed from a CUDA graph.
 
     python benchmarks/decode_targets.py --out DIR

@@ -4,7 +4,7 @@
 #   benchmarks/h200_tune_v32.sh tune OUT      every kernel at S {1024,4096} x SKV {8192,32768,131072}
 #                                              (TPE, TRIALS=16 per study, seeded by the default schedule)
 #   benchmarks/h200_tune_v32.sh bench OUT     dsagen bench at those shapes (table, JSON, PNG)
-#   benchmarks/h200_tune_v32.sh decode OUT    the serving spec's decode kernels at the targets-file
+#   benchmarks/h200_tune_v32.sh decode OUT    the serving spec's decode kernels at the reference
 #                                              shapes: paged indexer and sparse decode at B=128 x 32K,
 #                                              decode top-k at B=2 x 128K and B=128 x 32K
 # Studies go to benchmarks/results/h200-tuning.journal (resumable: run a phase again), winners to

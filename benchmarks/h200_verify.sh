@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the H200: the checks that need a GPU, in one command per phase, results under OUT.
 #   benchmarks/h200_verify.sh tests OUT     the whole test suite on CUDA (both backends: Triton, TVM cuda)
-#   benchmarks/h200_verify.sh bench OUT     targets-file shapes (tuned Triton), TVM cuda at V3.2 shapes,
+#   benchmarks/h200_verify.sh bench OUT     reference shapes (tuned Triton), TVM cuda at V3.2 shapes,
 #                                           fused indexer + top-k against indexer-then-top-k (32K, 128K)
 #   benchmarks/h200_verify.sh profile OUT   Nsight Compute sections of each kernel's tuned launch (text)
 #   benchmarks/h200_verify.sh profile-decode OUT   the same for the decode kernels (serving spec)
@@ -42,7 +42,7 @@ case "$phase" in
       grep -E "Duration|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy" "$out/ncu-$kernel.txt" | head -8
     done ;;
   profile-decode)
-    # the decode kernels at their targets-file shapes: sparse decode, the paged indexer, and every
+    # the decode kernels at their reference shapes: sparse decode, the paged indexer, and every
     # launch of one decode top-k call (its split passes and its finish)
     # "kernel skip count": profile_kernel.py calls each 4 times; the decode top-k is 4 launches per call
     for what in "sparse_decode 3 1" "paged_indexer 3 1" "decode_topk 12 4"; do

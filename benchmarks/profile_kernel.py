@@ -1,4 +1,4 @@
-"""Launch one dsagen kernel a few times at a targets-file shape, for a profiler to catch the last launch.
+"""Launch one dsagen kernel a few times at its reference shape, for a profiler to catch the last launch.
 
     ncu -k regex:_sparse_attention_kernel -s 3 -c 1 --set full python benchmarks/profile_kernel.py sparse_attention
 
