@@ -19,8 +19,8 @@ import torch
 from .__version__ import __version__
 from .gpus import GPU, cpu_model
 from .kernels import DSAKernels
-from .ops import get_op
-from .spec import KERNELS, Spec
+from .ops import get_op, stages
+from .spec import Spec
 from .timing import cpu_ms, cuda_events_ms, cuda_graph_ms
 from .workloads import rates, sample_rows, validate_shape
 
@@ -95,11 +95,13 @@ def dense_attention_ms(spec: Spec, S: int, SKV: int, chunk: int = 512) -> float:
     return cuda_events_ms(run, warmup=25, rep=100)
 
 
-def run_bench(kernels: DSAKernels, gpu: GPU, shapes: list[tuple[int, int]], kernel_names=KERNELS,
+def run_bench(kernels: DSAKernels, gpu: GPU, shapes: list[tuple[int, int]], kernel_names=None,
               dense: bool = True, progress: Callable[[str], None] = print, device: str = "cuda",
               graph: bool = False) -> dict:
     """Every kernel at every shape, plus DSA (the three together) against dense attention.
-    graph: time CUDA-graph replays of each kernel instead of eager calls (naive PyTorch stays eager)."""
+    graph: time CUDA-graph replays of each kernel instead of eager calls (naive PyTorch stays eager).
+    kernel_names: default the DSA stages (the registry's, in pipeline order)."""
+    kernel_names = stages() if kernel_names is None else kernel_names
     rows: list[BenchRow] = []
     totals = []
     for S, SKV in shapes:
@@ -111,7 +113,7 @@ def run_bench(kernels: DSAKernels, gpu: GPU, shapes: list[tuple[int, int]], kern
             progress(format_table([row]).splitlines()[-1])
             if row.warning:
                 progress(f"warning: {row.kernel} S={S} SKV={SKV}: {row.warning}")
-        if dense and set(kernel_names) == set(KERNELS):
+        if dense and set(kernel_names) == set(stages()):
             dsa = sum(r.ms for r in here)
             try:
                 dense_ms = dense_attention_ms(kernels.spec, S, SKV)

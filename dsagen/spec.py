@@ -22,9 +22,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from .errors import SpecError
 
-# the three DSA stages, in pipeline order (every kernel, fused ones too: dsagen.ops.names())
-KERNELS = ("indexer", "topk", "sparse_attention")
-
 INDEXER_DTYPES = ("fp8_e4m3", "bf16")
 ATTENTION_DTYPES = ("bf16",)
 

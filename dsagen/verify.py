@@ -1,8 +1,10 @@
-"""Checking a kernel's output against the float64 reference: the one place tolerances live.
+"""Checking a kernel's output against the float64 reference.
 
 Used by the tests and by the tuner (a fast but wrong candidate is rejected, never recorded).
 Closeness is the RMS ratio ||got - ref|| / ||ref|| over the finite reference entries; infinities
-must match exactly in place and sign; NaN never passes.
+must match exactly in place and sign; NaN never passes. The bound is a number: each op declares its
+outputs' bounds beside its math (`Op.tolerances`), and a "<kernel>.<output>" label without a number
+is looked up there.
 """
 from __future__ import annotations
 
@@ -10,38 +12,24 @@ import torch
 
 from . import reference
 
-# RMS-ratio tolerance per output. The indexer multiplies exact fp8/bf16 products into fp32, so only
-# summation order differs; attention rounds P and the output to bf16 (2**-8 relative each).
-# fp8 on Hopper: wgmma accumulates fp8 products in reduced precision inside one dot (measured on the
-# H200 at D=128: RMS ratio 1.3e-4), so the fp8 indexer gets a looser bound than bf16.
-# Sparse FP8 decode: the reference uses the exact dequantized rows (fp8 * scale); the kernel
-# rounds fp32(code) * scale to bf16 (exact for the format's power-of-two scales, 2**-9 relative
-# otherwise), then rounds P and the output to bf16 like the prefill attention, so the same bounds.
-TOLERANCES = {
-    "indexer.logits.bf16": 1e-5,
-    "indexer.logits.fp8_e4m3": 1e-3,
-    "sparse_attention.out": 1e-2,
-    "sparse_attention.lse": 1e-4,
-    "sparse_decode.out": 1e-2,
-    "sparse_decode.lse": 1e-4,
-    # Training (backward). Gradients come from bf16 inputs through fp32 accumulators: dS = P (dP - Delta)
-    # cancels, so they get a looser bound than the forward; the indexer KL loss is an fp32 sum.
-    "sparse_attention_bwd.dq": 2e-2,
-    "sparse_attention_bwd.dkv": 2e-2,
-    "indexer_loss.loss": 1e-3,
-    "indexer_loss.dq": 2e-2,
-    "indexer_loss.dk": 2e-2,
-    "indexer_loss.dweights": 2e-2,
-}
-
 
 class Mismatch(AssertionError):
     """A kernel output disagrees with the reference."""
 
 
-def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor) -> float:
-    """Raise Mismatch unless got matches ref within TOLERANCES[what]; returns the RMS ratio."""
-    tol = TOLERANCES[what]
+def tolerance(what: str) -> float:
+    """The bound of "<kernel>.<output>" (with ".<dtype>" where the op keys one) as its op declares it."""
+    from .ops import get_op
+
+    kernel, _, output = what.partition(".")
+    return get_op(kernel).tolerance(output)
+
+
+def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor, tol: float | None = None) -> float:
+    """Raise Mismatch unless got matches ref within an RMS ratio of `tol` (default: the bound the
+    op declares for the "<kernel>.<output>" label `what`); returns the RMS ratio."""
+    if tol is None:
+        tol = tolerance(what)
     got64 = got.detach().to("cpu", torch.float64)
     ref64 = ref.detach().to("cpu", torch.float64)
     if got64.shape != ref64.shape:

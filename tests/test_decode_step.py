@@ -14,7 +14,7 @@ from dsagen.compat import deep_gemm, flash_mla
 from dsagen.decode import decode_windows, positions_to_slots
 from dsagen.ops.decode_topk import decode_topk_reference
 from dsagen.ops.paged_indexer import paged_indexer_reference
-from dsagen.verify import TOLERANCES, assert_close, assert_topk
+from dsagen.verify import assert_close, assert_topk, tolerance
 
 FMT = MLA_FORMATS["deepseek_v32_fp8"]
 
@@ -87,7 +87,7 @@ def test_a_decode_step_matches_the_float64_pipeline(gen, device, next_n, context
     ks, ke = decode_windows(batch.context_lens, next_n)
     positions = kernels.topk(kernels.paged_indexer(index_q, index_cache, weights, context, table),
                              ks.to(device), ke.to(device))
-    assert_topk(positions, logits64, ks, ke, spec.topk.k, tolerance=TOLERANCES["indexer.logits.fp8_e4m3"])
+    assert_topk(positions, logits64, ks, ke, spec.topk.k, tolerance=tolerance("indexer.logits.fp8_e4m3"))
     slots = positions_to_slots(positions, table, spec.cache.page_size, next_n)
     # the decode top-k picks the same slots (ties to the lower position in both), in its own order
     assert torch.equal(res.slots.sort(-1).values, slots.sort(-1).values)

@@ -65,6 +65,62 @@ def test_an_op_name_must_be_an_identifier():
     with pytest.raises(dsagen.DsagenError, match="lower-case letters"):
         dsagen.ops.register(Bad())
 
+    class Unplaced(dsagen.ops.Op):
+        name = "unplaced"
+        position = "first"
+
+    with pytest.raises(dsagen.DsagenError, match="op 'unplaced': position='first' must be an integer"):
+        dsagen.ops.register(Unplaced())
+
+
+def test_every_module_of_the_ops_package_registers_without_a_list():
+    """dsagen's own ops are the modules of dsagen/ops (found, not listed), each registering its op."""
+    package = Path(dsagen.ops.__file__).parent
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "base"}
+    assert dsagen.ops._own_modules() == sorted(modules)
+    own = dsagen.ops.own_ops()
+    assert {type(op).__module__.rsplit(".", 1)[1] for op in own} == modules
+    assert [op.name for op in own] == list(names())  # no plugin here: every op is dsagen's own
+
+
+def test_listing_order_follows_the_declared_position_not_the_import_order():
+    ops = dsagen.ops.all_ops()
+    assert [op.position for op in ops] == sorted(op.position for op in ops)
+
+    class Early(dsagen.ops.Op):  # registered last, listed between the indexer and the top-k
+        name = "early_listed"
+        position = dsagen.ops.get_op("indexer").position + 1
+
+    dsagen.ops.register(Early())
+    try:
+        assert names()[:3] == ("indexer", "early_listed", "topk")
+        assert dsagen.ops.stages() == ("indexer", "topk", "sparse_attention")
+    finally:
+        dsagen.ops.unregister("early_listed")
+    assert "early_listed" not in names()
+
+
+def test_the_kernel_option_help_lists_every_kernel_dsagen_ships():
+    from dsagen.cli.options import KERNEL_HELP
+
+    listed = KERNEL_HELP.split(": ", 1)[1].split(", or any kernel", 1)[0].split(", ")
+    assert [item.split(" ")[0] for item in listed] == list(names())
+    assert "indexer_topk (triton only)" in KERNEL_HELP
+
+
+def test_tolerances_live_with_each_op_and_verify_takes_numbers(gen):
+    from dsagen.verify import Mismatch, assert_close, tolerance
+
+    assert tolerance("indexer.logits.fp8_e4m3") == get_op("indexer").tolerances["logits.fp8_e4m3"] == 1e-3
+    assert tolerance("sparse_attention.lse") == get_op("sparse_attention").tolerance("lse") == 1e-4
+    ref = torch.randn(64, generator=gen, dtype=torch.float64)
+    off = ref * (1 + 1e-3)  # RMS ratio 1e-3
+    assert assert_close("anything", off, ref, 2e-3) == pytest.approx(1e-3)
+    with pytest.raises(Mismatch, match="anything: RMS ratio .* > tolerance 0.0005"):
+        assert_close("anything", off, ref, 5e-4)
+    with pytest.raises(dsagen.DsagenError, match="op 'topk' declares no tolerance for 'out'"):
+        assert_close("topk.out", off, ref)
+
 
 def test_a_kernel_from_outside_dsagen_builds_and_runs_on_both_backends(plugin, gen, device):
     spec = dsagen.load_spec(V32)
@@ -123,13 +179,18 @@ def test_show_and_build_agree(S, SKV):
 
 
 def test_generate_and_check_list_every_kernel_with_its_source(tmp_path):
+    offered = [op.name for op in dsagen.ops.enabled(dsagen.load_spec(V32), "triton")]
+    tuned = ("indexer", "topk", "sparse_attention", "indexer_topk")  # what the shipped H200 database holds here
     out = invoke("generate", V32, "-o", tmp_path, "--S", "4096", "--SKV", "32768", "--gpu", "nvidia-h200")
     assert out.exit_code == 0, out.plain
-    for kernel in ("indexer", "topk", "sparse_attention", "indexer_topk"):
-        assert re.search(rf"^{kernel}: .*from tuned \(exact bucket S4096-SKV32768\)", out.plain, re.M), out.plain
+    for kernel in offered:
+        tuned_here = r".*from tuned \(exact bucket S4096-SKV32768\)" if kernel in tuned else ""
+        assert re.search(rf"^{kernel}: {tuned_here}", out.plain, re.M), out.plain
     checked = invoke("check", V32, "--S", "4096", "--SKV", "32768", "--gpu", "nvidia-h200").plain
-    assert "kernels (triton): indexer, topk, sparse_attention, indexer_topk" in checked
-    assert checked.count("from: tuned (exact bucket S4096-SKV32768)") == 4
+    assert f"kernels (triton): {', '.join(offered)}" in checked
+    for kernel in offered:
+        assert f"[{kernel}]" in checked, kernel
+    assert checked.count("from: tuned (exact bucket S4096-SKV32768)") == len(tuned)
 
 
 def test_generate_for_the_tvm_cpu_uses_the_tuned_cpu_entries(tmp_path):

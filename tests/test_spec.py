@@ -16,10 +16,11 @@ from dsagen import AttentionSpec, IndexerSpec, ScheduleError, Spec, SpecError, T
 from dsagen.gpus import get_gpu
 from dsagen.plan import problem_symbols
 from dsagen.schedule import choose, load_space
-from dsagen.spec import KERNELS
+from dsagen.ops import stages
 
 ROOT = Path(__file__).resolve().parent.parent
 V32 = ROOT / "specs" / "deepseek_v32.toml"
+STAGES = stages()  # the three DSA stages, in pipeline order
 H200 = get_gpu("nvidia-h200")
 
 
@@ -387,7 +388,7 @@ def test_schedule_kernel_must_be_a_table():
 
 def test_v32_defaults_are_legal_on_h200():
     spec = dsagen.load_spec(V32)
-    for kernel in KERNELS:
+    for kernel in STAGES:
         choice = choose(spec, kernel, H200)
         assert choice.source == "default"
         assert choice.point == load_space("triton", kernel).default_point()
@@ -462,7 +463,7 @@ LEGALITY_SPECS = {
 
 @pytest.mark.parametrize("gpu", ["nvidia-h200", "nvidia-a100"])
 @pytest.mark.parametrize("spec_name", list(LEGALITY_SPECS))
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", STAGES)
 def test_legal_points_agree_with_violations(kernel, spec_name, gpu):
     """legal_points (lambdified) and violations (sympy subs) must agree on every grid point."""
     spec = LEGALITY_SPECS[spec_name]()
@@ -515,7 +516,7 @@ def test_semantic_hash_ignores_name_and_schedule():
     base = dsagen.spec_from_dict(v32_dict())
     other = dsagen.spec_from_dict(v32_dict() | {"name": "renamed", "schedule": {"topk": {"block_n": 512}}})
     assert other.semantic_hash() == base.semantic_hash()
-    for kernel in KERNELS:
+    for kernel in STAGES:
         assert other.semantic_hash(kernel) == base.semantic_hash(kernel)
 
 
@@ -535,7 +536,7 @@ def test_per_kernel_hash_depends_only_on_its_section(section, key, value, owner,
 
 def test_per_kernel_hashes_differ_from_each_other_and_the_whole():
     spec = Spec()
-    hashes = {spec.semantic_hash(k) for k in KERNELS} | {spec.semantic_hash()}
+    hashes = {spec.semantic_hash(k) for k in STAGES} | {spec.semantic_hash()}
     assert len(hashes) == 4
 
 
@@ -565,7 +566,7 @@ def test_topk_fused_is_a_boolean_outside_the_semantic_hash():
     fused = dsagen.spec_from_dict(with_value("topk", "fused", True))
     plain = dsagen.spec_from_dict(v32_dict())
     assert fused.topk.fused is True and plain.topk.fused is False
-    for kernel in KERNELS + ("indexer_topk",):
+    for kernel in STAGES + ("indexer_topk",):
         assert fused.semantic_hash(kernel) == plain.semantic_hash(kernel)
     assert plain.semantic_hash("indexer_topk") != plain.semantic_hash("indexer")  # it depends on k too
     with pytest.raises(SpecError, match=r"topk.fused=1 must be true or false"):

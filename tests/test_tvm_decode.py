@@ -21,7 +21,7 @@ from dsagen.backends import tvm as tvm_backend
 from dsagen.backends.triton import interpreter_problem
 from dsagen.cache_formats import MLA_FORMATS, dequantize_mla_rows
 from dsagen.decode import decode_windows, positions_to_slots
-from dsagen.verify import TOLERANCES, assert_close, assert_topk
+from dsagen.verify import assert_close, assert_topk, tolerance
 from test_decode_step import Batch, serving_spec
 from test_decode_topk import TVM_SMALL, make_case as topk_case, make_spec as topk_spec, tie_keys
 from test_paged_indexer import make_case, make_spec as indexer_spec
@@ -225,7 +225,7 @@ def test_a_decode_step_on_tvm_matches_the_float64_pipeline(gen, next_n, context_
                                     spec.cache.page_size)
     assert torch.equal(res.slots, want)  # by ascending position
     positions = kernels.topk(logits, ks, ke)
-    assert_topk(positions, logits64, ks, ke, spec.topk.k, tolerance=TOLERANCES["indexer.logits.fp8_e4m3"])
+    assert_topk(positions, logits64, ks, ke, spec.topk.k, tolerance=tolerance("indexer.logits.fp8_e4m3"))
     slots = positions_to_slots(positions, batch.block_table, spec.cache.page_size, next_n)
     assert torch.equal(res.slots.sort(-1).values, slots.sort(-1).values)  # the same slots, in any order
     rows = dequantize_mla_rows(mla_cache.reshape(-1, FMT.bytes_per_token), FMT)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import dsagen
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +43,11 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contains_package_data_and_cli(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for kernel in ("indexer", "topk", "sparse_attention"):
-        assert f"dsagen/_data/templates/triton/{kernel}.py.j2" in names
-        assert f"dsagen/_data/schedules/triton/{kernel}.toml" in names
+    for op in dsagen.ops.own_ops():  # every kernel of the checkout: its op module, templates, schedules
+        assert f"{type(op).__module__.replace('.', '/')}.py" in names, op.name
+        for backend in op.backends:
+            assert f"dsagen/_data/templates/{backend}/{op.name}.py.j2" in names, (op.name, backend)
+            assert f"dsagen/_data/schedules/{backend}/{op.name}.toml" in names, (op.name, backend)
     assert "dsagen/_data/templates/triton/_header.j2" in names
     assert any(n.startswith("dsagen/_data/autotune_db/") for n in names)
     assert "dsagen/_data/autotune_db/README.md" in names
@@ -90,14 +94,18 @@ def test_installed_wheel_runs_without_the_checkout(wheel, tmp_path):
     for command in ("check", "generate", "show"):
         assert command in helped.stdout
 
+    # the installed package finds its own ops (no import list), in the checkout's order
+    found = run([python, "-c", "import dsagen; print(' '.join(dsagen.ops.names()))"], cwd=work, env=env)
+    assert found.stdout.split() == [op.name for op in dsagen.ops.own_ops()]
+
     out = work / "generated"
     spec = work / "v32.toml"
     spec.write_text(V32.read_text())
     run([python, script, "generate", spec, "-o", out], cwd=work, env=env)
     files = sorted(p.name for p in out.glob("*.py"))
-    # the three stages, the fused indexer + top-k and the attention's backward (bf16 attention; the
-    # indexer loss needs a bf16 indexer, which V3.2's fp8 one is not)
-    kernels = ("indexer", "topk", "sparse_attention", "indexer_topk", "sparse_attention_bwd")
+    # every kernel a Triton build of V3.2 offers (the three stages, the fused indexer + top-k and the
+    # attention's backward: the indexer loss needs a bf16 indexer, which V3.2's fp8 one is not)
+    kernels = [op.name for op in dsagen.ops.enabled(dsagen.load_spec(V32), "triton")]
     assert len(files) == len(kernels), files
     for kernel in kernels:
         assert any(f.startswith(kernel + "_") for f in files), kernel

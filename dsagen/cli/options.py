@@ -29,8 +29,18 @@ GPU_OPTION = typer.Option(None, "--gpu", help="GPU type whose limits and tuning 
 TARGET_DEVICE_OPTION = typer.Option(Device.cuda, "--device", help="which kernels: cuda (the GPU's), or cpu (the "
                                     "Triton interpreter's rendering; TVM's llvm kernels and the CPU's tuned "
                                     "entries)")
-KERNEL_HELP = ("kernel (repeatable): indexer, topk, sparse_attention, indexer_topk (fused, Triton), or any kernel "
-               "registered through DSAGEN_OPS")
+
+
+def kernel_help() -> str:
+    """--kernel's help, from the registry: every kernel dsagen ships (plugins are not imported for
+    a help text: a broken one is reported when a command runs)."""
+    from dsagen.ops import own_ops
+
+    listed = ", ".join(op.name + ("" if len(op.backends) > 1 else f" ({op.backends[0]} only)") for op in own_ops())
+    return f"kernel (repeatable): {listed}, or any kernel registered through DSAGEN_OPS"
+
+
+KERNEL_HELP = kernel_help()
 
 
 def load_checked_spec(path: Path, backend: str):

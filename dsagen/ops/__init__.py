@@ -1,16 +1,19 @@
 """The op registry: every kernel family dsagen knows, found by name by every stage.
 
-dsagen's own ops (the indexer, top-k, sparse attention and the fused indexer + top-k) register
-when this package is imported. A kernel defined outside dsagen registers with `register(op)` in
-the process, or for every process (the CLI, tuning workers) through the `DSAGEN_OPS` environment
-variable (importable module names or paths of `.py` files, separated by commas) or the
-`dsagen.ops` entry-point group of an installed package.
+dsagen's own ops register when this package is imported: every module of it (but `base` and
+private ones) is imported, so an in-tree kernel is its op module, templates and schedule files, with
+no list to edit. Listings follow each op's declared `position`, not the order modules import in. A
+kernel defined outside dsagen registers with `register(op)` in the process, or for every process
+(the CLI, tuning workers) through the `DSAGEN_OPS` environment variable (importable module names or
+paths of `.py` files, separated by commas) or the `dsagen.ops` entry-point group of an installed
+package.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+import pkgutil
 import re
 import sys
 import threading
@@ -32,12 +35,22 @@ def register(op: Op) -> Op:
         raise TypeError(f"register() takes a dsagen.ops.Op instance, got {type(op).__name__}")
     if not isinstance(op.name, str) or not _NAME.match(op.name):
         raise DsagenError(f"op name {op.name!r} must be lower-case letters, digits and '_' (a letter first)")
+    if not isinstance(op.position, int) or isinstance(op.position, bool):
+        raise DsagenError(f"op {op.name!r}: position={op.position!r} must be an integer (where it is listed)")
     with _LOCK:
         old = _REGISTRY.get(op.name)
         if old is not None and type(old) is not type(op):
             raise DsagenError(f"op {op.name!r} is already registered (by {type(old).__module__})")
         _REGISTRY[op.name] = op
+        _order_by_position()
     return op
+
+
+def _order_by_position() -> None:
+    """Keep the registry in listing order: by position, then by registration (a stable sort)."""
+    ordered = sorted(_REGISTRY.values(), key=lambda op: op.position)
+    _REGISTRY.clear()
+    _REGISTRY.update((op.name, op) for op in ordered)
 
 
 def unregister(name: str) -> None:
@@ -104,9 +117,15 @@ def get_op(name: str) -> Op:
 
 
 def all_ops() -> list[Op]:
-    """Every registered op, dsagen's own first, in registration order."""
+    """Every registered op in listing order: by position (dsagen's own hold 10..110, the default
+    lists after them), then by registration."""
     _load_plugins()
     return list(_REGISTRY.values())
+
+
+def own_ops() -> list[Op]:
+    """dsagen's own ops (the modules of this package), in listing order, without importing plugins."""
+    return [op for op in _REGISTRY.values() if type(op).__module__.startswith(__name__ + ".")]
 
 
 def names() -> tuple[str, ...]:
@@ -123,10 +142,18 @@ def enabled(spec, backend: str) -> list[Op]:
     return [op for op in all_ops() if op.enabled(spec, backend)]
 
 
-from . import indexer, topk, sparse_attention, indexer_topk  # noqa: E402,F401  (dsagen's own ops register)
-from . import mla_cache_write, paged_indexer, sparse_decode, decode_topk  # noqa: E402,F401  (decode over paged caches)
-from . import indexer_loss, indexer_loss_bwd  # noqa: E402,F401  (training: the indexer's KL loss and its backward)
-from . import sparse_attention_bwd  # noqa: E402,F401  (training: the sparse attention backward)
+def _own_modules() -> list[str]:
+    """The modules of this package that define ops: all but `base` and private ones, by name."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_"))
 
-__all__ = ["Call", "Cost", "Op", "PLUGINS_ENV", "all_ops", "enabled", "get_op", "load_plugin", "names", "register",
-           "stages", "unregister"]
+
+def _register_own_ops() -> None:
+    """Import every op module of this package; each registers its ops as it is imported."""
+    for module in _own_modules():
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_register_own_ops()
+
+__all__ = ["Call", "Cost", "Op", "PLUGINS_ENV", "all_ops", "enabled", "get_op", "load_plugin", "names", "own_ops",
+           "register", "stages", "unregister"]

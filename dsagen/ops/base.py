@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import sympy as sp
 import torch
 
+from ..errors import DsagenError
 from ..resources import data_dir
 from ..spec import softmax_scale_value
 
@@ -146,6 +147,10 @@ class Op:
 
     name: str = ""
     summary: str = ""  # one line for `dsagen check` and the docs
+    # where the op is listed (check, generate, --kernel's help; stages() in this order is the
+    # pipeline's): lower first, equal positions in the order they registered. dsagen's own ops hold
+    # 10..110; a kernel that leaves it lists after them.
+    position: int = 1000
     backends: tuple[str, ...] = ("triton",)
     stage: bool = False  # one of the three DSA stages (dsa() and the spec's semantic hash use them)
     needs_cache: bool = False  # a decode kernel: offered only by specs with a [cache] section
@@ -166,6 +171,10 @@ class Op:
     # int), and its keyword outputs in the order it returns them
     args: tuple[tuple[str, str], ...] = ()
     outputs: tuple[str, ...] = ("out",)
+    # the RMS-ratio bound ||got - ref|| / ||ref|| of each checked output against the float64
+    # reference (verify.assert_close), keyed by what is checked (an output's name), with ".<dtype>"
+    # where the bound depends on one
+    tolerances: Mapping[str, float] = {}
     # autograd (dsagen/autograd.py): the registered op that differentiates this one, and the
     # outputs that carry no gradient (statistics such as an lse); None: not differentiable
     backward_kernel: str | None = None
@@ -188,6 +197,13 @@ class Op:
         of this kernel, so one schedule serves every batch: a decode step's B * next_n = 256 rows of
         a 32K context, or a 4096-query prefill of a 32K context. An op may override it."""
         return (256, 32768) if self.needs_cache else (4096, 32768)
+
+    def tolerance(self, output: str) -> float:
+        """The bound `output` is checked to; an undeclared one is an error naming what is declared."""
+        if output not in self.tolerances:
+            declared = ", ".join(self.tolerances) or "none"
+            raise DsagenError(f"op {self.name!r} declares no tolerance for {output!r} (declared: {declared})")
+        return self.tolerances[output]
 
     # -- where its files are ----------------------------------------------------------------
     def root(self, kind: str) -> Path:

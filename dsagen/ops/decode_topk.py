@@ -206,6 +206,7 @@ def decode_topk_inputs(spec, n_req: int, context: int, device, seed: int, next_n
 
 class DecodeTopKOp(Op):
     name = "decode_topk"
+    position = 80
     summary = ("decode top-k: cache slots [B, next_n, k] int32 of each query row's k largest visible logits "
                "(page table applied), -1 padded")
     backends = ("triton", "tvm")

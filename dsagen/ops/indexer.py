@@ -82,6 +82,7 @@ def indexer_symbols(spec) -> dict[str, int]:
 
 class IndexerOp(Op):
     name = "indexer"
+    position = 10
     summary = "lightning indexer: fp32 logits [S, SKV] of each query over its key window"
     backends = ("triton", "tvm")
     stage = True
@@ -90,6 +91,10 @@ class IndexerOp(Op):
     no_backward_hint = INDEXER_TRAINS_THROUGH_LOSS
     args = (("q", "Tensor"), ("k", "Tensor"), ("k_scale", "Tensor?"), ("weights", "Tensor"), ("ks", "Tensor"),
             ("ke", "Tensor"))
+    # The logits multiply exact fp8/bf16 products into fp32, so only summation order differs. fp8 on
+    # Hopper: wgmma accumulates fp8 products in reduced precision inside one dot (measured on the
+    # H200 at D=128: RMS ratio 1.3e-4), so the fp8 indexer gets a looser bound than bf16.
+    tolerances = {"logits.bf16": 1e-5, "logits.fp8_e4m3": 1e-3}
 
     def semantic_fields(self, spec):
         ix = spec.indexer
@@ -131,7 +136,8 @@ class IndexerOp(Op):
         q, k, k_scale, w, ks, ke = inputs
         r = rows.to(q.device)
         ref = reference.indexer(q[r], k, k_scale, w[r], ks[r], ke[r])
-        ratio = assert_close(f"indexer.logits.{spec.indexer.dtype}", result[r], ref)
+        what = f"logits.{spec.indexer.dtype}"
+        ratio = assert_close(f"indexer.{what}", result[r], ref, self.tolerance(what))
         return f"float64 reference on {len(rows)} rows, RMS ratio {ratio:.2e}"
 
     def naive(self, spec, inputs):

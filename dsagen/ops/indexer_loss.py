@@ -201,6 +201,9 @@ class IndexerLossFamily(Op):
     backends = ("triton", "tvm")
     stage = False
     short_names = {"block_n": "n", "block_h": "bh", "block_d": "bd", "num_warps": "w", "num_stages": "s"}
+    # the loss (and its index_lse) is an fp32 sum; the gradients of q, k and the weights come from
+    # bf16 inputs through fp32 accumulators, so a looser bound (the sparse attention backward's)
+    tolerances = {"loss": 1e-3, "dq": 2e-2, "dk": 2e-2, "dweights": 2e-2}
 
     def unavailable(self, spec, backend):
         return super().unavailable(spec, backend) or training_problem(spec, self.name)
@@ -226,6 +229,7 @@ class IndexerLossFamily(Op):
 
 class IndexerLossOp(IndexerLossFamily):
     name = "indexer_loss"
+    position = 90
     summary = ("indexer training loss: per-query KL(attention mass || indexer softmax) over the selected keys, "
                "and the indexer's logsumexp (bf16 indexer)")
     outputs = ("loss", "index_lse")
@@ -278,8 +282,8 @@ class IndexerLossOp(IndexerLossFamily):
         loss, lse = result
         r = rows.to(iq.device)
         ref_loss, ref_lse = reference.indexer_loss(iq[r], ik, w[r], aq[r], akv, alse[r], idx[r], scale)
-        r1 = assert_close("indexer_loss.loss", loss[r], ref_loss)
-        r2 = assert_close("indexer_loss.loss", lse[r], ref_lse)
+        r1 = assert_close("indexer_loss.loss", loss[r], ref_loss, self.tolerance("loss"))
+        r2 = assert_close("indexer_loss.index_lse", lse[r], ref_lse, self.tolerance("loss"))
         return f"float64 reference on {len(rows)} rows, RMS ratio loss {r1:.2e}, index_lse {r2:.2e}"
 
     def naive(self, spec, inputs):

@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..verify import TOLERANCES, assert_topk
+from ..verify import assert_topk
 from . import register
 from .base import Call, Cost, Op, S, causal_window_mean, next_pow2
-from .indexer import (INDEXER_TRAINS_THROUGH_LOSS, check_indexer_inputs, indexer_cost, indexer_inputs, indexer_symbols,
-                      naive_indexer)
+from .indexer import (INDEXER_TRAINS_THROUGH_LOSS, IndexerOp, check_indexer_inputs, indexer_cost, indexer_inputs,
+                      indexer_symbols, naive_indexer)
 from .topk import check_topk_out, few_keys_warning, naive_topk, poisoned_indices
 
 
 class IndexerTopKOp(Op):
     name = "indexer_topk"
+    position = 40
     summary = "fused indexer + top-k: int32 indices [S, k] without writing the S x SKV logits"
     backends = ("triton",)
     short_names = {"block_m": "m", "block_h": "hb", "block_n": "n", "radix_bits": "r", "num_warps": "w",
@@ -67,7 +68,7 @@ class IndexerTopKOp(Op):
         q, k, k_scale, w, ks, ke = inputs
         r = rows.to(q.device)
         ref = reference.indexer(q[r], k, k_scale, w[r], ks[r], ke[r])
-        tol = TOLERANCES[f"indexer.logits.{spec.indexer.dtype}"]
+        tol = IndexerOp.tolerances[f"logits.{spec.indexer.dtype}"]  # the indexer's bound on its logits
         assert_topk(result[r], ref, ks[r], ke[r], spec.topk.k, tolerance=tol)
         return f"top-k contract against float64 logits on {len(rows)} rows (tolerance {tol:g})"
 

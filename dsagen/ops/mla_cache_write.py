@@ -80,6 +80,7 @@ def naive_cache_write(rows, slot_mapping, cache, fmt, page_size: int) -> None:
 
 class MLACacheWriteOp(Op):
     name = "mla_cache_write"
+    position = 50
     summary = "cache writer: bf16 rows + slot mapping -> the paged FP8 MLA cache (in place, exact quantization)"
     backends = ("triton", "tvm")
     needs_cache = True

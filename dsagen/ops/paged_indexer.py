@@ -29,7 +29,7 @@ from ..cache_formats import pack_index_pages, pow2_scale, unpack_index_pages
 from ..verify import assert_close
 from . import register
 from .base import SKV, Call, Cost, Op, S, W, check_out, check_tensor, generator, next_pow2
-from .indexer import INDEXER_TRAINS_THROUGH_LOSS
+from .indexer import INDEXER_TRAINS_THROUGH_LOSS, IndexerOp
 
 WORKLOAD_NEXT_N = 2
 
@@ -117,6 +117,7 @@ def naive_paged_indexer(q, index_cache, weights, context_lens, block_table, chun
 
 class PagedIndexerOp(Op):
     name = "paged_indexer"
+    position = 60
     summary = "decode lightning indexer over the paged fp8 key cache: logits [B*next_n, max_blocks*page_size]"
     backends = ("triton", "tvm")
     needs_cache = True
@@ -125,6 +126,7 @@ class PagedIndexerOp(Op):
     no_backward_hint = INDEXER_TRAINS_THROUGH_LOSS
     args = (("q", "Tensor"), ("index_cache", "Tensor"), ("weights", "Tensor"), ("context_lens", "Tensor"),
             ("block_table", "Tensor"))
+    tolerances = {"logits": IndexerOp.tolerances["logits.fp8_e4m3"]}  # the fp8 indexer's math, paged
 
     def semantic_fields(self, spec):
         ix, c = spec.indexer, spec.cache
@@ -205,7 +207,7 @@ class PagedIndexerOp(Op):
         b = rows.to(q.device).long()
         r = (b[:, None] * next_n + torch.arange(next_n, device=q.device)).reshape(-1)
         ref = paged_indexer_reference(q[b], cache, weights[r], lens[b], table[b])
-        ratio = assert_close("indexer.logits.fp8_e4m3", result[r], ref)
+        ratio = assert_close("paged_indexer.logits", result[r], ref, self.tolerance("logits"))
         return f"float64 reference on {len(rows)} requests x {next_n} rows, RMS ratio {ratio:.2e}"
 
     def naive(self, spec, inputs):

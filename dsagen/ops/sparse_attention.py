@@ -64,6 +64,7 @@ class SparseAttentionFamily(Op):
 
 class SparseAttentionOp(SparseAttentionFamily):
     name = "sparse_attention"
+    position = 30
     summary = "sparse MLA attention: out [S, H, v_dim] bf16 and natural-log lse [S, H] over the selected rows"
     stage = True
     outputs = ("out", "lse")
@@ -71,6 +72,8 @@ class SparseAttentionOp(SparseAttentionFamily):
                    "index_prefetch": "ip", "gluon": "gl"}
     naive_name = "gather + einsum + softmax (bf16, chunks of 256)"
     args = (("q", "Tensor"), ("kv", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"))
+    # P and the output are rounded to bf16 (2**-8 relative each); the lse stays fp32
+    tolerances = {"out": 1e-2, "lse": 1e-4}
     # gradients flow to q and kv through out; the lse is a statistic (the indexer loss reads it
     # detached), so it carries none
     backward_kernel = "sparse_attention_bwd"
@@ -147,8 +150,8 @@ class SparseAttentionOp(SparseAttentionFamily):
         out, lse = result
         r = rows.to(q.device)
         ref_out, ref_lse = reference.sparse_attention(q[r], kv, idx[r], sm_scale, spec.attention.v_dim)
-        r1 = assert_close("sparse_attention.out", out[r], ref_out)
-        r2 = assert_close("sparse_attention.lse", lse[r], ref_lse)
+        r1 = assert_close("sparse_attention.out", out[r], ref_out, self.tolerance("out"))
+        r2 = assert_close("sparse_attention.lse", lse[r], ref_lse, self.tolerance("lse"))
         return f"float64 reference on {len(rows)} rows, RMS ratio out {r1:.2e}, lse {r2:.2e}"
 
     def naive(self, spec, inputs):

@@ -71,6 +71,7 @@ def backward_inputs(spec, q, kv, idx, sm_scale: float, seed: int) -> tuple:
 
 class SparseAttentionBwdOp(SparseAttentionFamily):
     name = "sparse_attention_bwd"
+    position = 110
     summary = "sparse MLA attention backward: dq [S, H, Dqk] and dkv [SKV, Dqk] bf16 from out, lse and d_out"
     stage = False
     outputs = ("dq", "dkv")
@@ -78,6 +79,9 @@ class SparseAttentionBwdOp(SparseAttentionFamily):
     naive_name = "gather + einsum formulas + index_add_ (bf16 products, chunks of 64)"
     args = (("q", "Tensor"), ("kv", "Tensor"), ("indices", "Tensor"), ("out", "Tensor"), ("lse", "Tensor"),
             ("d_out", "Tensor"), ("sm_scale", "float"))
+    # gradients come from bf16 inputs through fp32 accumulators: dS = P (dP - Delta) cancels, so a
+    # looser bound than the forward's
+    tolerances = {"dq": 2e-2, "dkv": 2e-2}
     # the dkv sums are then independent of the order in which programs run (int64 fixed point)
     deterministic_knobs = {"deterministic_dkv": 1}
 
@@ -158,14 +162,14 @@ class SparseAttentionBwdOp(SparseAttentionFamily):
         if torch.isnan(dkv).any():
             raise Mismatch("sparse_attention_bwd.dkv: NaN values (unwritten or broken)")
         ref_dq, _ = reference.sparse_attention_bwd(q[r], kv, idx[r], out[r], lse[r], d_out[r], sm_scale, v_dim)
-        r1 = assert_close("sparse_attention_bwd.dq", dq[r], ref_dq)
+        r1 = assert_close("sparse_attention_bwd.dq", dq[r], ref_dq, self.tolerance("dq"))
         picked = checked_kv_rows(idx, kv.shape[0], r)
         keep = torch.isin(idx, picked)
         users = keep.any(1).nonzero().flatten()
         only = torch.where(keep, idx, -1)[users]
         _, ref_dkv = reference.sparse_attention_bwd(q[users], kv, only, out[users], lse[users], d_out[users],
                                                     sm_scale, v_dim)
-        r2 = assert_close("sparse_attention_bwd.dkv", dkv[picked], ref_dkv[picked])
+        r2 = assert_close("sparse_attention_bwd.dkv", dkv[picked], ref_dkv[picked], self.tolerance("dkv"))
         unused = unselected_rows(idx, kv.shape[0])
         if (dkv[unused] != 0).any():
             raise Mismatch("sparse_attention_bwd.dkv: a kv row nobody selects is not 0")

@@ -120,6 +120,7 @@ def random_mla_cache(n_slots: int, page_size: int, fmt: MLACacheFormat, g: torch
 
 class SparseDecodeOp(Op):
     name = "sparse_decode"
+    position = 70
     summary = ("sparse FP8 decode: out [B, s_q, H, v_dim] bf16 and natural-log lse [B, s_q, H] over the selected "
                "slots of the paged FP8 MLA cache")
     backends = ("triton", "tvm")
@@ -128,6 +129,10 @@ class SparseDecodeOp(Op):
     short_names = {"block_h": "bh", "block_n": "n", "k_split": "ks", "num_warps": "w", "num_stages": "s"}
     naive_name = "gather + torch dequantize + einsum + softmax (bf16, chunks of 64 tokens)"
     args = (("q", "Tensor"), ("mla_cache", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"))
+    # The reference uses the exact dequantized rows (fp8 * scale); the kernel rounds fp32(code) * scale
+    # to bf16 (exact for the format's power-of-two scales, 2**-9 relative otherwise), then rounds P
+    # and the output to bf16 like the prefill attention, so the same bounds.
+    tolerances = {"out": 1e-2, "lse": 1e-4}
 
     def semantic_fields(self, spec):
         at = spec.attention
@@ -235,8 +240,8 @@ class SparseDecodeOp(Op):
         out, lse = result
         r = rows.to(q.device)
         ref_out, ref_lse = reference_sparse_decode(q[r], cache, idx[r], sm_scale, mla_format(spec))
-        r1 = assert_close("sparse_decode.out", out[r], ref_out)
-        r2 = assert_close("sparse_decode.lse", lse[r], ref_lse)
+        r1 = assert_close("sparse_decode.out", out[r], ref_out, self.tolerance("out"))
+        r2 = assert_close("sparse_decode.lse", lse[r], ref_lse, self.tolerance("lse"))
         return f"float64 reference on {len(rows)} requests, RMS ratio out {r1:.2e}, lse {r2:.2e}"
 
     def naive(self, spec, inputs):

@@ -34,6 +34,7 @@ def few_keys_warning(spec, SKV_: int) -> str | None:
 
 class TopKOp(Op):
     name = "topk"
+    position = 20
     summary = "top-k selector: int32 indices [S, k] of each row's k largest logits, -1 padded"
     backends = ("triton", "tvm")
     stage = True
