@@ -60,7 +60,7 @@ SWEEP = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--spec", type=Path, default=Path("specs/deepseek_v32.toml"))
     ap.add_argument("--sweep", action="store_true")
