@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import sympy as sp
 import torch
 
+from ..cache_formats import MLA_FORMATS, MLACacheFormat
 from ..errors import DsagenError
 from ..resources import data_dir
 from ..spec import softmax_scale_value
@@ -25,6 +26,21 @@ S, SKV, W = sp.symbols("S SKV W", positive=True, integer=True)
 
 TORCH_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}
 ELEM_BYTES = {"fp8_e4m3": 1, "bf16": 2, "fp32": 4}
+
+# query tokens each request brings per decode step in the decode ops' workloads (multi-token
+# prediction's usual 2): the cache write, the paged indexer, its top-k and the sparse decode agree
+WORKLOAD_NEXT_N = 2
+
+# said by the indexer ops, which have no backward: their logits only select indices, so their
+# inputs learn through the training loss
+INDEXER_TRAINS_THROUGH_LOSS = ("the indexer's q, k and weights are trained through kernels.indexer_loss; its logits "
+                               "only select indices")
+
+# the indexer's RMS-ratio bounds on its fp32 logits, by input dtype (the paged indexer runs the fp8
+# one's math). The logits multiply exact fp8/bf16 products into fp32, so only summation order
+# differs. fp8 on Hopper: wgmma accumulates fp8 products in reduced precision inside one dot
+# (measured on the H200 at D=128: RMS ratio 1.3e-4), so the fp8 indexer gets a looser bound than bf16.
+INDEXER_LOGITS_TOLERANCES = {"logits.bf16": 1e-5, "logits.fp8_e4m3": 1e-3}
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:
@@ -96,12 +112,32 @@ def check_scale(name: str, value) -> float:
     return number
 
 
-def with_softmax_scale(spec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Attention launchers take (three tensors, sm_scale): the scale given, checked, else the spec's."""
-    first, rest = tuple(args[:3]), args[3:]
-    sm_scale = rest[0] if rest else kwargs.pop("sm_scale", None)
-    scale = spec.attention.softmax_scale if sm_scale is None else check_scale("sm_scale", sm_scale)
-    return first + (scale,), kwargs
+def softmax_scale(spec, sm_scale) -> float:
+    """The run-time scale given (checked, as a plain float), else the spec's: what every attention
+    op computes with."""
+    return spec.attention.softmax_scale if sm_scale is None else check_scale("sm_scale", sm_scale)
+
+
+def with_softmax_scale(spec, args: tuple, kwargs: dict, position: int = 3) -> tuple[tuple, dict]:
+    """The launcher's arguments with sm_scale (positional argument `position`, or the keyword)
+    filled in by softmax_scale: run() passes arguments by position, so the default goes in here."""
+    args, kwargs = tuple(args), dict(kwargs)
+    given = args[position] if len(args) > position else kwargs.pop("sm_scale", None)
+    return args[:position] + (softmax_scale(spec, given),) + args[position + 1:], kwargs
+
+
+def mla_format(spec) -> MLACacheFormat:
+    """The MLA cache row layout a decode spec names."""
+    return MLA_FORMATS[spec.cache.mla_format]
+
+
+def few_keys_warning(spec, SKV_: int) -> str | None:
+    """A top-k benchmark where every key is selected measures padding, not selection."""
+    k = spec.topk.k
+    if SKV_ <= k:
+        return (f"SKV={SKV_} <= k={k}: every key of a row is selected, so the kernel only pads with -1 and "
+                "the speed-up over torch.topk says nothing about selection")
+    return None
 
 
 def generator(device, seed: int) -> torch.Generator:

@@ -51,9 +51,7 @@ import torch
 from ..decode import decode_windows, page_slots, positions_to_slots
 from ..verify import Mismatch
 from . import register
-from .base import Call, Cost, Op, S, W, check_out, check_tensor, generator, next_pow2
-from .paged_indexer import WORKLOAD_NEXT_N
-from .topk import few_keys_warning
+from .base import WORKLOAD_NEXT_N, Call, Cost, Op, S, W, check_out, check_tensor, few_keys_warning, generator, next_pow2
 
 
 def request_rows(logits, context_lens, out=None) -> int:

@@ -24,8 +24,8 @@ import torch
 from .. import reference
 from ..verify import assert_close
 from . import register
-from .base import (SKV, Call, Cost, Op, S, causal_topk_indices, check_out, check_scale, check_tensor, generator,
-                   next_pow2)
+from .base import (SKV, Call, Cost, Op, S, causal_topk_indices, check_out, check_tensor, generator, next_pow2,
+                   softmax_scale, with_softmax_scale)
 
 TRAINING_ONLY = ("{kernel} trains the indexer and needs a bf16 indexer (indexer.dtype = \"bf16\", as in "
                  "specs/deepseek_v32_training.toml); this spec's indexer is {dtype}, which is inference-only")
@@ -75,19 +75,10 @@ def check_loss_inputs(spec, kernel, iq, ik, weights, aq, akv, alse, indices, sm_
     check_tensor("akv", akv, torch.bfloat16, (n_kv, at.qk_dim), dev)
     check_tensor("alse", alse, torch.float32, (n_q, at.heads), dev)
     check_tensor("indices", indices, torch.int32, (n_q, None), dev)
-    if sm_scale is not None:
-        check_scale("sm_scale", sm_scale)
+    softmax_scale(spec, sm_scale)
     if n_kv >= 2**31 - 1:
         raise ValueError(f"ik has {n_kv} rows: int32 indices address at most 2**31 - 2")
     return dev, n_q, n_kv
-
-
-def with_scale_at(spec, args: tuple, position: int = 7) -> tuple:
-    """The launcher's arguments with sm_scale (at `position`) filled in from the spec when None."""
-    args = tuple(args)
-    if len(args) > position and args[position] is not None:
-        return args[:position] + (check_scale("sm_scale", args[position]),) + args[position + 1:]
-    return args[:position] + (spec.attention.softmax_scale,) + args[position + 1:]
 
 
 # -- cost ----------------------------------------------------------------------------------------------------
@@ -260,14 +251,14 @@ class IndexerLossOp(IndexerLossFamily):
         return Call(dev, n_q, n_kv)
 
     def launch_args(self, spec, args, kwargs):
-        return with_scale_at(spec, args), kwargs
+        return with_softmax_scale(spec, args, kwargs, position=7)  # after the seven tensors
 
     def fake(self, spec, iq, ik, weights, aq, akv, alse, indices, sm_scale):
         n = iq.shape[0]
         return iq.new_empty((n,), dtype=torch.float32), iq.new_empty((n,), dtype=torch.float32)
 
     def reference(self, spec, iq, ik, weights, aq, akv, alse, indices, sm_scale=None):
-        scale = spec.attention.softmax_scale if sm_scale is None else float(sm_scale)
+        scale = softmax_scale(spec, sm_scale)
         return reference.indexer_loss(iq, ik, weights, aq, akv, alse, indices, scale)
 
     def inputs(self, spec, S_, SKV_, device, seed):

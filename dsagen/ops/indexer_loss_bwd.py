@@ -22,8 +22,8 @@ import torch
 from .. import reference
 from ..verify import assert_close
 from . import register
-from .base import Call, Cost, S, SKV, check_out, check_tensor
-from .indexer_loss import IndexerLossFamily, check_loss_inputs, input_bytes, loss_inputs, naive_loss_terms, with_scale_at
+from .base import Call, Cost, S, SKV, check_out, check_tensor, softmax_scale, with_softmax_scale
+from .indexer_loss import IndexerLossFamily, check_loss_inputs, input_bytes, loss_inputs, naive_loss_terms
 
 
 def naive_indexer_loss_bwd(iq, ik, weights, aq, akv, alse, indices, sm_scale, index_lse, d_loss, chunk: int = 256):
@@ -74,13 +74,13 @@ class IndexerLossBwdOp(IndexerLossFamily):
         return Call(dev, n_q, n_kv)
 
     def launch_args(self, spec, args, kwargs):
-        return with_scale_at(spec, args), kwargs
+        return with_softmax_scale(spec, args, kwargs, position=7)  # after the seven tensors
 
     def fake(self, spec, iq, ik, weights, aq, akv, alse, indices, sm_scale, index_lse, d_loss):
         return iq.new_empty(iq.shape), ik.new_empty(ik.shape), weights.new_empty(weights.shape)
 
     def reference(self, spec, iq, ik, weights, aq, akv, alse, indices, sm_scale=None, index_lse=None, d_loss=None):
-        scale = spec.attention.softmax_scale if sm_scale is None else float(sm_scale)
+        scale = softmax_scale(spec, sm_scale)
         return reference.indexer_loss_bwd(iq, ik, weights, aq, akv, alse, indices, scale, index_lse, d_loss)
 
     def inputs(self, spec, S_, SKV_, device, seed):

@@ -7,10 +7,9 @@ import torch
 from .. import reference
 from ..verify import assert_topk
 from . import register
-from .base import Call, Cost, Op, S, causal_window_mean, next_pow2
-from .indexer import (INDEXER_TRAINS_THROUGH_LOSS, IndexerOp, check_indexer_inputs, indexer_cost, indexer_inputs,
-                      indexer_symbols, naive_indexer)
-from .topk import check_topk_out, few_keys_warning, naive_topk, poisoned_indices
+from .base import INDEXER_TRAINS_THROUGH_LOSS, Call, Cost, Op, S, causal_window_mean, few_keys_warning, next_pow2
+from .indexer import IndexerOp, check_indexer_inputs, indexer_cost, indexer_inputs, indexer_symbols, naive_indexer
+from .topk import check_topk_out, naive_topk, poisoned_indices
 
 
 class IndexerTopKOp(Op):

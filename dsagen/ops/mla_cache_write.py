@@ -23,17 +23,12 @@ import math
 import sympy as sp
 import torch
 
-from ..cache_formats import AMAX_FLOOR, FP8_MAX, MLA_FORMATS, quantize_mla_rows
+from ..cache_formats import AMAX_FLOOR, FP8_MAX, quantize_mla_rows
 from ..verify import Mismatch
 from . import register
-from .base import Call, Cost, Op, S, check_tensor, generator, next_pow2
+from .base import WORKLOAD_NEXT_N, Call, Cost, Op, S, check_tensor, generator, mla_format, next_pow2
 
-NEXT_N = 2  # tokens each request writes per step in the workload
 SLOT_DTYPES = (torch.int32, torch.int64)
-
-
-def mla_format(spec):
-    return MLA_FORMATS[spec.cache.mla_format]
 
 
 def min_scale_exp() -> int:
@@ -116,7 +111,7 @@ class MLACacheWriteOp(Op):
 
     def cost(self, spec):
         fmt = mla_format(spec)
-        n = NEXT_N * S  # rows written per step
+        n = WORKLOAD_NEXT_N * S  # rows written per step
         nbytes = n * (2 * (fmt.latent_dim + fmt.rope_dim) + 4 + fmt.bytes_per_token)  # rows, slots, cache rows
         return Cost(self.name, sp.Integer(0), nbytes, "none")
 
@@ -136,7 +131,7 @@ class MLACacheWriteOp(Op):
             raise ValueError(f"cache must hold each token's {fmt.bytes_per_token} bytes apart from the others "
                              f"(token stride >= {fmt.bytes_per_token}, page stride >= page_size x token stride), "
                              f"got strides {cache.stride()}")
-        requests = -(-n // NEXT_N)
+        requests = -(-n // WORKLOAD_NEXT_N)
         return Call(dev, n, (n_pages * page) // requests if requests else n_pages * page)
 
     def fake(self, spec, rows, slot_mapping, cache):
@@ -146,7 +141,7 @@ class MLACacheWriteOp(Op):
         return expected_cache(spec, rows, slot_mapping, cache)
 
     def inputs(self, spec, S_, SKV_, device, seed):
-        """B = S_ requests of SKV_ tokens each in shuffled pages; each writes its last NEXT_N tokens
+        """B = S_ requests of SKV_ tokens each in shuffled pages; each writes its last WORKLOAD_NEXT_N tokens
         (rows of mixed magnitudes), about one row in eight is padding (-1); the cache holds the
         poison pattern."""
         fmt, page = mla_format(spec), spec.cache.page_size
@@ -154,7 +149,7 @@ class MLACacheWriteOp(Op):
         per_req = -(-SKV_ // page)
         n_pages = S_ * per_req
         table = torch.randperm(n_pages, device=device, generator=g).reshape(S_, per_req)
-        pos = torch.arange(SKV_ - NEXT_N, SKV_, device=device)  # [NEXT_N]; < 0: a context too short
+        pos = torch.arange(SKV_ - WORKLOAD_NEXT_N, SKV_, device=device)  # [WORKLOAD_NEXT_N]; < 0: a context too short
         slots = table[:, pos.clamp_min(0) // page] * page + pos.clamp_min(0) % page
         pad = (torch.rand(slots.shape, device=device, generator=g) < 0.125) | (pos < 0)[None, :]
         slots = torch.where(pad, -1, slots).reshape(-1).to(torch.int32)
@@ -189,7 +184,7 @@ class MLACacheWriteOp(Op):
 
     def shape_info(self, spec, S_, SKV_):
         fmt = mla_format(spec)
-        return {"S": S_, "SKV": SKV_, "B": S_, "next_n": NEXT_N, "page": spec.cache.page_size,
+        return {"S": S_, "SKV": SKV_, "B": S_, "next_n": WORKLOAD_NEXT_N, "page": spec.cache.page_size,
                 "bytes_per_token": fmt.bytes_per_token}
 
 

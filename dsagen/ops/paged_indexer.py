@@ -28,10 +28,8 @@ import torch
 from ..cache_formats import pack_index_pages, pow2_scale, unpack_index_pages
 from ..verify import assert_close
 from . import register
-from .base import SKV, Call, Cost, Op, S, W, check_out, check_tensor, generator, next_pow2
-from .indexer import INDEXER_TRAINS_THROUGH_LOSS, IndexerOp
-
-WORKLOAD_NEXT_N = 2
+from .base import (INDEXER_LOGITS_TOLERANCES, INDEXER_TRAINS_THROUGH_LOSS, SKV, WORKLOAD_NEXT_N, Call, Cost, Op, S,
+                   W, check_out, check_tensor, generator, next_pow2)
 
 
 def paged_indexer_reference(q, index_cache, weights, context_lens, block_table):
@@ -126,7 +124,7 @@ class PagedIndexerOp(Op):
     no_backward_hint = INDEXER_TRAINS_THROUGH_LOSS
     args = (("q", "Tensor"), ("index_cache", "Tensor"), ("weights", "Tensor"), ("context_lens", "Tensor"),
             ("block_table", "Tensor"))
-    tolerances = {"logits": IndexerOp.tolerances["logits.fp8_e4m3"]}  # the fp8 indexer's math, paged
+    tolerances = {"logits": INDEXER_LOGITS_TOLERANCES["logits.fp8_e4m3"]}  # the fp8 indexer's math, paged
 
     def semantic_fields(self, spec):
         ix, c = spec.indexer, spec.cache

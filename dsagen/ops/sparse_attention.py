@@ -13,8 +13,8 @@ import torch
 from .. import reference
 from ..verify import assert_close
 from . import register
-from .base import (SKV, TORCH_DTYPES, Call, Cost, Op, S, causal_topk_indices, check_out, check_scale, check_tensor,
-                   generator, next_pow2, with_softmax_scale)
+from .base import (SKV, TORCH_DTYPES, Call, Cost, Op, S, causal_topk_indices, check_out, check_tensor, generator,
+                   next_pow2, softmax_scale, with_softmax_scale)
 
 
 def naive_sparse_attention(q, kv, idx, sm_scale: float, v_dim: int, chunk: int = 256):
@@ -109,8 +109,7 @@ class SparseAttentionOp(SparseAttentionFamily):
         dev, n_q = q.device, q.shape[0]
         check_tensor("kv", kv, dtype, (None, at.qk_dim), dev)
         check_tensor("indices", indices, torch.int32, (n_q, spec.topk.k), dev)
-        if sm_scale is not None:
-            check_scale("sm_scale", sm_scale)
+        softmax_scale(spec, sm_scale)
         check_out("out", out, dtype, (n_q, at.heads, at.v_dim), dev)
         check_out("lse", lse, torch.float32, (n_q, at.heads), dev)
         check_out("max_logits", max_logits, torch.float32, (n_q, at.heads), dev)
@@ -127,7 +126,7 @@ class SparseAttentionOp(SparseAttentionFamily):
                 q.new_empty((q.shape[0], at.heads), dtype=torch.float32))
 
     def reference(self, spec, q, kv, indices, sm_scale=None):
-        scale = spec.attention.softmax_scale if sm_scale is None else float(sm_scale)
+        scale = softmax_scale(spec, sm_scale)
         return reference.sparse_attention(q, kv, indices, scale, spec.attention.v_dim)
 
     def inputs(self, spec, S_, SKV_, device, seed):

@@ -29,7 +29,8 @@ import torch
 from .. import reference
 from ..verify import Mismatch, assert_close
 from . import register
-from .base import SKV, TORCH_DTYPES, Call, Cost, S, check_out, check_scale, check_tensor, generator
+from .base import (SKV, TORCH_DTYPES, Call, Cost, S, check_out, check_tensor, generator, softmax_scale,
+                   with_softmax_scale)
 from .sparse_attention import SparseAttentionFamily, SparseAttentionOp
 
 CHECKED_KV_ROWS = 64  # selected kv rows whose dkv a sampled check compares (plus unselected ones)
@@ -116,8 +117,7 @@ class SparseAttentionBwdOp(SparseAttentionFamily):
         check_tensor("out", out, dtype, (n_q, at.heads, at.v_dim), dev)
         check_tensor("lse", lse, torch.float32, (n_q, at.heads), dev)
         check_tensor("d_out", d_out, dtype, (n_q, at.heads, at.v_dim), dev)
-        if sm_scale is not None:
-            check_scale("sm_scale", sm_scale)
+        softmax_scale(spec, sm_scale)
         check_out("dq", dq, dtype, (n_q, at.heads, at.qk_dim), dev)
         check_out("dkv", dkv, dtype, (kv.shape[0], at.qk_dim), dev)
         if kv.shape[0] >= 2**31 - 1:
@@ -125,18 +125,14 @@ class SparseAttentionBwdOp(SparseAttentionFamily):
         return Call(dev, n_q, kv.shape[0])
 
     def launch_args(self, spec, args, kwargs):
-        """Six tensors, then sm_scale: the one given (checked), else the spec's."""
-        first, rest = tuple(args[:6]), args[6:]
-        sm_scale = rest[0] if rest else kwargs.pop("sm_scale", None)
-        scale = spec.attention.softmax_scale if sm_scale is None else check_scale("sm_scale", sm_scale)
-        return first + (scale,), kwargs
+        return with_softmax_scale(spec, args, kwargs, position=6)  # after the six tensors
 
     def fake(self, spec, q, kv, indices, out, lse, d_out, sm_scale):
         at = spec.attention
         return (q.new_empty((q.shape[0], at.heads, at.qk_dim)), kv.new_empty((kv.shape[0], at.qk_dim)))
 
     def reference(self, spec, q, kv, indices, out, lse, d_out, sm_scale=None):
-        scale = spec.attention.softmax_scale if sm_scale is None else float(sm_scale)
+        scale = softmax_scale(spec, sm_scale)
         return reference.sparse_attention_bwd(q, kv, indices, out, lse, d_out, scale, spec.attention.v_dim)
 
     def inputs(self, spec, S_, SKV_, device, seed):

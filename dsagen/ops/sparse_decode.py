@@ -30,17 +30,11 @@ import math
 import sympy as sp
 import torch
 
-from ..cache_formats import MLA_FORMATS, MLACacheFormat, dequantize_mla_rows
+from ..cache_formats import MLACacheFormat, dequantize_mla_rows
 from ..verify import assert_close
 from . import register
-from .base import (SKV, Call, Cost, Op, S, check_out, check_scale, check_tensor, generator, next_pow2,
-                   with_softmax_scale)
-
-NEXT_N = 2  # query tokens per request in the workload (multi-token prediction's usual 2)
-
-
-def mla_format(spec) -> MLACacheFormat:
-    return MLA_FORMATS[spec.cache.mla_format]
+from .base import (SKV, WORKLOAD_NEXT_N, Call, Cost, Op, S, check_out, check_tensor, generator, mla_format, next_pow2,
+                   softmax_scale, with_softmax_scale)
 
 
 def _gather_rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -163,7 +157,7 @@ class SparseDecodeOp(Op):
 
     def cost(self, spec):
         at, k, fmt = spec.attention, spec.topk.k, mla_format(spec)
-        rows = S * NEXT_N  # query tokens
+        rows = S * WORKLOAD_NEXT_N  # query tokens
         flops = 2 * rows * at.heads * k * (at.qk_dim + at.v_dim)  # FlashMLA's count
         nbytes = (rows * at.heads * at.qk_dim * 2  # q
                   + sp.Min(S * SKV, rows * k) * fmt.bytes_per_token  # each cache row at most once
@@ -188,8 +182,7 @@ class SparseDecodeOp(Op):
         if n_pages * page_size >= 2**31 - 1:
             raise ValueError(f"mla_cache has {n_pages * page_size} slots: int32 indices address at most 2**31 - 2")
         check_tensor("indices", indices, torch.int32, (B, s_q, spec.topk.k), dev)
-        if sm_scale is not None:
-            check_scale("sm_scale", sm_scale)
+        softmax_scale(spec, sm_scale)
         check_out("out", out, torch.bfloat16, (B, s_q, at.heads, at.v_dim), dev)
         check_out("lse", lse, torch.float32, (B, s_q, at.heads), dev)
         return Call(dev, B * s_q, max(1, n_pages * page_size // max(B, 1)))
@@ -203,28 +196,28 @@ class SparseDecodeOp(Op):
         return (q.new_empty((B, s_q, at.heads, at.v_dim)), q.new_empty((B, s_q, at.heads), dtype=torch.float32))
 
     def reference(self, spec, q, mla_cache, indices, sm_scale=None):
-        scale = spec.attention.softmax_scale if sm_scale is None else float(sm_scale)
+        scale = softmax_scale(spec, sm_scale)
         return reference_sparse_decode(q, mla_cache, indices, scale, mla_format(spec))
 
     def inputs(self, spec, S_, SKV_, device, seed):
         """B = S_ requests of SKV_ tokens each in a shared cache of pages in a random order; q for
-        NEXT_N tokens per request; per token, k distinct random slots of its causal context (token
-        j sees SKV_ - NEXT_N + j + 1 tokens), about 1 in 64 replaced by -1, -1 padded."""
+        WORKLOAD_NEXT_N tokens per request; per token, k distinct random slots of its causal context
+        (token j sees SKV_ - WORKLOAD_NEXT_N + j + 1 tokens), about 1 in 64 replaced by -1, -1 padded."""
         at, k, fmt, page_size = spec.attention, spec.topk.k, mla_format(spec), spec.cache.page_size
         g = generator(device, seed)
         pages_per_req = -(-SKV_ // page_size)
         cache = random_mla_cache(S_ * pages_per_req * page_size, page_size, fmt, g, device)
         table = torch.randperm(S_ * pages_per_req, device=device, generator=g).reshape(S_, pages_per_req)
-        q = torch.randn(S_, NEXT_N, at.heads, at.qk_dim, device=device, generator=g).bfloat16()
-        seen = torch.arange(SKV_ - NEXT_N + 1, SKV_ + 1, device=device).clamp_min(1)  # tokens each query sees
-        keys = torch.rand(S_, NEXT_N, SKV_, device=device, generator=g)
+        q = torch.randn(S_, WORKLOAD_NEXT_N, at.heads, at.qk_dim, device=device, generator=g).bfloat16()
+        seen = torch.arange(SKV_ - WORKLOAD_NEXT_N + 1, SKV_ + 1, device=device).clamp_min(1)  # tokens each query sees
+        keys = torch.rand(S_, WORKLOAD_NEXT_N, SKV_, device=device, generator=g)
         keys = keys.masked_fill(torch.arange(SKV_, device=device) >= seen[:, None], -1.0)
         vals, pos = keys.topk(min(k, SKV_), dim=-1)
         slots = table.gather(1, (pos // page_size).reshape(S_, -1)).reshape(pos.shape) * page_size + pos % page_size
         drop = torch.rand(pos.shape, device=device, generator=g) < 1 / 64
         idx = torch.where((vals >= 0) & ~drop, slots, -1).int()
         if k > SKV_:
-            idx = torch.cat([idx, idx.new_full((S_, NEXT_N, k - SKV_), -1)], dim=-1)
+            idx = torch.cat([idx, idx.new_full((S_, WORKLOAD_NEXT_N, k - SKV_), -1)], dim=-1)
         return (q, cache, idx.contiguous(), at.softmax_scale)
 
     def poisoned_outputs(self, spec, inputs):
@@ -252,8 +245,9 @@ class SparseDecodeOp(Op):
 
     def shape_info(self, spec, S_, SKV_):
         at = spec.attention
-        return {"S": S_, "SKV": SKV_, "B": S_, "next_n": NEXT_N, "context": SKV_, "H": at.heads, "Dqk": at.qk_dim, "Dv": at.v_dim,
-                "topk": spec.topk.k, "page": spec.cache.page_size, "cache": spec.cache.mla_format}
+        return {"S": S_, "SKV": SKV_, "B": S_, "next_n": WORKLOAD_NEXT_N, "context": SKV_, "H": at.heads,
+                "Dqk": at.qk_dim, "Dv": at.v_dim, "topk": spec.topk.k, "page": spec.cache.page_size,
+                "cache": spec.cache.mla_format}
 
     def sizes(self, S_, SKV_):
         return {"S": S_, "SKV": SKV_, "W": SKV_}

@@ -8,7 +8,7 @@ import torch
 from .. import reference
 from ..verify import assert_topk
 from . import register
-from .base import SKV, Call, Cost, Op, S, check_out, check_tensor, generator
+from .base import SKV, Call, Cost, Op, S, check_out, check_tensor, few_keys_warning, generator
 
 
 def check_topk_out(spec, out, n_q: int, dev) -> None:
@@ -22,14 +22,6 @@ def naive_topk(x, ks, ke, k: int):
 
 def poisoned_indices(spec, n_q: int, device) -> dict[str, torch.Tensor]:
     return {"out": torch.full((n_q, spec.topk.k), -7, dtype=torch.int32, device=device)}
-
-
-def few_keys_warning(spec, SKV_: int) -> str | None:
-    k = spec.topk.k
-    if SKV_ <= k:
-        return (f"SKV={SKV_} <= k={k}: every key of a row is selected, so the kernel only pads with -1 and "
-                "the speed-up over torch.topk says nothing about selection")
-    return None
 
 
 class TopKOp(Op):
