@@ -12,15 +12,7 @@ phase=${1:?phase: tests or bench}
 out=${2:?output directory}
 mkdir -p "$out"
 spec=specs/deepseek_v32.toml
-python3 -c "
-import importlib, torch, triton
-def version(name):
-    try:
-        return importlib.import_module(name).__version__
-    except ImportError:
-        return 'absent'
-print('torch', torch.__version__, 'triton', triton.__version__, 'tvm', version('tvm'), 'optuna', version('optuna'),
-      'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$out/versions.txt"
+python3 benchmarks/versions.py | tee "$out/versions.txt"
 case "$phase" in
   tests)
     python3 -m pytest -q -p no:warnings tests/ --ignore=tests/test_wheel.py --durations=10 2>&1 | tee "$out/pytest.log" | tail -15 ;;

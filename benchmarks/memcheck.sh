@@ -32,14 +32,7 @@ command=(compute-sanitizer --tool memcheck --target-processes all --error-exitco
   date -u +"date %Y-%m-%dT%H:%M:%SZ"
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sed 's/^/gpu /'
   compute-sanitizer --version | tail -1
-  python3 -c "
-import importlib, torch, triton
-def version(name):
-    try:
-        return importlib.import_module(name).__version__
-    except ImportError:
-        return 'absent'
-print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'tvm', version('tvm'))"
+  python3 benchmarks/versions.py
   echo "command PYTORCH_NO_CUDA_MEMORY_CACHING=1 DSAGEN_TEST_DEVICE=cuda ${command[*]}"
 } > "$summary"
 start=$SECONDS
