@@ -170,7 +170,8 @@ def test_num_sms_is_a_process_wide_setting():
         assert deep_gemm.get_num_sms() == 1
         deep_gemm.set_num_sms(0)  # back to the device's count
         assert deep_gemm.get_num_sms() == default
-        with pytest.raises(ValueError, match=f"set_num_sms: num_sms must be from 0 .* to {default} .*got {default + 1}"):
+        too_many = f"set_num_sms: num_sms must be from 0 .* to {default} .*got {default + 1}"
+        with pytest.raises(ValueError, match=too_many):
             deep_gemm.set_num_sms(default + 1)
         with pytest.raises(ValueError, match="set_num_sms: num_sms must be a non-negative int, got -1"):
             deep_gemm.set_num_sms(-1)

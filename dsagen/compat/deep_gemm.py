@@ -125,9 +125,11 @@ def compress_logits(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, wi
     return logits.gather(1, keys.clamp(0, n_keys - 1)).masked_fill(~inside, -math.inf)
 
 
-def _mqa_logits(args: Args, q: Any, kv: Any, weights: Any, ks: Any, ke: Any, names: tuple[str, str],
+def _mqa_logits(args: Args, q_name: str, q: Any, kv: Any, weights: Any, ks: Any, ke: Any, names: tuple[str, str],
                 clean_logits: Any, max_seqlen_k: Any, logits_dtype: torch.dtype) -> torch.Tensor:
-    args.tensor("q" if args.fn == "fp8_mqa_logits" else "q[0]", q, FP8, "[M, H, D] fp8_e4m3fn", (None, None, None))
+    """Both prefill names: the checks in the caller's words (q_name, names: how the call calls q and
+    the window bounds), the kernel, then the compressed layout and the dtype asked for."""
+    args.tensor(q_name, q, FP8, "[M, H, D] fp8_e4m3fn", (None, None, None))
     (M, H, D), dev = q.shape, q.device
     k, k_scale = _fp8_pair(args, "kv", kv, "(k, k_scale)")
     _refuse_fp4(args, "kv[0] (k)", k, PACKED_FP4)
@@ -140,7 +142,7 @@ def _mqa_logits(args: Args, q: Any, kv: Any, weights: Any, ks: Any, ke: Any, nam
     args.flag("clean_logits", clean_logits)
     width = args.integer("max_seqlen_k", max_seqlen_k, 0)
     args.at_least_one("H (q.shape[1])", H)
-    args.no_grad_needed({"q": q, "kv[0] (k)": k, "kv[1] (k_scale)": k_scale, "weights": weights})
+    args.no_grad_needed({q_name: q, "kv[0] (k)": k, "kv[1] (k_scale)": k_scale, "weights": weights})
     kernels = kernels_for_call(args.fn, {"index_heads": "H (q.shape[1])", "index_dim": "D (q.shape[2])"},
                                index_heads=H, index_dim=D)
     logits = kernels.indexer(q, k, k_scale, weights, ks, ke)
@@ -161,7 +163,7 @@ def fp8_fp4_mqa_logits(q: tuple, kv: tuple[torch.Tensor, torch.Tensor], weights:
     clean_logits changes nothing (and is accepted with max_seqlen_k, which DeepGEMM refuses)."""
     args = Args("fp8_fp4_mqa_logits")
     logits_dtype = _logits_dtype(args, logits_dtype)
-    return _mqa_logits(args, _q_of_pair(args, q), kv, weights, cu_seq_len_k_start, cu_seq_len_k_end,
+    return _mqa_logits(args, "q[0]", _q_of_pair(args, q), kv, weights, cu_seq_len_k_start, cu_seq_len_k_end,
                        ("cu_seq_len_k_start", "cu_seq_len_k_end"), clean_logits, max_seqlen_k, logits_dtype)
 
 
@@ -172,7 +174,7 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
     kv = (k [N, D] fp8, k_scale [N] fp32), weights [M, H] fp32 (q's scale folded in); logits [M, N]
     fp32, or [M, max_seqlen_k] compressed where max_seqlen_k > 0."""
     args = Args("fp8_mqa_logits")
-    return _mqa_logits(args, q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, ("cu_seqlen_ks", "cu_seqlen_ke"),
+    return _mqa_logits(args, "q", q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, ("cu_seqlen_ks", "cu_seqlen_ke"),
                        clean_logits, max_seqlen_k, torch.float32)
 
 
@@ -214,10 +216,11 @@ def per_request_lens(context_lens: torch.Tensor, n_cols: int) -> torch.Tensor:
     return lens.clamp(max=n_cols + next_n - 1).to(torch.int32)
 
 
-def _paged_logits(args: Args, q: Any, kv_cache: Any, weights: Any, context_lens: Any, block_table: Any,
-                  schedule_meta: Any, meta_name: str, max_context_len: Any, clean_logits: Any, indices: Any,
-                  logits_dtype: torch.dtype) -> torch.Tensor:
-    q_name = "q" if args.fn == "fp8_paged_mqa_logits" else "q[0]"
+def _paged_logits(args: Args, q_name: str, q: Any, kv_cache: Any, weights: Any, context_lens: Any,
+                  block_table: Any, schedule_meta: Any, meta_name: str, max_context_len: Any, clean_logits: Any,
+                  indices: Any, logits_dtype: torch.dtype) -> torch.Tensor:
+    """Both decode names: the checks in the caller's words, the kernel (per-token lengths through
+    per_request_lens, then masked), the width max_context_len and the dtype asked for."""
     args.tensor(q_name, q, FP8, "[B, next_n, H, D] fp8_e4m3fn", (None, None, None, None))
     (B, next_n, H, D), dev = q.shape, q.device
     args.tensor("kv_cache", kv_cache, torch.uint8, "[blocks, block_size, 1, D + 4] uint8, D = q.shape[3]",
@@ -273,8 +276,8 @@ def fp8_fp4_paged_mqa_logits(q: tuple, kv_cache: torch.Tensor, weights: torch.Te
     max_context_len: a Python or NumPy int or a 0-d integer tensor (read on the host)."""
     args = Args("fp8_fp4_paged_mqa_logits")
     logits_dtype = _logits_dtype(args, logits_dtype)
-    return _paged_logits(args, _q_of_pair(args, q), kv_cache, weights, context_lens, block_table, schedule_meta, "schedule_meta",
-                         max_context_len, clean_logits, indices, logits_dtype)
+    return _paged_logits(args, "q[0]", _q_of_pair(args, q), kv_cache, weights, context_lens, block_table,
+                         schedule_meta, "schedule_meta", max_context_len, clean_logits, indices, logits_dtype)
 
 
 def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
@@ -286,5 +289,5 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     next_n + j + 1) or [B, next_n] (query j sees s < context_lens[b, j]) int32; block_table
     [B, max_blocks] int32; schedule_metadata and indices are checked, not needed."""
     args = Args("fp8_paged_mqa_logits")
-    return _paged_logits(args, q, kv_cache, weights, context_lens, block_table, schedule_metadata,
+    return _paged_logits(args, "q", q, kv_cache, weights, context_lens, block_table, schedule_metadata,
                          "schedule_metadata", max_context_len, clean_logits, indices, torch.float32)
