@@ -69,13 +69,12 @@ def all_gather_stacked(x: torch.Tensor, group=None) -> torch.Tensor:
     """[world, *x.shape]: every rank's x (the same shape on every rank), in rank order."""
     _, world = group_rank(group)
     x = x.contiguous()
-    out = x.new_empty((world, *x.shape))
     if world == 1 or x.numel() == 0:
-        out[:] = x
-        return out
+        return x[None].expand(world, *x.shape).clone()
+    flat = x.new_empty(world * x.numel())  # the concatenated form: every backend takes it
     _record(x, world)
-    _all_gather_flat(out, x, group)
-    return out
+    _all_gather_flat(flat, x.reshape(-1), group)
+    return flat.view(world, *x.shape)
 
 
 def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:

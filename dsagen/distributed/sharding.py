@@ -102,7 +102,7 @@ class Sharding:
         if x.shape[0] != self.total:
             raise ValueError(f"x has {x.shape[0]} rows but the sharding holds {self.total}")
         if self.kind == "round_robin":
-            return x[rank::self.world]
+            return x[rank::self.world].contiguous()  # a shard owns its memory
         start = self.starts[rank]
         return x[start:start + self.sizes[rank]]
 
