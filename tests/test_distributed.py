@@ -304,6 +304,13 @@ def scenario_decode(ctx: Rank):
     assert_close("sparse_decode.lse", res.lse.reshape(B * next_n, at.heads), ref_lse)
     assert (res.lse[1, 0] == math.inf).all() and (res.out[1, 0] == 0).all(), "an empty row: out 0, lse +inf"
     assert (res.positions[0] % ctx.world == 0).all(), "request 0 selects rank 0's tokens only"
+    partial = sharded_decode(K, q, l_mla, index_q, l_index, weights, lens, l_table, ctx.group, merge=False)
+    assert torch.equal(partial.slots, res.slots)
+    local64 = dequantize_mla_rows(l_mla.reshape(-1, FMT.bytes_per_token), FMT)
+    ref_out, ref_lse = reference.sparse_attention(q.reshape(B * next_n, at.heads, at.qk_dim), local64,
+                                                  res.slots.reshape(B * next_n, k), at.softmax_scale, at.v_dim)
+    assert_close("sparse_decode.out", partial.out.reshape(B * next_n, at.heads, at.v_dim), ref_out)
+    assert_close("sparse_decode.lse", partial.lse.reshape(B * next_n, at.heads), ref_lse)
 
 
 # -- training --------------------------------------------------------------------------------------

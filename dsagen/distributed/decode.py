@@ -34,8 +34,8 @@ from .sharding import round_robin_count
 
 
 class ShardedDecodeOutput(NamedTuple):
-    out: torch.Tensor  # [B, s_q, H, Dv] bf16, merged over ranks (the same on every rank)
-    lse: torch.Tensor  # [B, s_q, H] fp32, natural log, +inf where no key was selected
+    out: torch.Tensor  # [B, s_q, H, Dv] bf16, merged over ranks (the same on every rank), or this rank's partial
+    lse: torch.Tensor  # [B, s_q, H] fp32, natural log, +inf where no key was selected (by this rank, if partial)
     positions: torch.Tensor  # [B, s_q, k] int32 global token positions selected, best first, -1 padded
     slots: torch.Tensor  # [B, s_q, k] int32 this rank's cache slots of them, -1 where another rank holds it
 
@@ -102,13 +102,14 @@ def sharded_decode_select(kernels, index_q, index_cache, index_weights, context_
 
 
 def sharded_decode(kernels, q, mla_cache, index_q, index_cache, index_weights, context_lens, block_table,
-                   group=None, sm_scale: float | None = None) -> ShardedDecodeOutput:
+                   group=None, sm_scale: float | None = None, merge: bool = True) -> ShardedDecodeOutput:
     """One decode step with the paged caches split round robin over the ranks of `group`.
 
     Arguments as DSAKernels.decode: q [B, s_q, H, qk_dim] bf16, index_q [B, s_q, Hi, Di] fp8,
     index_weights [B * s_q, Hi] fp32 and context_lens [B] int32 (global lengths, the new tokens
     included) are the same on every rank; mla_cache, index_cache and block_table [B, max_blocks]
-    are this rank's (its pages, indexed by local position t // W)."""
+    are this rank's (its pages, indexed by local position t // W). merge=False returns this rank's
+    partial (out, lse) instead of the merged one (merge_attention merges partials)."""
     if kernels.spec.cache is None:
         raise ValueError("sharded_decode needs a spec with a [cache] section (page size and cache formats)")
     if q.dim() != 4 or index_q.dim() != 4 or q.shape[:2] != index_q.shape[:2]:
@@ -117,5 +118,6 @@ def sharded_decode(kernels, q, mla_cache, index_q, index_cache, index_weights, c
     positions, slots = sharded_decode_select(kernels, index_q, index_cache, index_weights, context_lens,
                                              block_table, group)
     out, lse = kernels.sparse_decode(q, mla_cache, slots, sm_scale)
-    out, lse = merge_attention_over_ranks(out, lse, group)
+    if merge:
+        out, lse = merge_attention_over_ranks(out, lse, group)
     return ShardedDecodeOutput(out, lse, positions, slots)
