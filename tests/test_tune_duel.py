@@ -316,3 +316,103 @@ def test_a_real_tune_prints_the_current_schedule_beside_the_winner(home):
     else:
         [entry] = entries
         assert line.endswith(": added") and f"{entry.ms:.4f}" == (duel or same).group(2 if duel else 1)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# where the current schedule came from, and how it failed, decide whether a duel is needed
+
+class _Current:
+    def __init__(self, point: dict, source: str):
+        self.point, self.source = point, source
+
+
+class _DuelWorker:
+    """A worker that answers only duels: current and winner at fixed times in every round."""
+
+    def __init__(self, current_ms: float = 2.0, winner_ms: float = 1.0):
+        self.duels, self.times = 0, (current_ms, winner_ms)
+
+    def run(self, job, timeout_s):
+        assert isinstance(job, Duel)
+        self.duels += 1
+        sides = [Outcome("ok", ms=ms, check="fake") for ms in self.times]
+        return DuelOutcome(sides, [list(self.times)] * job.rounds)
+
+
+def _study_with(point: dict, status: str, error: str = ""):
+    """An in-memory study whose one counted trial ran `point` and ended with `status`."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from dsagen.tuning.study import _point_key
+
+    study = optuna.create_study()
+    study.add_trial(create_trial(state=TrialState.COMPLETE if status == "ok" else TrialState.FAIL,
+                                 value=1.0 if status == "ok" else None,
+                                 params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
+                                 user_attrs={"counted": True, "point": _point_key(point), "status": status,
+                                             "error": error}))
+    return study
+
+
+def _request():
+    from dsagen.tuning.study import TuneRequest
+
+    return TuneRequest(spec(), KERNEL, S, SKV, device="cpu", backend="tvm", gpu_type="nvidia-h100")
+
+
+def test_a_schedule_borrowed_from_a_sibling_gpu_and_confirmed_here_is_recorded():
+    """Builds on an H100 run the H200's entry; a study on the H100 that finds that same schedule
+    best has measured it here, so it goes to the H100's database (a build there no longer borrows)."""
+    from dsagen.tuning.study import _judge
+
+    point = legal_cpu_points()[0]
+    worker = _DuelWorker()
+    borrowed = _Current(point, "tuned on nvidia-h200 (same compute capability 9.0, bucket S4-SKV256)")
+    verdict = _judge(_request(), _study_with(point, "ok"), worker, "nvidia-h100", borrowed, point, 1.5, {}, False,
+                     progress=False)
+    assert verdict.record and verdict.ms == 1.5 and worker.duels == 0
+    own = _Current(point, "tuned (exact bucket S4-SKV256)")
+    verdict = _judge(_request(), _study_with(point, "ok"), worker, "nvidia-h100", own, point, 1.5, {}, False,
+                     progress=False)
+    assert not verdict.record and verdict.outcome == "nothing recorded: the winner is the schedule builds already run"
+
+
+@pytest.mark.parametrize("status", ["error", "crashed", "timeout"])
+def test_a_current_schedule_that_crashed_in_the_study_still_meets_the_winner_in_a_duel(status):
+    """Out of memory beside other workers, a crash or a timeout may be the machine's doing: the
+    winner is recorded only after the duel (here the winner is faster in every round)."""
+    from dsagen.tuning.study import _judge
+
+    current, winner = legal_cpu_points()[:2]
+    worker = _DuelWorker()
+    verdict = _judge(_request(), _study_with(current, status, "CUDA error: out of memory"), worker, "nvidia-h100",
+                     _Current(current, "tuned (exact bucket S4-SKV256)"), winner, 1.0, {}, False, progress=False)
+    assert worker.duels == 1 and verdict.record and verdict.current_ms == 2.0
+
+
+def test_a_current_schedule_that_failed_its_check_in_the_study_is_replaced_without_a_duel():
+    from dsagen.tuning.study import _judge
+
+    current, winner = legal_cpu_points()[:2]
+    worker = _DuelWorker()
+    verdict = _judge(_request(), _study_with(current, "wrong", "max error 3.1"), worker, "nvidia-h100",
+                     _Current(current, "tuned (exact bucket S4-SKV256)"), winner, 1.0, {}, False, progress=False)
+    assert worker.duels == 0 and verdict.record and "failed in this study (wrong: max error 3.1)" in verdict.comparison
+
+
+def test_a_borrowed_schedule_that_wins_its_duel_is_recorded_for_this_gpu_at_its_time_here():
+    from dsagen.tuning.study import _judge
+
+    current, winner = legal_cpu_points()[:2]
+    worker = _DuelWorker(current_ms=1.0, winner_ms=3.0)
+    borrowed = _Current(current, "tuned on nvidia-h200 (same compute capability 9.0, bucket S4-SKV256)")
+    verdict = _judge(_request(), _study_with(current, "ok"), worker, "nvidia-h100", borrowed, winner, 0.9, {}, False,
+                     progress=False)
+    assert worker.duels == 1 and verdict.record and verdict.point == current and verdict.ms == 1.0
+    own = _Current(current, "tuned (exact bucket S4-SKV256)")
+    verdict = _judge(_request(), _study_with(current, "ok"), worker, "nvidia-h100", own, winner, 0.9, {}, False,
+                     progress=False)
+    assert not verdict.record and verdict.point is None

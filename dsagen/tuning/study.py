@@ -381,6 +381,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     db_outcome = verdict.outcome
     if verdict.record:
         best_ms = verdict.ms
+        best_point = verdict.point if verdict.point is not None else best_point
         try:
             db_outcome = _record(req, name, sampler_kind, best_point, best_ms, evaluated, verdict.beaten)
         except (tuning_db.TuningDBError, OSError, ValueError) as exc:  # the measurements stay in the study
@@ -533,6 +534,7 @@ class Verdict:
     comparison: str | None = None
     current_ms: float | None = None
     beaten: dict | None = None
+    point: dict | None = None  # the schedule to record when it is not the winner (a borrowed one that stayed)
 
 
 def _judge(req: TuneRequest, study, worker, plan_gpu: str, current, winner: dict | None, winner_ms: float | None,
@@ -547,14 +549,13 @@ def _judge(req: TuneRequest, study, worker, plan_gpu: str, current, winner: dict
                                       "(the same command resumes the study and compares them)")
     if current is None:  # builds cannot resolve this kernel today: anything that passed is better
         return Verdict(True, winner_ms, comparison=f"no current schedule to compare with; winner {winner_ms:.4f} ms")
-    from_db = current.source.startswith("tuned")
     if _same_schedule(current.point, winner, fixed):
         comparison = f"the winner is the current schedule ({current.source}): {winner_ms:.4f} ms"
-        if from_db:
+        if _from_own_database(current.source):
             return Verdict(False, winner_ms, "nothing recorded: the winner is the schedule builds already run",
                            comparison, winner_ms)
         return Verdict(True, winner_ms, comparison=comparison, current_ms=winner_ms)
-    failed = _failed_trial(study, current.point)
+    failed = _failed_check(study, current.point)
     if failed is not None:
         return Verdict(True, winner_ms, comparison=f"the current schedule ({current.source}) failed in this study "
                                                    f"({failed}); winner {winner_ms:.4f} ms", beaten=current.point)
@@ -589,6 +590,9 @@ def _duel(req: TuneRequest, worker, plan_gpu: str, current, winner: dict, winner
     if new.ms < now.ms and wins >= _rounds_to_win(len(result.rounds)):
         return Verdict(True, new.ms, comparison=comparison + ": the winner is recorded", current_ms=now.ms,
                        beaten=current.point)
+    if _borrowed(current.source):  # measured here now: this GPU type gets its own entry
+        return Verdict(True, now.ms, comparison=comparison + f": the current schedule stays, recorded for "
+                       f"{req.gpu_type} at its time here", current_ms=now.ms, point=dict(current.point))
     return Verdict(False, new.ms, f"nothing recorded: the current schedule ({current.source}) stays",
                    comparison + ": the current schedule stays", now.ms)
 
@@ -609,13 +613,29 @@ def _same_schedule(a: Mapping[str, int], b: Mapping[str, int], fixed: Mapping[st
     return all(int(a.get(k, -1)) == int(b.get(k, -1)) for k in tuned - set(fixed))
 
 
-def _failed_trial(study, point: Mapping[str, int]) -> str | None:
-    """How this study's trial of `point` failed (wrong, crashed, timeout...), if it did and none passed."""
+def _from_own_database(source: str) -> bool:
+    """Whether the current schedule came from this GPU type's own entries ("tuned (...)"), not from a
+    sibling of the same compute capability ("tuned on <type> ...") nor from defaults: a schedule
+    borrowed from another GPU type and confirmed by a study here is recorded for this type."""
+    return source.startswith("tuned") and not _borrowed(source)
+
+
+def _borrowed(source: str) -> bool:
+    """Whether the current schedule is another GPU type's entry (same compute capability)."""
+    return source.startswith("tuned on ")
+
+
+def _failed_check(study, point: Mapping[str, int]) -> str | None:
+    """How this study's trial of `point` failed its check ("wrong"), if it did and none passed. A
+    crash, a timeout or an error (say, out of memory beside other workers) may be the machine's
+    doing, not the schedule's: the duel decides those."""
     key = _point_key(dict(point))
     mine = [t for t in _counted(study.get_trials(deepcopy=False)) if t.user_attrs.get("point") == key]
     if not mine or any(t.user_attrs.get("status") == "ok" for t in mine):
         return None
-    return f"{mine[-1].user_attrs.get('status')}: {str(mine[-1].user_attrs.get('error', ''))[:120]}"
+    if mine[-1].user_attrs.get("status") != "wrong":
+        return None
+    return f"wrong: {str(mine[-1].user_attrs.get('error', ''))[:120]}"
 
 
 def _best_trial(study):
