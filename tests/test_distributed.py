@@ -382,6 +382,33 @@ def scenario_training_indexer_loss(ctx: Rank):
     assert_close("indexer_loss.dweights", w_l.grad, part(d_w))
 
 
+def scenario_refusals(ctx: Rank):
+    """Layouts that do not fit the group or the tensors (on every rank) are refused, naming the
+    argument, before any collective starts, so the group stays usable."""
+    K = ctx.kernels["prefill"]
+    ix = K.spec.indexer
+    q, w = torch.zeros(4, ix.heads, ix.head_dim).bfloat16(), torch.zeros(4, ix.heads)
+    keys = torch.zeros(10, ix.head_dim).bfloat16()
+    ks = ke = torch.zeros(4, dtype=torch.int32)
+    cases = [
+        (lambda: key_sharded_select(K, q, keys, None, w, ks, ke, Sharding.round_robin(10, ctx.world + 1), ctx.group),
+         f"sharding splits over {ctx.world + 1} ranks but the group has {ctx.world}"),
+        (lambda: key_sharded_select(K, q, keys, None, w, ks, ke, Sharding.round_robin(11 * ctx.world, ctx.world),
+                                    ctx.group), "index_k has 10 rows but this rank's shard is"),
+        (lambda: row_sharded_select(K, q, keys, None, w, ks, ke, Sharding.round_robin(4, ctx.world), ctx.group),
+         "rows must be a contiguous sharding"),
+        (lambda: sharded_sparse_attention(K, q, keys, ks, Sharding.contiguous(5 * ctx.world, ctx.world),
+                                          ctx.group), "q has 4 rows but this rank's shard is"),
+    ]
+    for call, message in cases:
+        try:
+            call()
+        except ValueError as e:
+            assert message in str(e), (message, str(e))
+        else:
+            raise AssertionError(f"not refused: {message}")
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
