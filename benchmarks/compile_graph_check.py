@@ -20,13 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsagen  # noqa: E402
 from dsagen.bench import environment  # noqa: E402
-from dsagen.ops import get_op  # noqa: E402
+from dsagen.workloads import workload  # noqa: E402
 from dsagen.timing import capture_cuda_graph, cuda_events_ms  # noqa: E402
 
 
 def dsa_inputs(spec, S: int, SKV: int, seed: int = 0):
-    q_idx, k_idx, k_scale, w, ks, ke = get_op("indexer").inputs(spec, S, SKV, "cuda", seed)
-    q, kv, _, _ = get_op("sparse_attention").inputs(spec, S, SKV, "cuda", seed + 1)
+    q_idx, k_idx, k_scale, w, ks, ke = workload("indexer").inputs(spec, S, SKV, "cuda", seed)
+    q, kv, _, _ = workload("sparse_attention").inputs(spec, S, SKV, "cuda", seed + 1)
     return (q, kv, q_idx, k_idx, k_scale, w, ks, ke)
 
 

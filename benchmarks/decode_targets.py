@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dsagen  # noqa: E402
 from dsagen import bench  # noqa: E402
 from dsagen.gpus import get_gpu  # noqa: E402
-from dsagen.ops import get_op  # noqa: E402
-from dsagen.ops.paged_indexer import naive_paged_indexer, paged_indexer_inputs, paged_indexer_reference  # noqa: E402
+from dsagen.workloads import workload  # noqa: E402
+from dsagen.ops.paged_indexer_workload import naive_paged_indexer, paged_indexer_inputs, paged_indexer_reference  # noqa: E402
 from dsagen.timing import capture_cuda_graph, cuda_events_ms, cuda_graph_ms  # noqa: E402
 from dsagen.verify import assert_close  # noqa: E402
 
@@ -39,7 +39,7 @@ def decode_step_ms(kernels, B: int, context: int) -> dict:
     """The composed step (paged indexer -> decode top-k -> sparse decode) eager, graph-replayed and compiled,
     on caches of B requests x `context` tokens written by the cache writer."""
     spec = kernels.spec
-    q_idx, index_cache, w, context_lens, table = get_op("paged_indexer").inputs(spec, B, context, "cuda", 0)
+    q_idx, index_cache, w, context_lens, table = workload("paged_indexer").inputs(spec, B, context, "cuda", 0)
     page, next_n = spec.cache.page_size, q_idx.shape[1]
     n_slots = index_cache.shape[0] * page
     mla_cache = torch.empty(index_cache.shape[0], page, 1, 656, dtype=torch.uint8, device="cuda")

@@ -49,21 +49,21 @@ def main() -> None:
         else [kernels]
     rows = []
     for skv in args.SKV:
-        q, k, k_scale, w, ks, ke = workloads.make_inputs(spec, "indexer", args.S, skv, "cuda", 0)
+        q, k, k_scale, w, ks, ke = workloads.workload("indexer").inputs(spec, args.S, skv, "cuda", 0)
         inputs = (q, k, k_scale, w, ks, ke)
         checked_rows = workloads.sample_rows(args.S, 8, 0)
 
         def unfused():
             return kernels.topk(kernels.indexer(q, k, k_scale, w, ks, ke), ks, ke)
 
-        print("unfused top-k:", workloads.check(spec, "indexer_topk", inputs, unfused(), checked_rows), flush=True)
+        print("unfused top-k:", workloads.workload("indexer_topk").check(spec, inputs, unfused(), checked_rows), flush=True)
         unfused_ms, unfused_peak = timing.cuda_events_ms(unfused, warmup=25, rep=200), peak_bytes(unfused)
         for build in fused_builds:
             def fused(build=build):
                 return build.indexer_topk(q, k, k_scale, w, ks, ke)
 
             point = build.resolve("indexer_topk", args.S, skv).point  # what this shape runs (tuned or not)
-            print("fused", point, workloads.check(spec, "indexer_topk", inputs, fused(), checked_rows), flush=True)
+            print("fused", point, workloads.workload("indexer_topk").check(spec, inputs, fused(), checked_rows), flush=True)
             row = {"S": args.S, "SKV": skv, "fused_schedule": point,
                    "unfused_ms": unfused_ms, "fused_ms": timing.cuda_events_ms(fused, warmup=25, rep=200),
                    "unfused_peak_MiB": unfused_peak / 2**20, "fused_peak_MiB": peak_bytes(fused) / 2**20}

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsagen  # noqa: E402
 from dsagen.ops import get_op  # noqa: E402
-from dsagen.workloads import make_inputs  # noqa: E402
+from dsagen.workloads import workload  # noqa: E402
 
 SHAPES = {"sparse_attention": (4096, 8192), "indexer": (4096, 32768), "topk": (4096, 32768),
           "indexer_topk": (4096, 32768),
@@ -40,8 +40,8 @@ def main() -> None:
     spec = dsagen.load_spec(args.spec)
     kernels = dsagen.build(spec, schedules={args.kernel: args.schedule} if args.schedule else None)
     S, SKV = SHAPES[args.kernel]
-    inputs = make_inputs(spec, args.kernel, S, SKV, "cuda", 0)
-    call = get_op(args.kernel).call_shape(S, SKV)
+    inputs = workload(args.kernel).inputs(spec, S, SKV, "cuda", 0)
+    call = workload(args.kernel).call_shape(S, SKV)
     print(f"{args.kernel} S={S} SKV={SKV} schedule {kernels.resolve(args.kernel, *call, 'cuda').point}")
     for _ in range(args.launches):
         kernels.launch(args.kernel, inputs)

@@ -23,7 +23,7 @@ import triton  # noqa: E402
 
 import dsagen  # noqa: E402
 from dsagen.backends import triton as triton_backend  # noqa: E402
-from dsagen.resolve import resolve_kernel  # noqa: E402
+from dsagen.kernels import resolve_kernel  # noqa: E402
 from dsagen.ops import names as kernel_names  # noqa: E402
 
 

@@ -1,11 +1,11 @@
 """Gradients of dsagen's torch ops: `dsagen::<kernel>` is differentiated by another registered op.
 
-Why here: an op declares only `backward_kernel`, `non_differentiable`, `backward_args` and
-`input_gradients` (dsagen/ops/base.py); this module turns that into a
-`torch.library.register_autograd` formula, so eager autograd, `torch.compile(fullgraph=True)`
-(forward and backward traced as one node each) and CUDA graphs all see the same two ops. The
-backward runs the build that ran the forward (the build handle is an op argument), so it uses that
-build's backend, schedules and deterministic mode.
+Why here: an op declares only its `Gradient` (dsagen/ops/base.py: the backward op, the outputs
+without gradient, how the backward's arguments and the input gradients map); this module turns
+that into a `torch.library.register_autograd` formula, so eager autograd,
+`torch.compile(fullgraph=True)` (forward and backward traced as one node each) and CUDA graphs all
+see the same two ops. The backward runs the build that ran the forward (the build handle is an op
+argument), so it uses that build's backend, schedules and deterministic mode.
 
 The backward ops themselves have no backward: differentiating a gradient a second time (after
 `torch.autograd.grad(..., create_graph=True)`) raises, naming the op, instead of torch's default for
@@ -15,27 +15,27 @@ from __future__ import annotations
 
 import torch
 
-from .ops import all_ops, get_op
+from .ops import all_ops
 
 
-def register(kernel: str, library, namespace: str, call) -> None:
-    """Attach the backward of `kernel` (when its op has one) to the op `namespace::kernel`; else,
-    when `kernel` is the backward of other ops, a formula that refuses a double backward.
+def register(op, library, namespace: str, call) -> None:
+    """Attach the backward of `op` (when it has one) to the op `namespace::<op.name>`; else, when
+    `op` is the backward of other ops, a formula that refuses a double backward.
 
     call(kernel, args, handle) runs a registered op (torch_ops.call)."""
-    op = get_op(kernel)
-    if op.backward_kernel is None:
-        forwards = [fwd.name for fwd in all_ops() if fwd.backward_kernel == kernel]
+    kernel, grad = op.name, op.gradient
+    if not grad.differentiable:
+        forwards = [fwd.name for fwd in all_ops() if fwd.gradient.backward == kernel]
         if forwards:
             _refuse_double_backward(kernel, forwards, library, namespace)
         return
-    names = [name for name, _ in op.args]
+    names, returns = op.signature.names, op.signature.returns
 
     def setup_context(ctx, inputs, output):
         *args, handle = inputs
         outputs = output if isinstance(output, tuple) else (output,)
-        for name, value in zip(op.outputs, outputs):
-            if name in op.non_differentiable:
+        for name, value in zip(returns, outputs):
+            if name in grad.non_differentiable:
                 ctx.mark_non_differentiable(value)
         tensors = [a for a in args if isinstance(a, torch.Tensor)] + list(outputs)
         ctx.save_for_backward(*tensors)
@@ -51,12 +51,12 @@ def register(kernel: str, library, namespace: str, call) -> None:
                 inputs[name], k = saved[k], k + 1
             else:
                 inputs[name] = value
-        outputs = dict(zip(op.outputs, saved[k:]))
-        wanted = {n: g.contiguous() for n, g in zip(op.outputs, grads) if n not in op.non_differentiable}
-        args = op.backward_args(inputs, outputs, wanted)
-        result = call(op.backward_kernel, tuple(args), ctx.handle)
+        outputs = dict(zip(returns, saved[k:]))
+        wanted = {n: g.contiguous() for n, g in zip(returns, grads) if n not in grad.non_differentiable}
+        args = grad.backward_args(inputs, outputs, wanted)
+        result = call(grad.backward, tuple(args), ctx.handle)
         result = result if isinstance(result, tuple) else (result,)
-        by_name = op.input_gradients(result)
+        by_name = grad.input_gradients(result)
         return (*(by_name.get(n) if ctx.needs_input_grad[i] else None for i, n in enumerate(names)), None)
 
     torch.library.register_autograd(f"{namespace}::{kernel}", backward, setup_context=setup_context, lib=library)
@@ -76,8 +76,3 @@ def _refuse_double_backward(kernel: str, forwards: list, library, namespace: str
             f"dsagen::{kernel}, which has no backward of its own")
 
     torch.library.register_autograd(f"{namespace}::{kernel}", backward, setup_context=setup_context, lib=library)
-
-
-def differentiable(kernel: str) -> bool:
-    """Whether dsagen::<kernel> has a backward (its inputs may require grad)."""
-    return get_op(kernel).backward_kernel is not None

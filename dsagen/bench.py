@@ -19,10 +19,10 @@ import torch
 from .__version__ import __version__
 from .gpus import GPU, cpu_model
 from .kernels import DSAKernels
-from .ops import get_op, stages
+from .ops import stages
 from .spec import Spec
 from .timing import cpu_ms, cuda_events_ms, cuda_graph_ms
-from .workloads import rates, sample_rows, validate_shape
+from .workloads import rates, sample_rows, validate_shape, workload
 
 
 @dataclass
@@ -51,7 +51,7 @@ def bench_kernel(kernels: DSAKernels, kernel: str, gpu: GPU, S: int, SKV: int, n
     around each eager call."""
     validate_shape(S, SKV)
     spec = kernels.spec
-    op = get_op(kernel)
+    op = workload(kernel)
     eager_timer = cuda_events_ms if device == "cuda" else cpu_ms  # naive PyTorch runs eagerly, as written
     timer = cuda_graph_ms if graph and device == "cuda" else eager_timer
     inputs = op.inputs(spec, S, SKV, device, seed)

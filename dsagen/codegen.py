@@ -1,6 +1,5 @@
-"""Rendering: a template context -> Python source of one kernel module, named by a content hash.
-
-Step 4 of the pipeline. Jinja runs with StrictUndefined, so a context missing a number is an error
+"""Step 5 of the pipeline, render: a template context -> Python source of one kernel module, named
+by a content hash (step 6, compile and load, is dsagen/backends/). Jinja runs with StrictUndefined, so a context missing a number is an error
 at render time, not a silently broken kernel. The key hashes everything the source depends on:
 the context (spec's semantic fields and the schedule), the template text and the dsagen version.
 """
@@ -17,7 +16,8 @@ from typing import Any
 import jinja2
 
 from .__version__ import __version__
-from .ops import get_op
+from .lower import kernel_context
+from .ops import Op, as_op
 from .resources import data_dir
 
 
@@ -33,8 +33,8 @@ class GeneratedSource:
 TEMPLATE_PATH_ENV = "DSAGEN_TEMPLATE_PATH"
 
 
-def _environment(backend: str, kernel: str) -> jinja2.Environment:
-    root = get_op(kernel).root("templates")
+def _environment(backend: str, op: Op) -> jinja2.Environment:
+    root = op.root("templates")
     return _environment_for(backend, os.environ.get(TEMPLATE_PATH_ENV, ""), str(root))
 
 
@@ -56,11 +56,11 @@ def _environment_for(backend: str, template_path: str, op_root: str) -> jinja2.E
     )
 
 
-def _template_text(backend: str, kernel: str, name: str) -> str:
+def _template_text(backend: str, op: Op, name: str) -> str:
     """The text of a template and of everything it includes, recursively: what the key must hash."""
     import jinja2.meta
 
-    env = _environment(backend, kernel)
+    env = _environment(backend, op)
     seen: list[str] = []
     todo = [name]
     texts = []
@@ -75,16 +75,19 @@ def _template_text(backend: str, kernel: str, name: str) -> str:
     return "".join(texts)
 
 
-def template_digest(backend: str, kernel: str) -> str:
+def template_digest(backend: str, kernel: str | Op) -> str:
     """A short hash of `kernel`'s template and its includes: changes whenever the generated code can."""
-    return hashlib.sha256(_template_text(backend, kernel, f"{kernel}.py.j2").encode()).hexdigest()[:8]
+    op = as_op(kernel)
+    return hashlib.sha256(_template_text(backend, op, f"{op.name}.py.j2").encode()).hexdigest()[:8]
 
 
-def render(backend: str, context: dict[str, Any]) -> GeneratedSource:
-    kernel = context["kernel"]
+def render(backend: str, context: dict[str, Any], op: Op | None = None) -> GeneratedSource:
+    """The module a context renders to (`op`: the context's kernel, when the caller holds it)."""
+    op = op or as_op(context["kernel"])
+    kernel = op.name
     template_name = f"{kernel}.py.j2"
-    env = _environment(backend, kernel)
-    template_text = _template_text(backend, kernel, template_name)
+    env = _environment(backend, op)
+    template_text = _template_text(backend, op, template_name)
     digest = hashlib.sha256()
     digest.update(json.dumps(context, sort_keys=True).encode())
     digest.update(template_text.encode())
@@ -93,3 +96,10 @@ def render(backend: str, context: dict[str, Any]) -> GeneratedSource:
     source = env.get_template(template_name).render(
         **context, key=key, template=template_name, dsagen_version=__version__)
     return GeneratedSource(backend, kernel, f"{context['module_stem']}_{key}", key, source)
+
+
+def generate(spec, op: Op, resolved, backend: str) -> GeneratedSource:
+    """Lower and render one resolved schedule (dsagen.resolve.Resolved) into its module's source:
+    for CPU tensors, the Triton interpreter's rendering."""
+    interpret = resolved.device_type == "cpu" and backend == "triton"
+    return render(backend, kernel_context(spec, op, resolved.point, backend, interpret), op)

@@ -1,29 +1,39 @@
-"""Run: `dsagen.build(spec)` -> an object whose .indexer/.topk/.sparse_attention/.dsa take tensors.
+"""Step 7 of the pipeline, run: `dsagen.build(spec)` -> an object whose kernel methods take tensors.
 
-Step 6 of the pipeline. Every argument is checked (dtype, shape, device, strides) by the kernel's
-op before anything launches, and a bad one raises ValueError naming it. Each call goes through a
-registered torch.library op (dsagen::<kernel>), so `torch.compile(fullgraph=True)` traces it as one
-node and CUDA graphs capture it; the schedule is resolved, and the module written and imported,
-when the op first runs eagerly for a shape bucket (`prepare()` does it ahead of time), never while
-tracing. CUDA tensors run the compiled kernels; CPU tensors run the interpreted Triton rendering
-or TVM's llvm kernels.
+A kernel's name is turned into its op once, at this boundary: `DSAKernels.kernel(name)` is a
+`BoundKernel` (the op, the build's spec and backend, and per shape bucket its resolved schedule
+and loaded module) that every later step takes. A call binds its arguments by name from the op's
+signature (spec defaults filled in by name), checks every one (dtype, shape, device, strides; a bad
+one raises ValueError naming it) before anything launches, and runs through the registered
+torch.library op: `dsagen::<kernel>`, or `dsagen::<kernel>_out` when output buffers are given, so
+`torch.compile(fullgraph=True)` traces either as one node and CUDA graphs capture it. The schedule
+is resolved, and the module written and imported, when the op first runs eagerly for a shape
+bucket (`prepare()` does it ahead of time), never while tracing. CUDA tensors run the compiled
+kernels; CPU tensors run the interpreted Triton rendering or TVM's llvm kernels.
+
+The build's kernel methods (`kernels.topk(...)`, ...) are generated from the op signatures, and
+the compositions `dsa()` and `decode()` are pipelines declared as data (dsagen/pipelines.py).
 """
 from __future__ import annotations
 
-import functools
+import threading
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
 from . import backends
 from .backends import tvm as tvm_backend
 from .backends.source_cache import materialize
+from .codegen import GeneratedSource, generate
 from .errors import BackendError
-from .ops import enabled as enabled_ops, get_op, names as op_names
-from .resolve import Resolved, Resolver, gpu_context
+from .ops import Op, enabled as enabled_ops, get_op, own_ops
+from .pipelines import DECODE, DSA, run_pipeline
+from .resolve import DEFAULT_GPU, Resolved, Resolver, gpu_context
 from .spec import Spec
-from . import autograd, torch_ops
+from . import torch_ops
 
 
 class DecodeOutput(NamedTuple):
@@ -38,34 +48,142 @@ class DSAOutput(NamedTuple):
     indices: torch.Tensor  # [S, k] int32, -1 padded
 
 
-def _refuse_grad(kernel: str, args, in_place: bool) -> None:
-    """An input that requires grad would silently lose its graph where there is no backward: a
-    kernel without one, or output buffers written in place (outside autograd)."""
-    if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return
-    if in_place:
-        raise RuntimeError(f"dsagen.{kernel}: an input requires grad, but output buffers given by keyword are "
-                           "written in place, outside autograd, so there is no backward through them; leave the "
-                           "buffers out (the outputs are then differentiable where the kernel has a backward), "
-                           "or call it under torch.no_grad()")
-    if not autograd.differentiable(kernel):
-        hint = get_op(kernel).no_backward_hint
-        hint = f" ({hint})" if hint else ""
-        raise RuntimeError(
-            f"dsagen.{kernel}: an input requires grad, but this kernel has no backward pass, so the result "
-            f"would silently carry no gradient{hint}; call it under torch.no_grad() or on detached tensors "
-            "(.detach())")
+@dataclass(frozen=True)
+class ResolvedModule:
+    """A resolved schedule (dsagen.resolve.Resolved: point, source, bucket) and the module's source
+    it renders to: what `resolve()`, `explain()` and the CLI report."""
+
+    schedule: Resolved
+    generated: GeneratedSource
+
+    kernel = property(lambda self: self.schedule.kernel)
+    point = property(lambda self: self.schedule.point)
+    source = property(lambda self: self.schedule.source)
+    bucket = property(lambda self: self.schedule.bucket)
+    device_type = property(lambda self: self.schedule.device_type)
+    stale = property(lambda self: self.schedule.stale)
+
+    @property
+    def module_name(self) -> str:
+        return self.generated.module_name
 
 
 TARGETS = {"triton": ("cuda", "cpu"), "tvm": ("llvm", "cuda")}
 
 
-class DSAKernels:
-    """The kernels of one spec on one backend, and their composition `dsa()`.
+class BoundKernel:
+    """One kernel of one build: its op, the build's spec and backend, and per shape bucket the
+    resolved schedule and module. Calling it runs the kernel (the build's method does)."""
 
-    The schedule of each kernel is resolved per shape bucket at the first call that has it (see
-    dsagen.resolve: override -> tuning database -> the spec's pinned knobs -> defaults ->
-    nearest legal point); `explain()` says which.
+    def __init__(self, build: "DSAKernels", op: Op):
+        self.build, self.op, self.name = build, op, op.name
+        self.spec, self.backend = build.spec, build.backend
+        self.signature = op.signature
+        self._modules: dict[tuple, ResolvedModule] = {}
+        self._lock = threading.Lock()
+
+    # -- schedules and modules --------------------------------------------------------------
+    def resolve(self, S: int | None = None, SKV: int | None = None, device_type: str = "cuda") -> ResolvedModule:
+        """The schedule and module this kernel uses for a problem of S queries and SKV keys."""
+        schedule = self.build.resolver.resolve(self.op, S, SKV, device_type)
+        key = (schedule.bucket, device_type, tuple(schedule.point.items()))
+        with self._lock:
+            hit = self._modules.get(key)
+            if hit is None:
+                hit = self._modules[key] = ResolvedModule(schedule, generate(self.spec, self.op, schedule,
+                                                                             self.backend))
+        return hit
+
+    def launcher(self, device: torch.device, S: int | None = None, SKV: int | None = None):
+        """The generated launcher for a device: compiled for CUDA, interpreted (or llvm) for CPU."""
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError("CUDA tensors were given but torch sees no CUDA device")
+        want = "cuda" if device.type == "cuda" else ("llvm" if self.backend == "tvm" else "cpu")
+        target = self.build.target
+        if target is not None and target != want:
+            raise ValueError(f"these kernels were built with target={target!r} but got {device.type} tensors")
+        hit = self.resolve(S, SKV, device.type)
+        return backends.launcher(self.backend, self.build.path(hit), self.name, device.type)
+
+    # -- calls ------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        """Bind and check the arguments, then run through dsagen::<kernel> (or, with output buffers,
+        dsagen::<kernel>_out, which writes them in place)."""
+        problem = self.op.unavailable(self.spec, self.backend)
+        if problem:
+            raise BackendError(problem)
+        bound = self.signature.bind(self.name, args, kwargs)
+        inputs, given = self.signature.inputs(bound), self.signature.given_buffers(bound)
+        self.op.check_args(self.spec, **inputs, **given)
+        self._refuse_grad(inputs, bool(given))
+        filled = self.signature.fill(self.spec, inputs)
+        values = tuple(filled.values())
+        if not given:
+            return torch_ops.call(self.name, values, self.build.handle)
+        returned = self._returned_buffers(filled, given)
+        extra = tuple(given.get(b) for b in self.signature.extra_outputs)
+        torch_ops.call_out(self.name, values, returned + extra, self.build.handle)
+        return returned[0] if len(returned) == 1 else returned
+
+    def _returned_buffers(self, filled: Mapping[str, Any], given: Mapping[str, Any]) -> tuple:
+        """Every returned output's buffer: the caller's, else one allocated like the kernel's own."""
+        missing = [b for b in self.signature.returns if b not in given]
+        made = {}
+        if missing:
+            fresh = self.op.fake(self.spec, **filled)
+            fresh = fresh if isinstance(fresh, tuple) else (fresh,)
+            made = dict(zip(self.signature.returns, fresh))
+        return tuple(given.get(b, made.get(b)) for b in self.signature.returns)
+
+    def _refuse_grad(self, inputs: Mapping[str, Any], in_place: bool) -> None:
+        """An input that requires grad would silently lose its graph where there is no backward: a
+        kernel without one, or output buffers written in place (outside autograd)."""
+        if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad
+                                                  for a in inputs.values()):
+            return
+        kernel = self.name
+        if in_place:
+            raise RuntimeError(f"dsagen.{kernel}: an input requires grad, but output buffers given by keyword are "
+                               "written in place, outside autograd, so there is no backward through them; leave the "
+                               "buffers out (the outputs are then differentiable where the kernel has a backward), "
+                               "or call it under torch.no_grad()")
+        if not self.op.gradient.differentiable:
+            hint = self.op.gradient.hint
+            hint = f" ({hint})" if hint else ""
+            raise RuntimeError(
+                f"dsagen.{kernel}: an input requires grad, but this kernel has no backward pass, so the result "
+                f"would silently carry no gradient{hint}; call it under torch.no_grad() or on detached tensors "
+                "(.detach())")
+
+    def launch(self, inputs: Mapping[str, Any], buffers: Mapping[str, Any] | None = None):
+        """Run the generated launcher eagerly on filled-in inputs (by name) and the given buffers:
+        what the torch ops run. The arguments are checked again here (their device and shape pick
+        the schedule)."""
+        buffers = {k: v for k, v in (buffers or {}).items() if v is not None}
+        call = self.op.check_args(self.spec, **inputs, **buffers)
+        return self.launcher(call.device, call.S, call.SKV)(*inputs.values(), **buffers)
+
+
+def _kernel_method(op: Op):
+    """A build method for `op`: its signature and docstring, calling the build's bound kernel."""
+    name = op.name
+
+    def method(self, *args, **kwargs):
+        return self.kernel(name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = op.doc or op.summary
+    method.__signature__ = op.signature.method()
+    return method
+
+
+class DSAKernels:
+    """The kernels of one spec on one backend, and their compositions `dsa()` and `decode()`.
+
+    Every registered kernel is a method (generated from its op's signature: help(kernels.topk)
+    shows its parameters). The schedule of each kernel is resolved per shape bucket at the first
+    call that has it (see dsagen.resolve: override -> tuning database -> the spec's pinned knobs ->
+    defaults -> nearest legal point); `explain()` says which.
     """
 
     def __init__(self, spec: Spec, backend: str = "triton", gpu_type: str | None = None,
@@ -79,7 +197,25 @@ class DSAKernels:
                                  batch_invariant=deterministic)
         self.gpu_type = gpu_type
         self._paths: dict[str, Path] = {}
+        # bound now (not while a call is traced): every kernel this build offers
+        self._bound: dict[str, BoundKernel] = {op.name: BoundKernel(self, op) for op in self.ops()}
         self.handle = torch_ops.register_build(self)
+
+    # -- the API boundary: a name becomes its bound kernel, once --------------------------------
+    def kernel(self, name: str) -> BoundKernel:
+        """The bound kernel `name` (an unknown name is an error listing the known ones)."""
+        bound = self._bound.get(name)
+        if bound is None:
+            bound = self._bound.setdefault(name, BoundKernel(self, get_op(name)))
+        return bound
+
+    def ops(self) -> list[Op]:
+        """The ops this build offers (every registered op with a template for its backend)."""
+        return enabled_ops(self.spec, self.backend)
+
+    def kernels(self) -> list[str]:
+        """The kernels this build offers (every registered op with a template for its backend)."""
+        return [op.name for op in self.ops()]
 
     # -- schedules and modules --------------------------------------------------------------
     @property
@@ -91,16 +227,12 @@ class DSAKernels:
     def plan_gpu(self):
         return self.resolver.plan_gpu
 
-    def kernels(self) -> list[str]:
-        """The kernels this build offers (every registered op with a template for its backend)."""
-        return [op.name for op in enabled_ops(self.spec, self.backend)]
-
     def resolve(self, kernel: str, S: int | None = None, SKV: int | None = None,
-                device_type: str = "cuda") -> Resolved:
+                device_type: str = "cuda") -> ResolvedModule:
         """The schedule and module `kernel` uses for a problem of S queries and SKV keys."""
-        return self.resolver.resolve(kernel, S, SKV, device_type)
+        return self.kernel(kernel).resolve(S, SKV, device_type)
 
-    def path(self, resolved: Resolved) -> Path:
+    def path(self, resolved: ResolvedModule) -> Path:
         """The resolved module's file in the cache (written once)."""
         name = resolved.module_name
         if name not in self._paths:
@@ -109,13 +241,7 @@ class DSAKernels:
 
     def launcher(self, kernel: str, device: torch.device, S: int | None = None, SKV: int | None = None):
         """The generated launcher for a device: compiled for CUDA, interpreted (or llvm) for CPU."""
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise BackendError("CUDA tensors were given but torch sees no CUDA device")
-        want = "cuda" if device.type == "cuda" else ("llvm" if self.backend == "tvm" else "cpu")
-        if self.target is not None and self.target != want:
-            raise ValueError(f"these kernels were built with target={self.target!r} but got {device.type} tensors")
-        hit = self.resolve(kernel, S, SKV, device.type)
-        return backends.launcher(self.backend, self.path(hit), kernel, device.type)
+        return self.kernel(kernel).launcher(device, S, SKV)
 
     def prepare(self, S: int, SKV: int, device: str | torch.device = "cuda") -> dict[str, str]:
         """Resolve, write and import every kernel for (S, SKV) on `device` now (before a CUDA-graph
@@ -123,8 +249,9 @@ class DSAKernels:
         dev = torch.device(device)
         out = {}
         for kernel in self.kernels():
-            self.launcher(kernel, dev, S, SKV)
-            out[kernel] = self.resolve(kernel, S, SKV, dev.type).module_name
+            bound = self.kernel(kernel)
+            bound.launcher(dev, S, SKV)
+            out[kernel] = bound.resolve(S, SKV, dev.type).module_name
         return out
 
     def explain(self, S: int | None = None, SKV: int | None = None, device_type: str = "cuda") -> dict[str, dict]:
@@ -137,84 +264,28 @@ class DSAKernels:
         return out
 
     # -- calls ------------------------------------------------------------------------------
-    def run(self, kernel: str, *args, **outs):
-        """Check the arguments, then run `kernel` (through its torch.library op unless output
-        buffers are given, which are written in place)."""
-        op = get_op(kernel)
-        problem = op.unavailable(self.spec, self.backend)
-        if problem:
-            raise BackendError(problem)
-        call = op.check_args(self.spec, *args, **outs)
-        _refuse_grad(kernel, args, any(v is not None for v in outs.values()))
-        args, outs = op.launch_args(self.spec, args, outs)
-        if any(v is not None for v in outs.values()):
-            return self.launch(kernel, args, outs, call)
-        return torch_ops.call(kernel, args, self.handle)
+    def run(self, kernel: str, *args, **kwargs):
+        """Run `kernel` by name: what its method does (arguments bound by name and checked, output
+        buffers given by keyword written in place)."""
+        return self.kernel(kernel)(*args, **kwargs)
 
     def launch(self, kernel: str, args: tuple, outs: dict | None = None, call=None):
-        """Run the generated launcher on filled-in arguments (eager; what the op runs). `call`: the
-        checked call's device and shape when the caller has it, else the arguments are checked here."""
-        outs = {k: v for k, v in (outs or {}).items() if v is not None}
-        if call is None:
-            call = get_op(kernel).check_args(self.spec, *args, **outs)
-        return self.launcher(kernel, call.device, call.S, call.SKV)(*args, **outs)
+        """Run the generated launcher eagerly on filled-in arguments (in signature order) and output
+        buffers: what the torch ops run, and what `dsagen bench` times (no dispatch in between)."""
+        bound = self.kernel(kernel)
+        return bound.launch(dict(zip(bound.signature.names, args)), outs)
 
     def __getattr__(self, name: str):
-        """A kernel registered outside dsagen is a method too: kernels.<name>(*args, out=...)."""
-        if name.startswith("_") or name not in op_names():
+        """A kernel registered after dsagen was imported (outside dsagen) is a method too."""
+        if name.startswith("_"):
             raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
-        return functools.partial(self.run, name)
+        try:
+            op = get_op(name)
+        except Exception:
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}") from None
+        return types.MethodType(_kernel_method(op), self)
 
-    def indexer(self, q, k, k_scale, weights, ks, ke, *, out=None):
-        """logits [S, SKV] fp32: k_scale[s] * sum_j weights[t,j] * relu(q[t,j] . k[s]) in [ks[t], ke[t])."""
-        return self.run("indexer", q, k, k_scale, weights, ks, ke, out=out)
-
-    def indexer_topk(self, q, k, k_scale, weights, ks, ke, *, out=None):
-        """indices [S, k] int32: the k largest indexer logits of each row's window, selected while
-        they are computed (the S x SKV logits are never written). Triton backend only."""
-        return self.run("indexer_topk", q, k, k_scale, weights, ks, ke, out=out)
-
-    def topk(self, logits, ks, ke, *, out=None):
-        """indices [S, k] int32: the k largest logits of each row's window [ks, ke), then -1 padding."""
-        return self.run("topk", logits, ks, ke, out=out)
-
-    def sparse_attention(self, q, kv, indices, sm_scale: float | None = None, *, out=None, lse=None):
-        """(out [S, H, Dv] bf16, lse [S, H] fp32): softmax over each query's valid selected kv rows.
-        sm_scale: None uses the spec's. Differentiable: out carries gradients to q and kv (the
-        sparse_attention_bwd kernel); lse carries none."""
-        return self.run("sparse_attention", q, kv, indices, sm_scale, out=out, lse=lse)
-
-    def indexer_loss(self, iq, ik, weights, aq, akv, alse, indices, sm_scale: float | None = None):
-        """(loss [S] fp32, index_lse [S] fp32): V3.2's indexer training loss per query,
-        KL(p || softmax of the indexer logits) over the row's selected keys, where p is the main
-        attention's probability mass (aq, akv, alse: its q, kv and lse, read as constants) summed
-        over heads and normalized. Differentiable in iq, ik and weights (indexer_loss_bwd). For the
-        dense warm-up, pass indices = dsagen.dense_window_indices(ks, ke)."""
-        return self.run("indexer_loss", iq, ik, weights, aq, akv, alse, indices, sm_scale)
-
-    # -- decode over the paged caches (specs with a [cache] section) ---------------------------
-    def mla_cache_write(self, rows, slot_mapping, cache) -> None:
-        """Write bf16 rows [n, qk_dim] into the paged FP8 MLA cache at slot_mapping [n] (page *
-        page_size + offset; negative or out-of-range slots are skipped), quantized exactly as
-        dsagen.cache_formats.quantize_mla_rows."""
-        return self.run("mla_cache_write", rows, slot_mapping, cache)
-
-    def paged_indexer(self, q, index_cache, weights, context_lens, block_table, *, out=None):
-        """logits [B * next_n, max_blocks * page_size] fp32 over each request's paged keys; query j
-        of request b sees positions < context_lens[b] - next_n + j + 1, -inf elsewhere."""
-        return self.run("paged_indexer", q, index_cache, weights, context_lens, block_table, out=out)
-
-    def decode_topk(self, logits, context_lens, block_table, *, out=None):
-        """slots [B, next_n, k] int32: the k largest logits of each query row's visible prefix
-        (row b * next_n + j sees positions < context_lens[b] - next_n + j + 1; ties to the lower
-        position), each turned into its cache slot through block_table, then -1 padding."""
-        return self.run("decode_topk", logits, context_lens, block_table, out=out)
-
-    def sparse_decode(self, q, mla_cache, indices, sm_scale: float | None = None, *, out=None, lse=None):
-        """(out [B, s_q, H, v_dim] bf16, lse [B, s_q, H] fp32) over the selected cache slots
-        [B, s_q, k] (negative or out-of-range: invalid) of the paged FP8 MLA cache."""
-        return self.run("sparse_decode", q, mla_cache, indices, sm_scale, out=out, lse=lse)
-
+    # -- compositions -------------------------------------------------------------------------
     def dsa(self, q, kv, index_q, index_k, index_k_scale, index_weights, ks, ke,
             sm_scale: float | None = None) -> DSAOutput:
         """Indexer -> top-k -> sparse attention for one flattened batch of S query tokens (see
@@ -223,14 +294,9 @@ class DSAKernels:
             raise ValueError(f"q has {q.shape[0]} tokens but index_q has {index_q.shape[0]}")
         if isinstance(kv, torch.Tensor) and isinstance(index_k, torch.Tensor) and kv.shape[0] != index_k.shape[0]:
             raise ValueError(f"kv has {kv.shape[0]} rows but index_k has {index_k.shape[0]}")
-        with torch.no_grad():  # the selection is integer-valued: no gradient flows through it
-            if self.spec.topk.fused and get_op("indexer_topk").enabled(self.spec, self.backend):
-                indices = self.indexer_topk(index_q, index_k, index_k_scale, index_weights, ks, ke)
-            else:
-                logits = self.indexer(index_q, index_k, index_k_scale, index_weights, ks, ke)
-                indices = self.topk(logits, ks, ke)
-        out, lse = self.sparse_attention(q, kv, indices, sm_scale)
-        return DSAOutput(out, lse, indices)
+        values = dict(q=q, kv=kv, index_q=index_q, index_k=index_k, index_k_scale=index_k_scale,
+                      index_weights=index_weights, ks=ks, ke=ke, sm_scale=sm_scale)
+        return DSAOutput(*run_pipeline(self, DSA, values))
 
     def decode(self, q, mla_cache, index_q, index_cache, index_weights, context_lens, block_table,
                sm_scale: float | None = None) -> DecodeOutput:
@@ -246,12 +312,20 @@ class DSAKernels:
             raise ValueError("decode() needs a spec with a [cache] section (page size and cache formats)")
         if isinstance(q, torch.Tensor) and isinstance(index_q, torch.Tensor) and q.shape[:2] != index_q.shape[:2]:
             raise ValueError(f"q is [B, s_q] = {list(q.shape[:2])} but index_q is {list(index_q.shape[:2])}")
-        logits = self.paged_indexer(index_q, index_cache, index_weights, context_lens, block_table)
-        slots = self.decode_topk(logits, context_lens, block_table)
-        if isinstance(q, torch.Tensor) and q.dim() == 4:  # with no request the top-k cannot tell s_q
-            slots = slots.reshape(q.shape[0], q.shape[1], self.spec.topk.k)
-        out, lse = self.sparse_decode(q, mla_cache, slots, sm_scale)
-        return DecodeOutput(out, lse, slots)
+        values = dict(q=q, mla_cache=mla_cache, index_q=index_q, index_cache=index_cache,
+                      index_weights=index_weights, context_lens=context_lens, block_table=block_table,
+                      sm_scale=sm_scale)
+        return DecodeOutput(*run_pipeline(self, DECODE, values))
+
+
+def _install_kernel_methods() -> None:
+    """dsagen's own kernels as methods of DSAKernels, generated from their signatures."""
+    for op in own_ops():
+        if not hasattr(DSAKernels, op.name):
+            setattr(DSAKernels, op.name, _kernel_method(op))
+
+
+_install_kernel_methods()
 
 
 def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
@@ -279,3 +353,14 @@ def build(spec: Spec, backend: str = "triton", gpu: str | None = None,
         raise BackendError(problem)
     gpu_type, capability = gpu_context(gpu)
     return DSAKernels(spec, backend, gpu_type, capability, schedules, use_db, target, deterministic)
+
+
+def resolve_kernel(spec: Spec, kernel: str, backend: str = "triton", gpu: str | None = DEFAULT_GPU,
+                   override: Mapping[str, int] | None = None, S: int | None = None, SKV: int | None = None,
+                   device_type: str = "cuda", use_db: bool = True) -> ResolvedModule:
+    """One kernel's schedule and module without a build's torch ops (tools, tests): the same
+    resolver, lowering and rendering."""
+    resolver = Resolver(spec, backend, gpu, None, {kernel: override} if override is not None else None, use_db)
+    op = get_op(kernel)
+    schedule = resolver.resolve(op, S, SKV, device_type)
+    return ResolvedModule(schedule, generate(spec, op, schedule, backend))

@@ -1,14 +1,15 @@
-"""Lowering: spec + chosen schedule -> the template context of one kernel.
+"""Step 4 of the pipeline, lower: spec + resolved schedule -> the template context of one kernel.
 
-Step 4 of the pipeline. A context holds only validated integers, floats rendered by repr(), and
-enum strings from a fixed set (the op's `template_fields`, `derived` sizes and the schedule's
-knobs): nothing a user typed reaches generated code as text.
+A context holds only validated integers, floats rendered by repr(), and enum strings from a fixed
+set (the op's `template_fields`, `derived` sizes and the schedule's knobs): nothing a user typed
+reaches generated code as text. It also spells out the module's name.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .ops import get_op
+from .ops import Op, as_op
+from .plan import semantic_hash
 from .spec import Spec
 
 
@@ -16,10 +17,9 @@ def _knob_fields(point: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items())
 
 
-def module_suffix(kernel: str, point: Mapping[str, int], backend: str) -> str:
+def module_suffix(op: Op, point: Mapping[str, int], backend: str) -> str:
     """Every knob spelled out in the module's name: Triton modules use the op's short names in the
     space's order, other backends the knob names without '_', sorted."""
-    op = get_op(kernel)
     if backend == "triton" and op.short_names:
         rest = sorted(set(point) - set(op.short_names))
         return ("".join(f"_{op.short_names[k]}{point[k]}" for k in op.short_names if k in point)
@@ -27,21 +27,21 @@ def module_suffix(kernel: str, point: Mapping[str, int], backend: str) -> str:
     return "".join(f"_{k.replace('_', '')}{v}" for k, v in sorted(point.items()))
 
 
-def kernel_context(spec: Spec, kernel: str, point: Mapping[str, int], backend: str = "triton",
+def kernel_context(spec: Spec, kernel: str | Op, point: Mapping[str, int], backend: str = "triton",
                    interpret: bool = False) -> dict[str, Any]:
-    """Numbers the template of `kernel` is rendered from; also spells out the module's name.
+    """Numbers the template of `kernel` (an op, or its name) is rendered from.
 
     interpret: render for the Triton interpreter (CPU tensors), whose work-arounds stay out of the
     GPU kernels; the module's name says so (`_interp`)."""
-    op = get_op(kernel)
+    op = as_op(kernel)
     point = {k: int(v) for k, v in point.items()}
     interpret = bool(interpret and backend == "triton")
     fields = op.template_fields(spec)
     prefix = "" if backend == "triton" else f"{backend}_"
-    stem = prefix + op.module_stem(spec) + module_suffix(kernel, point, backend) + ("_interp" if interpret else "")
+    stem = prefix + op.module_stem(spec) + module_suffix(op, point, backend) + ("_interp" if interpret else "")
     return {
-        "kernel": kernel,
-        "semantic_hash": spec.semantic_hash(kernel),
+        "kernel": op.name,
+        "semantic_hash": semantic_hash(spec, [op]),
         "spec_fields": _knob_fields(fields),
         **fields,
         **op.derived(spec, point, backend),

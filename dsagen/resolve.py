@@ -1,11 +1,12 @@
-"""Step 3 of the pipeline: the one place a kernel's schedule is decided, for `build`, `tune`,
-`check`, `show`, `generate` and `explain` alike.
+"""Step 3 of the pipeline, resolve: the one place a kernel's schedule is decided, for `build`,
+`tune`, `check`, `show`, `generate` and `explain` alike.
 
 Order: an override (`build(schedules=...)`, a tuning trial) -> the tuning database (this GPU type's
 exact shape bucket, its nearest bucket, then another GPU type of the same compute capability; then
 the nearest tuned head count, this GPU type's entries before the other's) -> the spec's pinned
-knobs -> the search space's defaults -> the nearest legal point. The answer says where it came
-from, and carries the rendered module (lower + render) that runs it.
+knobs -> the search space's defaults -> the nearest legal point. The answer is a schedule point
+and where it came from; lowering and rendering it into a module are the next steps (lower.py,
+codegen.py).
 """
 from __future__ import annotations
 
@@ -15,12 +16,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from . import db as tuning_db
-from .codegen import GeneratedSource, render
 from .db.buckets import bucket_of
 from .errors import ScheduleError
 from .gpus import GPUS, cpu_type, get_gpu, gpu_type_from_device_name
-from .lower import kernel_context
-from .ops import get_op
+from .ops import Op, as_op, semantic_hash
 from .plan import problem_symbols
 from .schedule import choose, load_space
 from .spec import Spec
@@ -33,27 +32,15 @@ DEVICE_TYPES = ("cuda", "cpu")
 
 @dataclass(frozen=True)
 class Resolved:
-    """The schedule one kernel runs with at one shape bucket on one device type, where it came
-    from, and the generated module that runs it."""
+    """The schedule one kernel runs with at one shape bucket on one device type, and where it came
+    from."""
 
     kernel: str
     point: dict
     source: str  # "override", "tuned (exact bucket ...), FILE", "pinned", "default", ...
     bucket: str | None  # None: not looked up by shape (interpreter, override, no GPU type)
     device_type: str
-    generated: GeneratedSource
     stale: tuple[str, ...] = field(default=())
-
-    @property
-    def module_name(self) -> str:
-        return self.generated.module_name
-
-    @property
-    def path(self):
-        """The module's file in the cache (written once, on first ask)."""
-        from .backends.source_cache import materialize
-
-        return materialize(self.generated)
 
 
 def detected_gpu() -> tuple[str, str] | None:
@@ -100,8 +87,7 @@ class Resolver:
         self._memo: dict[tuple, Resolved] = {}
         self._lock = threading.Lock()
         for kernel in self.overrides:  # a bad override fails at once, naming the kernel or the knob
-            get_op(kernel)
-            self.resolve(kernel)
+            self.resolve(as_op(kernel))
 
     def db_type(self, device_type: str) -> str | None:
         """Whose tuning database applies: the GPU type on CUDA; the CPU type for TVM on the CPU;
@@ -112,53 +98,52 @@ class Resolver:
             return self.gpu_type
         return cpu_type() if self.backend == "tvm" else None
 
-    def resolve(self, kernel: str, S: int | None = None, SKV: int | None = None,
+    def resolve(self, kernel: str | Op, S: int | None = None, SKV: int | None = None,
                 device_type: str = "cuda") -> Resolved:
-        """The schedule and module `kernel` uses for a problem of S queries and SKV keys."""
+        """The schedule `kernel` (an op, or its name) runs with for a problem of S queries and SKV keys."""
+        op = as_op(kernel)
+        kernel = op.name
         if self.batch_invariant:
-            S, SKV = get_op(kernel).canonical_shape()
+            S, SKV = op.tuning.canonical_shape
         db_type = self.db_type(device_type)
         by_shape = (kernel not in self.overrides and self.use_db and db_type is not None
                     and S is not None and SKV is not None and S > 0 and SKV > 0)
         bucket = bucket_of(S, SKV) if by_shape else None
-        interpret = device_type == "cpu" and self.backend == "triton"
-        key = (kernel, bucket, db_type, interpret)
+        key = (kernel, bucket, db_type, device_type)
         with self._lock:
             hit = self._memo.get(key)
             if hit is None:
-                hit = self._memo[key] = self._resolve(kernel, S, SKV, bucket, db_type, device_type, interpret)
-                log.info("dsagen: %s%s uses %s (%s), module %s", kernel, f" {bucket}" if bucket else "",
-                         hit.point, hit.source, hit.module_name)
+                hit = self._memo[key] = self._resolve(op, S, SKV, bucket, db_type, device_type)
+                log.info("dsagen: %s%s uses %s (%s)", kernel, f" {bucket}" if bucket else "", hit.point, hit.source)
                 if hit.stale:
                     log.info("dsagen: the tuned schedule of %s %s is stale but used: %s", kernel, bucket,
                                 "; ".join(hit.stale))
         return hit
 
-    def _resolve(self, kernel, S, SKV, bucket, db_type, device_type, interpret) -> Resolved:
+    def _resolve(self, op: Op, S, SKV, bucket, db_type, device_type) -> Resolved:
         stale: tuple[str, ...] = ()
-        if kernel in self.overrides:
-            point, source = choose(self.spec, kernel, self.plan_gpu, self.backend, self.overrides[kernel]).point, \
+        if op.name in self.overrides:
+            point, source = choose(self.spec, op, self.plan_gpu, self.backend, self.overrides[op.name]).point, \
                 "override"
         else:
-            found = self._lookup(kernel, S, SKV, db_type) if bucket else None
+            found = self._lookup(op, S, SKV, db_type) if bucket else None
             if found is not None:
                 point, source, stale = found.entry.schedule, f"{found.source}, {found.path}", tuple(found.stale)
             else:
-                choice = choose(self.spec, kernel, self.plan_gpu, self.backend)
+                choice = choose(self.spec, op, self.plan_gpu, self.backend)
                 point, source = choice.point, choice.source
-        forced = dict(get_op(kernel).deterministic_knobs) if self.batch_invariant else {}
+        forced = dict(op.tuning.deterministic_knobs) if self.batch_invariant else {}
         if any(point.get(k) != v for k, v in forced.items()):
-            point = choose(self.spec, kernel, self.plan_gpu, self.backend, {**point, **forced}).point
+            point = choose(self.spec, op, self.plan_gpu, self.backend, {**point, **forced}).point
             source += ", " + ", ".join(f"{k}={v}" for k, v in forced.items()) + " (deterministic build)"
-        generated = render(self.backend, kernel_context(self.spec, kernel, point, self.backend, interpret))
-        return Resolved(kernel, dict(point), source, bucket, device_type, generated, stale)
+        return Resolved(op.name, dict(point), source, bucket, device_type, stale)
 
-    def _lookup(self, kernel: str, S: int, SKV: int, db_type: str):
+    def _lookup(self, op: Op, S: int, SKV: int, db_type: str):
         """A tuning-database entry whose schedule is legal for this spec here, else None (logged)."""
+        kernel = op.name
         cc = self.compute_capability if db_type == self.gpu_type else "cpu"
-        space = load_space(self.backend, kernel)
-        problem = problem_symbols(self.spec, kernel, self.plan_gpu)
-        op = get_op(kernel)
+        space = load_space(self.backend, op)
+        problem = problem_symbols(self.spec, op, self.plan_gpu)
 
         def legal_here(entry) -> bool:  # a neighbour's schedule must fit this spec (say, fewer heads)
             try:
@@ -167,10 +152,10 @@ class Resolver:
             except ScheduleError:
                 return False
 
-        found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=self.spec.semantic_hash(kernel),
+        found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=semantic_hash(self.spec, op),
                                  S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc,
                                  usable=lambda entry: space.names_every_knob(entry.schedule),
-                                 semantics=op.semantic_fields(self.spec), near_fields=op.near_fields,
+                                 semantics=op.semantic_fields(self.spec), near_fields=op.tuning.near_fields,
                                  legal=legal_here)
         if found is None:
             return None
@@ -189,11 +174,3 @@ class Resolver:
                         "(%s)", kernel, found.path, "; ".join(broken))
             return None
         return found
-
-
-def resolve_kernel(spec: Spec, kernel: str, backend: str = "triton", gpu: str | None = DEFAULT_GPU,
-                   override: Mapping[str, int] | None = None, S: int | None = None, SKV: int | None = None,
-                   device_type: str = "cuda", use_db: bool = True) -> Resolved:
-    """One kernel's schedule and module without a build (tools, tests): the same resolver."""
-    resolver = Resolver(spec, backend, gpu, None, {kernel: override} if override is not None else None, use_db)
-    return resolver.resolve(kernel, S, SKV, device_type)

@@ -16,8 +16,8 @@ import sympy as sp
 
 from .errors import ScheduleError
 from .gpus import GPU
+from .ops import Op, as_op
 from .plan import problem_symbols
-from .ops import get_op
 from .spec import Spec
 
 try:
@@ -111,11 +111,16 @@ def _parse_expr(text: str, where: str) -> sp.Expr:
         raise ScheduleError(f"{where}: cannot parse expression {text!r}: {exc}") from None
 
 
+def load_space(backend: str, kernel: str | Op) -> Space:
+    """The search space of `kernel` (an op, or its name) on `backend`."""
+    return _load_space(backend, as_op(kernel))
+
+
 @functools.lru_cache(maxsize=None)
-def load_space(backend: str, kernel: str) -> Space:
+def _load_space(backend: str, op: Op) -> Space:
+    kernel = op.name
     if backend not in BACKENDS:
         raise ScheduleError(f"backend={backend!r} is not supported: allowed {', '.join(BACKENDS)}")
-    op = get_op(kernel)
     if backend not in op.backends:
         raise ScheduleError(f"{kernel} has no {backend} template: its backends are {', '.join(op.backends)}")
     path = op.root("schedules") / backend / f"{kernel}.toml"
@@ -153,15 +158,17 @@ def _distance(a: Mapping[str, int], b: Mapping[str, int]) -> float:
     return sum(abs(math.log2(max(a[k], 1)) - math.log2(max(b[k], 1))) for k in a)
 
 
-def choose(spec: Spec, kernel: str, gpu: GPU, backend: str = "triton",
+def choose(spec: Spec, kernel: str | Op, gpu: GPU, backend: str = "triton",
            override: Mapping[str, int] | None = None) -> Choice:
     """Pinned knobs from the spec (or override), the rest from defaults; always legal or an error.
 
     A default that is illegal for this spec (say block_h=64 for 3 heads) moves to the nearest legal
     grid point; pinned knobs never move: an illegal pinned point is an error naming the constraint.
     """
-    space = load_space(backend, kernel)
-    problem = problem_symbols(spec, kernel, gpu)
+    op = as_op(kernel)
+    kernel = op.name
+    space = load_space(backend, op)
+    problem = problem_symbols(spec, op, gpu)
     pinned = dict(override) if override is not None else spec.pinned(kernel)
     where = "override" if override is not None else f"schedule.{kernel}"
     space.check_names(pinned, where)

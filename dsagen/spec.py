@@ -1,19 +1,19 @@
 """The spec DSL: a TOML file (or dataclasses) describing one DSA model's three kernels.
 
-Step 1 of the pipeline (spec -> plan -> schedule -> render -> compile -> run). Everything here is
-validated before it can reach a template: only checked integers, floats and enum strings leave this
-module, so no spec text is ever pasted into generated code.
+Step 1 of the pipeline (spec -> plan -> resolve -> lower -> render -> compile/load -> run). Plain
+data: everything here is validated before it can reach a template (only checked integers, floats
+and enum strings leave this module, so no spec text is ever pasted into generated code), and
+nothing here knows a kernel: the op registry tells it which names a [schedule.<kernel>] table may
+use (`known_kernels`), and the semantic hash lives with the ops (dsagen.ops.semantic_hash).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 try:  # Python 3.11+
     import tomllib
@@ -31,6 +31,16 @@ MAX_INDEXER_HEAD_DIM = 256  # one query head row and one key row are held whole 
 MAX_V_DIM = 512  # the output accumulator [heads, v_dim] lives in registers
 MAX_ROPE_DIM = 128  # qk_dim - v_dim: the extra (rope) part of each query/key row
 MAX_TOPK = 1 << 20
+
+# the kernel names a [schedule.<kernel>] table may use, as the op registry says when it is imported
+# (None: not told, so any name is kept until a build looks its kernel up)
+_kernel_names: Callable[[], tuple[str, ...]] | None = None
+
+
+def known_kernels(names: Callable[[], tuple[str, ...]]) -> None:
+    """Tell spec validation where the kernel names come from (the op registry's `names`)."""
+    global _kernel_names
+    _kernel_names = names
 
 
 @dataclass(frozen=True)
@@ -98,20 +108,6 @@ class Spec:
         # read-only after validation, so a checked spec cannot drift
         frozen = {k: MappingProxyType(dict(v)) for k, v in self.schedule.items()}
         object.__setattr__(self, "schedule", MappingProxyType(frozen))
-
-    def semantic_hash(self, kernel: str | None = None) -> str:
-        """Hash of what the math depends on (not the name, not the schedule, not the run-time
-        softmax scale).
-
-        With a kernel name, only the spec fields that kernel reads count (its op declares them), so
-        an indexer tuned for one model is reused by another with the same indexer.
-        """
-        from .ops import get_op, stages
-
-        kernels = stages() if kernel is None else (kernel,)
-        payload = {k: get_op(k).semantic_fields(self) for k in kernels}
-        text = json.dumps(payload, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def pinned(self, kernel: str) -> dict[str, int]:
         return dict(self.schedule.get(kernel, {}))
@@ -206,11 +202,10 @@ def validate(spec: Spec) -> None:
         raise SpecError(f"name={spec.name!r} must be a non-empty string")
     if not isinstance(spec.schedule, Mapping):
         raise SpecError("schedule must be a table of [schedule.<kernel>] tables")
-    from .ops import names as op_names
-
+    known = _kernel_names() if _kernel_names is not None else None
     for kernel, knobs in spec.schedule.items():
-        if kernel not in op_names():
-            raise SpecError(f"schedule.{kernel} is not a kernel: allowed {', '.join(op_names())}")
+        if known is not None and kernel not in known:
+            raise SpecError(f"schedule.{kernel} is not a kernel: allowed {', '.join(known)}")
         if not isinstance(knobs, Mapping):
             raise SpecError(f"schedule.{kernel} must be a table of knob = integer")
         for knob, value in knobs.items():

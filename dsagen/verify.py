@@ -2,9 +2,9 @@
 
 Used by the tests and by the tuner (a fast but wrong candidate is rejected, never recorded).
 Closeness is the RMS ratio ||got - ref|| / ||ref|| over the finite reference entries; infinities
-must match exactly in place and sign; NaN never passes. The bound is a number: each op declares its
-outputs' bounds beside its math (`Op.tolerances`), and a "<kernel>.<output>" label without a number
-is looked up there.
+must match exactly in place and sign; NaN never passes. The bound is a number: each kernel's
+workload declares its outputs' bounds beside its reference (`Workload.tolerances`), and a
+"<kernel>.<output>" label without a number is looked up there.
 """
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ class Mismatch(AssertionError):
 
 
 def tolerance(what: str) -> float:
-    """The bound of "<kernel>.<output>" (with ".<dtype>" where the op keys one) as its op declares it."""
-    from .ops import get_op
+    """The bound of "<kernel>.<output>" (with ".<dtype>" where the kernel keys one) as its workload
+    declares it."""
+    from .workloads import workload
 
     kernel, _, output = what.partition(".")
-    return get_op(kernel).tolerance(output)
+    return workload(kernel).tolerance(output)
 
 
 def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor, tol: float | None = None) -> float:

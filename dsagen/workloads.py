@@ -1,7 +1,8 @@
 """The problem each kernel is tuned and benchmarked on, shared by `dsagen tune` and `dsagen bench`.
 
-Each op declares its own recipe (inputs, poisoned outputs, the check, naive PyTorch); this module
-holds what is common: which rows are checked, the shape rules and the rates at a time. The S
+Each kernel declares its own recipe in its workload module (dsagen/ops/<kernel>_workload.py:
+inputs, poisoned outputs, the check, naive PyTorch); this module finds it (`workload`) and holds
+what is common: which rows are checked, the shape rules and the rates at a time. The S
 queries are the last S positions of a causal context of SKV keys. Each run writes into outputs
 poisoned with values no kernel writes, so an element the kernel forgot fails the check, and the
 check is the float64 reference on a sample of rows (first, last and random ones) of the very
@@ -11,8 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from .ops import get_op
+from .ops import Op, as_op
+from .ops.workload import Workload, workload_of
 from .spec import Spec
+
+
+def workload(kernel: str | Op) -> Workload:
+    """The workload of `kernel` (an op, or its name)."""
+    return workload_of(as_op(kernel))
 
 
 def sample_rows(S: int, n: int, seed: int) -> torch.Tensor:
@@ -22,24 +29,11 @@ def sample_rows(S: int, n: int, seed: int) -> torch.Tensor:
     return torch.tensor(sorted(rows))
 
 
-def make_inputs(spec: Spec, kernel: str, S: int, SKV: int, device="cuda", seed: int = 0) -> tuple:
-    return get_op(kernel).inputs(spec, S, SKV, device, seed)
-
-
-def poisoned_outputs(spec: Spec, kernel: str, inputs) -> dict[str, torch.Tensor]:
-    return get_op(kernel).poisoned_outputs(spec, inputs)
-
-
-def check(spec: Spec, kernel: str, inputs, result, rows: torch.Tensor) -> str:
-    """Raise verify.Mismatch if `result` is wrong on `rows`; else say what was checked."""
-    return get_op(kernel).check(spec, inputs, result, rows)
-
-
-def rates(spec: Spec, kernel: str, S: int, SKV: int, ms: float, gpu) -> dict[str, float | None]:
+def rates(spec: Spec, kernel: str | Op, S: int, SKV: int, ms: float, gpu) -> dict[str, float | None]:
     """TFLOP/s, GB/s and % of the roofline floor on `gpu` at `ms` (None where it means nothing)."""
-    op = get_op(kernel)
+    op = as_op(kernel)
     c = op.cost(spec)
-    sizes = op.sizes(S, SKV)
+    sizes = workload(op).sizes(S, SKV)
     flops, nbytes = c.evaluate(sizes)
     floor, _ = c.floor_ms(sizes, gpu)
     return {"tflops": flops / ms / 1e9 if flops else None, "gbps": nbytes / ms / 1e6 if nbytes else None,

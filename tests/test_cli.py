@@ -364,7 +364,7 @@ def test_error_in_a_real_process_has_no_traceback(tmp_path, child_env):
 
 def topk_source():
     from dsagen import Spec
-    from dsagen.resolve import resolve_kernel
+    from dsagen.kernels import resolve_kernel
 
     return resolve_kernel(Spec(), "topk").generated
 
@@ -449,7 +449,7 @@ def test_eight_processes_materialize_the_same_source(cache, start):
 def test_module_key_covers_included_templates(tmp_path, monkeypatch):
     """A change in a template that another includes (_radix.j2 in topk) gives a new module key."""
     from dsagen.codegen import TEMPLATE_PATH_ENV
-    from dsagen.resolve import resolve_kernel
+    from dsagen.kernels import resolve_kernel
 
     spec = dsagen_spec()
     before = resolve_kernel(spec, "topk").generated

@@ -21,7 +21,7 @@ import torch
 from dsagen import reference
 from dsagen.cache_formats import pack_index_pages
 from dsagen.compat import deep_gemm, flash_mla
-from dsagen.ops.paged_indexer import paged_indexer_reference
+from dsagen.ops.paged_indexer_workload import paged_indexer_reference
 from dsagen.verify import assert_close
 
 FP8, BF16, I32 = torch.float8_e4m3fn, torch.bfloat16, torch.int32

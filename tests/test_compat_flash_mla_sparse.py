@@ -18,7 +18,7 @@ from dsagen import reference
 from dsagen.backends import triton as triton_backend
 from dsagen.compat._builds import kernels_for
 from dsagen.compat.flash_mla import flash_mla_sparse_fwd
-from dsagen.resolve import resolve_kernel
+from dsagen.kernels import resolve_kernel
 from dsagen.verify import Mismatch, assert_close
 
 BAD = (-(2**31), -1)  # plus s_kv and 2**31 - 1, which depend on the problem
@@ -294,7 +294,8 @@ def test_tvm_max_logits_variant_builds_for_cuda():
     if problem := tvm_backend.available():
         pytest.skip(problem)
     spec = dsagen.Spec(topk=dsagen.TopKSpec(k=64), attention=dsagen.AttentionSpec(heads=16))
-    path = dsagen.build(spec, backend="tvm").resolve("sparse_attention", device_type="cpu").path
+    built = dsagen.build(spec, backend="tvm")
+    path = built.path(built.resolve("sparse_attention", device_type="cpu"))
     module = tvm_backend.load(path)
     sources = [module.build("cuda", max_logits=v).mod.imports[0].inspect_source() for v in (False, True)]
     assert all("__global__" in s for s in sources)

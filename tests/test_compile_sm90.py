@@ -15,7 +15,7 @@ import dsagen.ops.sparse_decode  # noqa: F401  (registers the sparse FP8 decode)
 import dsagen.ops.decode_topk  # noqa: F401  (registers the decode top-k)
 from dsagen.backends import triton as triton_backend
 from dsagen.gpus import get_gpu
-from dsagen.resolve import resolve_kernel
+from dsagen.kernels import resolve_kernel
 
 V32 = dsagen.load_spec("specs/deepseek_v32.toml")
 ODD = dsagen.Spec(

@@ -12,8 +12,8 @@ from dsagen import reference
 from dsagen.cache_formats import MLA_FORMATS, dequantize_mla_rows, pack_index_pages
 from dsagen.compat import deep_gemm, flash_mla
 from dsagen.decode import decode_windows, positions_to_slots
-from dsagen.ops.decode_topk import decode_topk_reference
-from dsagen.ops.paged_indexer import paged_indexer_reference
+from dsagen.ops.decode_topk_workload import decode_topk_reference
+from dsagen.ops.paged_indexer_workload import paged_indexer_reference
 from dsagen.verify import assert_close, assert_topk, tolerance
 
 FMT = MLA_FORMATS["deepseek_v32_fp8"]

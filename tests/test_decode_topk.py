@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from dsagen.workloads import workload
 import dsagen
 import dsagen.ops.decode_topk as dt
 from dsagen.decode import positions_to_slots
@@ -410,36 +411,36 @@ def test_workload_inputs_check_and_naive(device, backend):
     spec = make_spec(64, 16)
     op = get_op("decode_topk")
     kernels = build(spec, backend, **small(backend))
-    inputs = op.inputs(spec, 3, 150, device, seed=1)
+    inputs = workload(op).inputs(spec, 3, 150, device, seed=1)
     logits, lens, table = inputs
     assert logits.shape == (6, 160) and table.shape == (3, 10) and (lens == 150).all()
     assert sorted(table.reshape(-1).tolist()) == list(range(30))
     assert torch.isinf(logits[1, 150:]).all() and torch.isinf(logits[0, 149:]).all()
     assert torch.isfinite(logits[0, :149]).all()
-    out = op.poisoned_outputs(spec, inputs)["out"]
+    out = workload(op).poisoned_outputs(spec, inputs)["out"]
     assert out.shape == (3, 2, 64) and (out == -7).all()
     call = op.check_args(spec, *inputs, out=out)
-    assert (call.S, call.SKV) == (6, 160) and op.call_shape(3, 150) == (6, 150)
+    assert (call.S, call.SKV) == (6, 160) and workload(op).call_shape(3, 150) == (6, 150)
     result = kernels.launch("decode_topk", inputs, {"out": out})
-    assert "3 requests x 2 rows" in op.check(spec, inputs, result, torch.tensor([0, 1, 2]))
-    ref = op.reference(spec, *inputs)
+    assert "3 requests x 2 rows" in workload(op).check(spec, inputs, result, torch.tensor([0, 1, 2]))
+    ref = workload(op).reference(spec, *inputs)
     assert torch.equal(torch.sort(result.cpu(), -1).values, torch.sort(ref, -1).values)
     broken = result.clone()
     broken[1, 0, 5] = broken[1, 0, 6]  # a repeated slot
     with pytest.raises(Mismatch, match="repeated"):
-        op.check(spec, inputs, broken, torch.tensor([1]))
+        workload(op).check(spec, inputs, broken, torch.tensor([1]))
     broken = result.clone()
     broken[2, 1, 3] = -1
     with pytest.raises(Mismatch):
-        op.check(spec, inputs, broken, torch.tensor([2]))
-    naive = op.naive(spec, inputs)()
+        workload(op).check(spec, inputs, broken, torch.tensor([2]))
+    naive = workload(op).naive(spec, inputs)()
     assert naive.shape == result.shape
     assert torch.equal(torch.sort(naive.cpu(), -1).values, torch.sort(ref, -1).values)  # no ties in N(0, 1)
-    info = op.shape_info(spec, 3, 150)
+    info = workload(op).shape_info(spec, 3, 150)
     assert info["next_n"] == 2 and info["k"] == 64 and info["page_size"] == 16
-    flops, nbytes = op.cost(spec).evaluate(op.sizes(4, 131072))
+    flops, nbytes = op.cost(spec).evaluate(workload(op).sizes(4, 131072))
     assert flops == 0 and nbytes == pytest.approx(8 * (131072 - 0.5) * 4 + 16 + 8 * 64 * 8)
-    assert op.bench_warning(spec, 3, 64) and not op.bench_warning(spec, 3, 65)
+    assert workload(op).bench_warning(spec, 3, 64) and not workload(op).bench_warning(spec, 3, 65)
 
 
 def test_a_wrong_tie_break_or_padding_is_caught():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dsagen.ops import semantic_hash
 import dsagen
 from dsagen import db
 from dsagen.cache_formats import pack_index_pages
@@ -24,7 +25,7 @@ def user_db(tmp_path, monkeypatch):
     path = db.db_path("nvidia-h200")
 
     def entry(S, SKV, schedule):
-        return db.Entry(kernel="sparse_decode", backend="triton", spec_hash=spec.semantic_hash("sparse_decode"),
+        return db.Entry(kernel="sparse_decode", backend="triton", spec_hash=semantic_hash(spec, "sparse_decode"),
                         bucket=bucket_of(S, SKV), shape={"S": S, "SKV": SKV}, schedule=schedule, ms=1.0,
                         tflops=None, gbps=None, pct_of_roofline=None, gpu_type="nvidia-h200",
                         device_name="NVIDIA H200", compute_capability="9.0", date="2026-11-29",

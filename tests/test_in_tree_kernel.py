@@ -1,10 +1,12 @@
-"""An in-tree kernel is its own files: an op module in dsagen/ops/, its templates and its schedule
-files, and no edit anywhere else.
+"""An in-tree kernel is its own files: an op module and its workload module in dsagen/ops/, its
+templates and its schedule files, and no edit anywhere else.
 
 A copy of the package gets the test kernel of tests/data/ops/masked_scale as one of dsagen's own
-(its module dropped into dsagen/ops/, its templates and schedules beside dsagen's); a fresh Python
-on that copy finds it without an import list, and build, the CLI (check, show, generate, explain,
-tune, bench, --kernel's help), the torch op and its float64 reference all see it.
+(its two modules dropped into dsagen/ops/ unchanged but for the line that points at its own data
+folder, its templates and schedules beside dsagen's); a fresh Python on that copy finds it without
+an import list, and build (its generated method included), the CLI (check, show, generate,
+explain, tune, bench, --kernel's help), the torch op and its float64 reference all see it; a
+plain run imports no workload module.
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ TOY = ROOT / "tests" / "data" / "ops" / "masked_scale"
 V32 = ROOT / "specs" / "deepseek_v32.toml"
 
 CHILD = r"""
-import json, sys
+import inspect, json, sys
 from pathlib import Path
 import torch
 from typer.testing import CliRunner
 import dsagen
 from dsagen.cli import app
+from dsagen.workloads import workload
 
 copy, spec_path, out, seed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 assert Path(dsagen.__file__).is_relative_to(copy), dsagen.__file__
@@ -58,10 +61,11 @@ report = {
 }
 kernels = dsagen.build(dsagen.load_spec(spec_path))
 report["built"] = kernels.kernels()
-inputs = op.inputs(kernels.spec, 7, 45, "cpu", seed)
+report["method"] = [str(inspect.signature(dsagen.DSAKernels.masked_scale)), dsagen.DSAKernels.masked_scale.__doc__]
+inputs = workload(op).inputs(kernels.spec, 7, 45, "cpu", seed)
 got = kernels.masked_scale(*inputs)  # through torch.ops.dsagen.masked_scale
 report["torch_op"] = callable(getattr(torch.ops.dsagen, "masked_scale", None))
-report["checked"] = op.check(kernels.spec, inputs, got, torch.arange(7))
+report["checked"] = workload(op).check(kernels.spec, inputs, got, torch.arange(7))
 print(json.dumps(report))
 """
 
@@ -70,10 +74,11 @@ def in_tree_copy(dest: Path) -> Path:
     """dsagen's package and data, plus the toy kernel's files in the places an in-tree kernel's go."""
     for folder in ("dsagen", "templates", "schedules", "autotune_db"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    plugin = (TOY / "op.py").read_text()
+    plugin = (TOY / "masked_scale.py").read_text()
     in_tree = re.sub(r"^    data_root = .*\n", "", plugin, flags=re.M)  # dsagen's own data folders
     assert in_tree != plugin
     (dest / "dsagen" / "ops" / "masked_scale.py").write_text(in_tree)
+    shutil.copy(TOY / "masked_scale_workload.py", dest / "dsagen" / "ops")
     for backend in ("triton", "tvm"):
         shutil.copy(TOY / "templates" / backend / "masked_scale.py.j2", dest / "templates" / backend)
         shutil.copy(TOY / "schedules" / backend / "masked_scale.toml", dest / "schedules" / backend)
@@ -95,6 +100,9 @@ def test_a_new_in_tree_kernel_needs_no_edit_outside_its_own_files(tmp_path, gen)
 
     assert report["module"] == "dsagen.ops.masked_scale" and report["own"][-1] == "masked_scale"
     assert "masked_scale" in report["built"]
+    assert report["method"] == ["(self, x, scale, ks, ke, *, out=None)",
+                                "out [S, SKV] fp32: scale[t] * x[t, s] inside the row's window [ks[t], ke[t]), -inf "
+                                "outside."]
     assert re.search(r"kernels \(triton\): .*\bmasked_scale\b", report["check"]), report["check"]
     assert "[masked_scale]" in report["check"]
     assert "def masked_scale(" in report["show"] and "_masked_scale_kernel" in report["show"]

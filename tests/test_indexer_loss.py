@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from dsagen.workloads import workload
 import dsagen
 from dsagen import reference
 from dsagen.ops import get_op
@@ -35,12 +36,12 @@ def seed_of(gen) -> int:
 
 def loss_inputs(spec, device, gen, S=S_, SKV=SKV_):
     """The op's own workload inputs (causal top-k indices, alse from the float64 forward)."""
-    return list(get_op("indexer_loss").inputs(spec, S, SKV, device, seed_of(gen)))
+    return list(workload("indexer_loss").inputs(spec, S, SKV, device, seed_of(gen)))
 
 
 def with_lse(args):
     """args with alse recomputed for their (edited) indices, as the attention forward would give it."""
-    from dsagen.ops.indexer_loss import attention_lse
+    from dsagen.ops.indexer_loss_workload import attention_lse
 
     args = list(args)
     args[5] = attention_lse(args[3], args[4], args[6], args[7])
@@ -52,10 +53,10 @@ def run_both(kernels, args, d_loss, poison=True):
     buffers when `poison`, else through the torch.library ops."""
     fwd_op, bwd_op = get_op("indexer_loss"), get_op("indexer_loss_bwd")
     spec = kernels.spec
-    outs = fwd_op.poisoned_outputs(spec, args) if poison else {}
+    outs = workload(fwd_op).poisoned_outputs(spec, args) if poison else {}
     loss, lse = kernels.run("indexer_loss", *args, **outs)
     bargs = list(args) + [lse, d_loss]
-    bouts = bwd_op.poisoned_outputs(spec, bargs) if poison else {}
+    bouts = workload(bwd_op).poisoned_outputs(spec, bargs) if poison else {}
     grads = kernels.run("indexer_loss_bwd", *bargs, **bouts)
     return (loss, lse), grads
 
@@ -172,11 +173,11 @@ def test_workload_check_and_naive_agree(device, backend, gen):
     kernels = dsagen.build(spec, backend=backend)
     for name in ("indexer_loss", "indexer_loss_bwd"):
         op = get_op(name)
-        inputs = op.inputs(spec, S_, SKV_, device, seed_of(gen))
-        result = kernels.run(name, *inputs, **op.poisoned_outputs(spec, inputs))
-        assert "RMS ratio" in op.check(spec, inputs, result, torch.arange(S_))
-        naive = op.naive(spec, inputs)()
-        assert "RMS ratio" in op.check(spec, inputs, naive, torch.arange(S_))
+        inputs = workload(op).inputs(spec, S_, SKV_, device, seed_of(gen))
+        result = kernels.run(name, *inputs, **workload(op).poisoned_outputs(spec, inputs))
+        assert "RMS ratio" in workload(op).check(spec, inputs, result, torch.arange(S_))
+        naive = workload(op).naive(spec, inputs)()
+        assert "RMS ratio" in workload(op).check(spec, inputs, naive, torch.arange(S_))
 
 
 def dense_loss(iq, ik, w, aq, akv, ks, ke, scale):
@@ -258,7 +259,7 @@ def test_zero_width_and_empty_calls(device, backend, gen):
 def test_bad_arguments_name_the_argument(device):
     spec = odd_spec()
     kernels = dsagen.build(spec)
-    args = get_op("indexer_loss").inputs(spec, S_, SKV_, device, 0)
+    args = workload("indexer_loss").inputs(spec, S_, SKV_, device, 0)
     iq, ik, w, aq, akv, alse, idx, scale = args
     cases = [
         (0, iq.float(), "iq must have dtype torch.bfloat16"),
@@ -287,14 +288,14 @@ def test_bad_arguments_name_the_argument(device):
 
 
 def test_an_fp8_indexer_is_inference_only():
-    from dsagen.resolve import resolve_kernel
+    from dsagen.kernels import resolve_kernel
 
     spec = odd_spec(dtype="fp8_e4m3")
     for name in ("indexer_loss", "indexer_loss_bwd"):
         op = get_op(name)
         assert not op.enabled(spec, "triton") and not op.enabled(spec, "tvm")
         assert op.enabled(odd_spec(), "triton") and op.enabled(odd_spec(), "tvm")
-        args = op.inputs(odd_spec(), 2, 9, "cpu", 0)
+        args = workload(op).inputs(odd_spec(), 2, 9, "cpu", 0)
         with pytest.raises(ValueError, match=f"{name} trains the indexer and needs a bf16 indexer.*inference-only"):
             op.check_args(spec, *args)
         with pytest.raises(ValueError, match="needs a bf16 indexer"):
@@ -307,7 +308,7 @@ def test_an_fp8_indexer_is_inference_only():
 
 def test_the_ops_fake_and_cost():
     spec = dsagen.load_spec("specs/deepseek_v32_training.toml")
-    args = get_op("indexer_loss_bwd").inputs(odd_spec(), 2, 9, "cpu", 0)
+    args = workload("indexer_loss_bwd").inputs(odd_spec(), 2, 9, "cpu", 0)
     fake = get_op("indexer_loss").fake(odd_spec(), *args[:8])
     assert [tuple(t.shape) for t in fake] == [(2,), (2,)]
     fake = get_op("indexer_loss_bwd").fake(odd_spec(), *args)
@@ -322,7 +323,7 @@ def test_the_ops_fake_and_cost():
 def test_triton_kernels_compile_for_sm90(name, which):
     from dsagen.backends import triton as triton_backend
     from dsagen.gpus import get_gpu
-    from dsagen.resolve import resolve_kernel
+    from dsagen.kernels import resolve_kernel
 
     spec = dsagen.load_spec("specs/deepseek_v32_training.toml") if which == "v32-training" else odd_spec()
     src = resolve_kernel(spec, name, "triton", "nvidia-h200")

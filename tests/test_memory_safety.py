@@ -24,6 +24,7 @@ import pytest
 import torch
 import triton.language as tl
 
+from dsagen.workloads import workload
 import dsagen
 from dsagen.ops import get_op
 
@@ -342,18 +343,18 @@ def test_out_of_range_values_stay_inside_the_tensors(case, backend, device, gen,
         pytest.skip(f"the TVM {case.kernel} runs on the CPU only")
     spec = SPECS[case.spec]
     op = get_op(case.kernel)
-    names = [name for name, _ in op.args]
+    names = list(op.signature.names)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    named = dict(zip(names, op.inputs(spec, case.S, case.SKV, device, seed)))
+    named = dict(zip(names, workload(op).inputs(spec, case.S, case.SKV, device, seed)))
     case.corrupt(named)
     inputs = {n: Guarded.of(t, False, (0,) if n in case.packed else None)
               for n, t in named.items() if isinstance(t, torch.Tensor)}
     args = [inputs[n].view if n in inputs else named[n] for n in names]
-    outputs = {n: Guarded.of(t, True) for n, t in op.poisoned_outputs(spec, args).items()}
+    outputs = {n: Guarded.of(t, True) for n, t in workload(op).poisoned_outputs(spec, args).items()}
     kernels = dsagen.build(spec, backend=backend, deterministic=case.deterministic)
     result = kernels.run(case.kernel, *args, **{n: g.view for n, g in outputs.items()})
     assert bounds_checked is None or not bounds_checked.violations
-    op.check(spec, args, result, checked_rows(named))
+    workload(op).check(spec, args, result, checked_rows(named))
     for name, g in inputs.items():
         kept = g.margins_kept() if WRITTEN_IN_PLACE.get(case.kernel) == name else g.unchanged()
         assert kept, f"{case.kernel} wrote into {name} or its margins"

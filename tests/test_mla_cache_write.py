@@ -9,6 +9,7 @@ import platform
 import pytest
 import torch
 
+from dsagen.workloads import workload
 import dsagen
 import dsagen.ops.mla_cache_write as mcw
 from dsagen.backends import launcher as backend_launcher
@@ -214,21 +215,21 @@ def test_the_workload_checks_and_its_naive_baseline(device, backend):
     spec = cache_spec(16)
     op = get_op("mla_cache_write")
     kernels = dsagen.build(spec, backend=backend)
-    inputs = op.inputs(spec, 3, 70, device, seed=1)
+    inputs = workload(op).inputs(spec, 3, 70, device, seed=1)
     rows, slots, cache = inputs
     assert rows.shape == (6, WIDTH) and slots.dtype == torch.int32 and cache.shape == (15, 16, 1, BPT)
-    assert op.poisoned_outputs(spec, inputs) == {}
+    assert workload(op).poisoned_outputs(spec, inputs) == {}
     call = op.check_args(spec, *inputs)
     assert (call.S, call.SKV) == (6, 80)  # 15 pages of 16 tokens for 3 requests
     with pytest.raises(Mismatch, match="cache bytes differ"):
         slots[:] = torch.arange(6, dtype=torch.int32)  # nothing written yet: those slots hold the poison
-        op.check(spec, inputs, None, torch.arange(3))
-    inputs = op.inputs(spec, 3, 70, device, seed=1)
-    assert "bitwise" in op.check(spec, inputs, kernels.launch("mla_cache_write", inputs), torch.arange(3))
-    inputs = op.inputs(spec, 3, 70, device, seed=2)
-    op.naive(spec, inputs)()
-    op.check(spec, inputs, None, torch.arange(3))  # the fp32 torch baseline is exact too
-    short = op.inputs(spec, 2, 1, device, seed=3)  # a context of 1 token: the second row is padding
+        workload(op).check(spec, inputs, None, torch.arange(3))
+    inputs = workload(op).inputs(spec, 3, 70, device, seed=1)
+    assert "bitwise" in workload(op).check(spec, inputs, kernels.launch("mla_cache_write", inputs), torch.arange(3))
+    inputs = workload(op).inputs(spec, 3, 70, device, seed=2)
+    workload(op).naive(spec, inputs)()
+    workload(op).check(spec, inputs, None, torch.arange(3))  # the fp32 torch baseline is exact too
+    short = workload(op).inputs(spec, 2, 1, device, seed=3)  # a context of 1 token: the second row is padding
     assert short[1].view(2, 2)[:, 0].eq(-1).all()
 
 

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
+from dsagen.ops import semantic_hash
 import dsagen
 from dsagen import db
 from dsagen.db.buckets import bucket_of
@@ -33,7 +34,7 @@ def with_index_heads(heads: int, head_dim: int = 128):
 
 def indexer_entry(spec, schedule, S=4096, SKV=32768, semantics=True, gpu=GPU, cc="9.0") -> db.Entry:
     op = get_op("indexer")
-    return db.Entry(kernel="indexer", backend="triton", spec_hash=spec.semantic_hash("indexer"), bucket=bucket_of(S, SKV),
+    return db.Entry(kernel="indexer", backend="triton", spec_hash=semantic_hash(spec, "indexer"), bucket=bucket_of(S, SKV),
                     shape={"S": S, "SKV": SKV}, schedule=schedule, ms=1.0, tflops=None, gbps=None,
                     pct_of_roofline=None, gpu_type=gpu, device_name=DEVICE_NAMES.get(gpu, gpu), compute_capability=cc,
                     date="2026-11-29", versions=db.running_versions(), trials=4, sampler="tpe", study="test",
@@ -180,7 +181,7 @@ def test_a_study_starts_from_the_schedule_a_build_runs_now():
     built = _built_point(req)
     assert built == AT_64
     space = load_space("triton", "indexer")
-    legal = space.legal_points(problem_symbols(spec32, "indexer", get_gpu(GPU)))
+    legal = space.legal_points(problem_symbols(spec32, get_op("indexer"), get_gpu(GPU)))
     untuned = Resolver(spec32, "triton", GPU, use_db=False).resolve("indexer", device_type="cuda").point
     seeds = _seed_points(req, legal, untuned, built)
     assert seeds[0] == AT_64 and seeds[1] == untuned

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from dsagen.workloads import workload
 import dsagen
 from dsagen import reference
 from dsagen.backends import triton as triton_backend
@@ -200,8 +201,8 @@ def test_interpreted_modules_run_alone_on_cpu(tmp_path, child_env, gen):
         generated = _render(spec, op.name, True)
         names[op.name] = f"{generated.module_name}.py"
         (tmp_path / names[op.name]).write_text(generated.source)
-        inputs = op.inputs(spec, S, SKV, "cpu", seed)
-        calls[op.name] = (inputs, op.poisoned_outputs(spec, inputs))
+        inputs = workload(op).inputs(spec, S, SKV, "cpu", seed)
+        calls[op.name] = (inputs, workload(op).poisoned_outputs(spec, inputs))
     assert {"indexer", "topk", "sparse_attention", "indexer_topk"} <= set(names)
     torch.save(calls, tmp_path / "inputs.pt")
     env = {**child_env, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -215,7 +216,7 @@ def test_interpreted_modules_run_alone_on_cpu(tmp_path, child_env, gen):
     assert runs[1].returncode == 0 and "refused:" in bare and "TRITON_INTERPRET=1" in bare, bare
     got = torch.load(tmp_path / "outputs.pt")
     for kernel, (inputs, _) in calls.items():
-        dsagen.ops.get_op(kernel).check(spec, inputs, got[kernel], torch.arange(S))
+        workload(kernel).check(spec, inputs, got[kernel], torch.arange(S))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from dsagen.workloads import workload
 import dsagen
 import dsagen.ops.paged_indexer as paged
 from dsagen.cache_formats import pack_index_pages
@@ -312,26 +313,26 @@ def test_workload_inputs_check_and_naive(device, backend):
     spec = make_spec(16, 128, 16)
     op = get_op("paged_indexer")
     kernels = dsagen.build(spec, backend=backend)
-    inputs = op.inputs(spec, 3, 50, device, seed=1)
+    inputs = workload(op).inputs(spec, 3, 50, device, seed=1)
     q, cache, w, lens, table = inputs
     assert q.shape == (3, 2, 16, 128) and table.shape == (3, 4) and (lens == 50).all()
     assert sorted(table.reshape(-1).tolist()) == list(range(12))
-    out = op.poisoned_outputs(spec, inputs)["out"]
+    out = workload(op).poisoned_outputs(spec, inputs)["out"]
     assert out.shape == (6, 64) and torch.isnan(out).all()
     call = op.check_args(spec, *inputs, out=out)
     assert (call.S, call.SKV) == (6, 64)
     result = kernels.launch("paged_indexer", inputs, {"out": out})
-    assert "3 requests x 2 rows" in op.check(spec, inputs, result, torch.tensor([0, 1, 2]))
+    assert "3 requests x 2 rows" in workload(op).check(spec, inputs, result, torch.tensor([0, 1, 2]))
     broken = result.clone()
     broken[3, 10] += 1.0
     with pytest.raises(Mismatch):
-        op.check(spec, inputs, broken, torch.tensor([1]))
-    naive = op.naive(spec, inputs)()
+        workload(op).check(spec, inputs, broken, torch.tensor([1]))
+    naive = workload(op).naive(spec, inputs)()
     ref = paged.paged_indexer_reference(*inputs)
     assert torch.equal(torch.isinf(naive.cpu()), torch.isinf(ref))
     fin = torch.isfinite(ref)
     assert torch.allclose(naive.cpu()[fin].double(), ref[fin], rtol=2e-2, atol=2e-2 * ref[fin].abs().max().item())
-    assert op.shape_info(spec, 3, 50)["next_n"] == 2
-    flops, nbytes = op.cost(spec).evaluate(op.sizes(128, 32768))
+    assert workload(op).shape_info(spec, 3, 50)["next_n"] == 2
+    flops, nbytes = op.cost(spec).evaluate(workload(op).sizes(128, 32768))
     assert flops == pytest.approx(2 * 128 * 2 * (32768 - 0.5) * 16 * 128)
     assert nbytes > 128 * 32768 * 132

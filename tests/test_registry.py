@@ -1,7 +1,7 @@
 """One kernel = one unit: the op registry, the one schedule resolver, the torch.library ops.
 
-A kernel defined outside dsagen (tests/data/ops/masked_scale: an op module, its templates for
-both backends and its schedule files) goes through build, show, tune (CPU) and bench without any
+A kernel defined outside dsagen (tests/data/ops/masked_scale: an op module, its workload module,
+its templates for both backends and its schedule files) goes through build, show, tune (CPU) and bench without any
 edit of dsagen/; `show` prints what `build` runs; `torch.compile(fullgraph=True)` traces dsa() and
 each kernel with no graph break.
 """
@@ -19,10 +19,11 @@ from typer.testing import CliRunner
 import dsagen
 from dsagen.cli import app
 from dsagen.ops import get_op, load_plugin, names
+from dsagen.workloads import workload
 
 ROOT = Path(__file__).resolve().parents[1]
 V32 = ROOT / "specs" / "deepseek_v32.toml"
-PLUGIN = ROOT / "tests" / "data" / "ops" / "masked_scale" / "op.py"
+PLUGIN = ROOT / "tests" / "data" / "ops" / "masked_scale" / "masked_scale.py"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 runner = CliRunner()
 
@@ -74,9 +75,11 @@ def test_an_op_name_must_be_an_identifier():
 
 
 def test_every_module_of_the_ops_package_registers_without_a_list():
-    """dsagen's own ops are the modules of dsagen/ops (found, not listed), each registering its op."""
+    """dsagen's own ops are the modules of dsagen/ops (found, not listed), each declaring its op; the
+    helper modules and the workload modules declare none."""
     package = Path(dsagen.ops.__file__).parent
-    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "base"}
+    modules = {p.stem for p in package.glob("*.py") if not p.stem.endswith("_workload")}
+    modules -= {"__init__"} | dsagen.ops.HELPERS
     assert dsagen.ops._own_modules() == sorted(modules)
     own = dsagen.ops.own_ops()
     assert {type(op).__module__.rsplit(".", 1)[1] for op in own} == modules
@@ -108,11 +111,11 @@ def test_the_kernel_option_help_lists_every_kernel_dsagen_ships():
     assert "indexer_topk (triton only)" in KERNEL_HELP
 
 
-def test_tolerances_live_with_each_op_and_verify_takes_numbers(gen):
+def test_tolerances_live_with_each_workload_and_verify_takes_numbers(gen):
     from dsagen.verify import Mismatch, assert_close, tolerance
 
-    assert tolerance("indexer.logits.fp8_e4m3") == get_op("indexer").tolerances["logits.fp8_e4m3"] == 1e-3
-    assert tolerance("sparse_attention.lse") == get_op("sparse_attention").tolerance("lse") == 1e-4
+    assert tolerance("indexer.logits.fp8_e4m3") == workload("indexer").tolerances["logits.fp8_e4m3"] == 1e-3
+    assert tolerance("sparse_attention.lse") == workload("sparse_attention").tolerance("lse") == 1e-4
     ref = torch.randn(64, generator=gen, dtype=torch.float64)
     off = ref * (1 + 1e-3)  # RMS ratio 1e-3
     assert assert_close("anything", off, ref, 2e-3) == pytest.approx(1e-3)
@@ -127,10 +130,11 @@ def test_a_kernel_from_outside_dsagen_builds_and_runs_on_both_backends(plugin, g
     for backend in ("triton", "tvm") if device.type == "cpu" else ("triton",):  # its TVM kernel is llvm only
         kernels = dsagen.build(spec, backend=backend)
         assert "masked_scale" in kernels.kernels()
-        x, scale, ks, ke = plugin.inputs(spec, 7, 45, device, int(torch.randint(0, 1000, (1,), generator=gen)))
+        recipe = workload(plugin)
+        x, scale, ks, ke = recipe.inputs(spec, 7, 45, device, int(torch.randint(0, 1000, (1,), generator=gen)))
         out = torch.full_like(x, math.nan)
-        kernels.masked_scale(x, scale, ks, ke, out=out)  # written in place
-        assert torch.equal(out.cpu(), plugin.reference(spec, x, scale, ks, ke).float())  # one fp32 product: exact
+        assert kernels.masked_scale(x, scale, ks, ke, out=out) is out  # written in place
+        assert torch.equal(out.cpu(), recipe.reference(spec, x, scale, ks, ke).float())  # one fp32 product: exact
         assert torch.equal(kernels.masked_scale(x, scale, ks, ke), out)  # through dsagen::masked_scale
         with pytest.raises(ValueError, match="scale must have dtype torch.float32"):
             kernels.masked_scale(x, scale.double(), ks, ke)
@@ -294,6 +298,50 @@ def test_the_run_time_scale_is_not_part_of_a_module():
 def test_every_registered_kernel_reports_its_shape_for_the_bench_table():
     spec = dsagen.Spec(cache=dsagen.CacheSpec())
     for op in dsagen.ops.all_ops():
-        info = op.shape_info(spec, 4, 64)
+        info = workload(op).shape_info(spec, 4, 64)
         assert {"S", "SKV"} <= set(info), op.name
-        assert len(op.call_shape(4, 64)) == 2, op.name
+        assert len(workload(op).call_shape(4, 64)) == 2, op.name
+
+
+# ------------------------------------------------------------------------------------------------
+# kernel methods from the signatures; one execution path
+
+def test_every_kernel_is_a_method_with_its_signature_and_docstring():
+    import inspect
+
+    kernels = dsagen.build(dsagen.Spec(cache=dsagen.CacheSpec()))
+    for op in dsagen.ops.all_ops():
+        method = getattr(kernels, op.name)
+        assert inspect.signature(method) == op.signature.python(), op.name
+        assert method.__doc__ and method.__doc__ == op.doc, op.name
+        params = list(inspect.signature(method).parameters.values())
+        assert [p.name for p in params] == [*op.signature.names, *op.signature.buffers], op.name
+        assert all(p.kind is p.KEYWORD_ONLY for p in params[len(op.signature.names):]), op.name
+    assert "sm_scale=None, *, out=None, lse=None, max_logits=None" in str(inspect.signature(kernels.sparse_attention))
+
+
+def test_output_buffers_go_through_the_mutating_torch_op(gen, device):
+    """A call with buffers runs dsagen::<kernel>_out (traced with no graph break); its results are
+    the buffers, and an extra output (max_logits) is written only where it is asked for."""
+    import torch._dynamo
+
+    kernels = dsagen.build(small_spec())
+    q, kv, *_ = dsa_inputs(kernels.spec, gen, device)
+    idx = torch.randint(-1, kv.shape[0], (q.shape[0], kernels.spec.topk.k), generator=gen, dtype=torch.int32)
+    idx = idx.to(device)
+    out, lse = kernels.sparse_attention(q, kv, idx, 0.07)
+
+    def with_buffers(buffer, max_logits):
+        return kernels.sparse_attention(q, kv, idx, 0.07, out=buffer, max_logits=max_logits)
+
+    buffer, max_logits = torch.full_like(out, math.nan), torch.full_like(lse, math.nan)
+    got_out, got_lse = with_buffers(buffer, max_logits)
+    assert got_out is buffer and torch.equal(buffer, out) and torch.equal(got_lse, lse)
+    assert torch.isfinite(max_logits).all() and (max_logits < lse + 1e-4).all()
+    assert hasattr(torch.ops.dsagen, "sparse_attention_out")
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(with_buffers)(torch.empty_like(out), torch.empty_like(lse)).graph_break_count == 0
+    again, again_max = torch.full_like(out, math.nan), torch.full_like(lse, math.nan)
+    compiled_out, compiled_lse = torch.compile(with_buffers, fullgraph=True)(again, again_max)
+    assert torch.equal(again, out) and torch.equal(compiled_out, out) and torch.equal(compiled_lse, lse)
+    assert torch.equal(again_max, max_logits)

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from dsagen.workloads import workload
 import dsagen
 from dsagen import reference
 from dsagen.ops import get_op
@@ -72,7 +73,7 @@ def check_bwd(kernels, inputs, dq, dkv):
 
 
 def poisoned(spec, inputs):
-    return get_op("sparse_attention_bwd").poisoned_outputs(spec, inputs)
+    return workload("sparse_attention_bwd").poisoned_outputs(spec, inputs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,17 +231,17 @@ def test_no_query_and_no_kv_row(device, backend, gen):
 def test_workload_check_naive_and_a_wrong_result(device, gen):
     spec = make_spec(k=16, heads=4)
     op = get_op("sparse_attention_bwd")
-    inputs = op.inputs(spec, 7, 40, device, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    inputs = workload(op).inputs(spec, 7, 40, device, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
     kernels = dsagen.build(spec)
-    result = kernels.sparse_attention_bwd(*inputs, **op.poisoned_outputs(spec, inputs))
+    result = kernels.sparse_attention_bwd(*inputs, **workload(op).poisoned_outputs(spec, inputs))
     rows = torch.tensor([0, 3, 6])
-    assert "dkv on" in op.check(spec, inputs, result, rows)
-    op.check(spec, inputs, op.naive(spec, inputs)(), rows)  # the naive baseline is right too
+    assert "dkv on" in workload(op).check(spec, inputs, result, rows)
+    workload(op).check(spec, inputs, workload(op).naive(spec, inputs)(), rows)  # the naive baseline is right too
     wrong = result[1].clone()
     checked = inputs[2][rows].flatten()
     wrong[checked[checked < 40][0]] *= -1  # a selected row (the workload pads with the invalid SKV = 40)
     with pytest.raises(Mismatch, match="dkv"):
-        op.check(spec, inputs, (result[0], wrong), rows)
+        workload(op).check(spec, inputs, (result[0], wrong), rows)
     flops, _ = op.cost(spec).evaluate({"S": 7, "SKV": 40})
     assert flops == 2 * 7 * 4 * 16 * (3 * 80 + 2 * 48)
 

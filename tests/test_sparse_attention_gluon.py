@@ -15,12 +15,13 @@ import re
 import pytest
 import torch
 
+from dsagen.ops import get_op
 import dsagen
 from dsagen import reference
 from dsagen.backends import triton as triton_backend
 from dsagen.errors import ScheduleError
 from dsagen.gpus import get_gpu
-from dsagen.resolve import resolve_kernel
+from dsagen.kernels import resolve_kernel
 from dsagen.verify import assert_close
 
 V32 = dsagen.load_spec("specs/deepseek_v32.toml")
@@ -141,7 +142,7 @@ def test_tuner_sees_each_gluon_point_once():
     from dsagen.schedule import load_space
 
     space = load_space("triton", "sparse_attention")
-    points = space.legal_points(problem_symbols(V32, "sparse_attention", get_gpu("nvidia-h200")))
+    points = space.legal_points(problem_symbols(V32, get_op("sparse_attention"), get_gpu("nvidia-h200")))
     gluon = [p for p in points if p["gluon"] >= 1]
     assert {p["gluon"] for p in gluon} == {1, 2}, "no legal gluon point for V3.2"
     assert all(p["block_h"] == 64 and p["num_warps"] == 8 and p["v_split"] == 1 and p["index_prefetch"] == 0

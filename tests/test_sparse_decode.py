@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from dsagen.workloads import workload
 import dsagen
 import dsagen.ops.sparse_decode as sd
 from dsagen import reference
@@ -285,7 +286,7 @@ def test_sparse_decode_workload(device, backend):
     assert not op.enabled(dsagen.Spec(attention=spec.attention, topk=spec.topk), "triton")  # no [cache]
     assert op.enabled(spec, "triton") and op.enabled(spec, "tvm")
     for B, ctx in ((3, 20), (2, 75)):
-        inputs = op.inputs(spec, B, ctx, device, seed=1)
+        inputs = workload(op).inputs(spec, B, ctx, device, seed=1)
         q, cache, idx, scale = inputs
         assert q.shape == (B, 2, 3, D) and idx.shape == (B, 2, 37) and scale == spec.attention.softmax_scale
         call = op.check_args(spec, *inputs)
@@ -295,11 +296,11 @@ def test_sparse_decode_workload(device, backend):
         for row in idx.reshape(-1, 37):
             v = row[row >= 0]
             assert v.unique().numel() == v.numel()  # distinct slots
-        result = kernels.sparse_decode(*inputs, **op.poisoned_outputs(spec, inputs))
-        assert "RMS ratio" in op.check(spec, inputs, result, torch.arange(B))
-        naive_out, naive_lse = op.naive(spec, inputs)()
-        ref_out, ref_lse = op.reference(spec, *inputs)
+        result = kernels.sparse_decode(*inputs, **workload(op).poisoned_outputs(spec, inputs))
+        assert "RMS ratio" in workload(op).check(spec, inputs, result, torch.arange(B))
+        naive_out, naive_lse = workload(op).naive(spec, inputs)()
+        ref_out, ref_lse = workload(op).reference(spec, *inputs)
         assert_close("sparse_decode.out", naive_out, ref_out)
         assert torch.equal(torch.isinf(naive_lse.cpu()), torch.isinf(ref_lse))  # its lse has bf16 scores
-    flops, _ = op.cost(spec).evaluate(op.sizes(128, 32768))
+    flops, _ = op.cost(spec).evaluate(workload(op).sizes(128, 32768))
     assert flops == 2 * 128 * 2 * 3 * 37 * (576 + 512)

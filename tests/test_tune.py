@@ -27,6 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
+from dsagen.ops import semantic_hash
 import dsagen
 from dsagen.ops import get_op
 from dsagen.schedule import load_space
@@ -163,7 +164,7 @@ def test_tpe_study_never_compiles_an_illegal_point(home):
     """16 heads make block_h 32/64/128 illegal; TPE may propose them, they are pruned uncompiled."""
     spec = dsagen.spec_from_dict({**_small_dict(), "name": "tpe"})
     space = load_space("triton", "sparse_attention")
-    problem = problem_symbols(spec, "sparse_attention", get_gpu("nvidia-h200"))
+    problem = problem_symbols(spec, get_op("sparse_attention"), get_gpu("nvidia-h200"))
     assert len(space.legal_points(problem)) < len(space.grid())
     r = tune_kernel(TuneRequest(spec, "sparse_attention", 5, 200, device="cpu", gpu_type=CPU_GPU_TYPE,
                                 trials=3, storage=str(home / "s.journal"), sampler="tpe",
@@ -240,7 +241,7 @@ def test_tvm_indexer_tunes_on_the_cpu_for_fewer_heads_than_a_cuda_default(home, 
     [entry] = tuning_db.load(db_file).entries.values()
     assert entry.kernel == "indexer" and entry.backend == "tvm" and entry.trials == 1
     space = load_space("tvm", "indexer")
-    problem = problem_symbols(dsagen.load_spec(spec), "indexer", get_gpu("nvidia-h200"))
+    problem = problem_symbols(dsagen.load_spec(spec), get_op("indexer"), get_gpu("nvidia-h200"))
     assert not space.violations(entry.schedule, problem)  # cuda_head_block_within_heads included
     assert entry.device_name == f"cpu (TVM llvm, {cpu_model()})" and entry.compute_capability == "cpu"
 
@@ -323,7 +324,7 @@ def test_tuned_entries_drive_the_build_lookup_chain(home, caplog):
     point = {"block_n": 2048, "radix_bits": 4, "num_warps": 8, "resident_max": 0, "resident_warps": 32,
              "sample": 128, "candidates": 1024, "row_reads": 2}
     entry = tuning_db.Entry(
-        kernel="topk", backend="triton", spec_hash=spec.semantic_hash("topk"), bucket=bucket_of(4096, 32768),
+        kernel="topk", backend="triton", spec_hash=semantic_hash(spec, "topk"), bucket=bucket_of(4096, 32768),
         shape={"S": 4096, "SKV": 32768}, schedule=point, ms=1.0, tflops=None, gbps=500.0, pct_of_roofline=20.0,
         gpu_type="nvidia-h200", device_name="NVIDIA H200", compute_capability="9.0", date="2026-11-28",
         versions={**tuning_db.running_versions(), "torch": "0.0-old"}, trials=10, sampler="tpe", study="s")
@@ -347,7 +348,7 @@ def test_tuned_entries_drive_the_build_lookup_chain(home, caplog):
 def test_a_tuned_schedule_that_no_longer_fits_is_ignored(home):
     spec = dsagen.spec_from_dict(_small_dict())
     entry = tuning_db.Entry(
-        kernel="topk", backend="triton", spec_hash=spec.semantic_hash("topk"), bucket=bucket_of(64, 512),
+        kernel="topk", backend="triton", spec_hash=semantic_hash(spec, "topk"), bucket=bucket_of(64, 512),
         shape={"S": 64, "SKV": 512}, schedule={"block_n": 999, "radix_bits": 8}, ms=1.0, tflops=None, gbps=None,
         pct_of_roofline=None, gpu_type="nvidia-h200", device_name="NVIDIA H200", compute_capability="9.0",
         date="2026-11-28", versions=tuning_db.running_versions(), trials=1, sampler="grid", study="s")
@@ -361,7 +362,7 @@ def test_a_tuned_schedule_from_before_a_new_knob_is_ignored(home):
     spec = dsagen.spec_from_dict(_small_dict())
     old_knobs = {"block_n": 512, "radix_bits": 8, "num_warps": 4, "resident_max": 0, "resident_warps": 32}
     entry = tuning_db.Entry(
-        kernel="topk", backend="triton", spec_hash=spec.semantic_hash("topk"), bucket=bucket_of(64, 512),
+        kernel="topk", backend="triton", spec_hash=semantic_hash(spec, "topk"), bucket=bucket_of(64, 512),
         shape={"S": 64, "SKV": 512}, schedule=old_knobs, ms=1.0, tflops=None, gbps=None,
         pct_of_roofline=None, gpu_type="nvidia-h200", device_name="NVIDIA H200", compute_capability="9.0",
         date="2026-11-28", versions=tuning_db.running_versions(), trials=1, sampler="grid", study="s")

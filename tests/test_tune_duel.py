@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import cli
 from test_tune import SMALL  # the small spec every tuner test uses
+from dsagen.ops import get_op, semantic_hash
 import dsagen
 from dsagen import db as tuning_db
 from dsagen.backends import tvm as tvm_backend
@@ -104,7 +105,7 @@ def legal_cpu_points() -> list[dict]:
     space = load_space("tvm", KERNEL)
     untuned = Resolver(spec(), "tvm", "nvidia-h200", use_db=False).resolve(KERNEL, device_type="cpu").point
     fixed = fixed_knobs(space, "cpu", untuned)
-    return [p for p in space.legal_points(problem_symbols(spec(), KERNEL, get_gpu("nvidia-h200")))
+    return [p for p in space.legal_points(problem_symbols(spec(), get_op(KERNEL), get_gpu("nvidia-h200")))
             if all(p[k] == v for k, v in fixed.items())]
 
 
@@ -112,7 +113,7 @@ def record_current(point: dict, ms: float = 2.0) -> Path:
     """A user-database entry for KERNEL at this bucket: the schedule builds run today."""
     call = bucket_of(S, SKV)
     entry = tuning_db.Entry(
-        kernel=KERNEL, backend="tvm", spec_hash=spec().semantic_hash(KERNEL), bucket=call, shape={"S": S, "SKV": SKV},
+        kernel=KERNEL, backend="tvm", spec_hash=semantic_hash(spec(), KERNEL), bucket=call, shape={"S": S, "SKV": SKV},
         schedule=point, ms=ms, tflops=None, gbps=None, pct_of_roofline=None, gpu_type=cpu_type(),
         device_name="cpu (TVM llvm, test)", compute_capability="cpu", date="2026-12-01",
         versions=tuning_db.running_versions(), trials=3, sampler="tpe", study="earlier")
@@ -316,7 +317,6 @@ def test_a_real_tune_prints_the_current_schedule_beside_the_winner(home):
     else:
         [entry] = entries
         assert line.endswith(": added") and f"{entry.ms:.4f}" == (duel or same).group(2 if duel else 1)
-
 
 
 # ------------------------------------------------------------------------------------------------

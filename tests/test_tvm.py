@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import cli
+from dsagen.ops import get_op
 import dsagen
 from dsagen import reference
 from dsagen.backends import tvm as tvm_backend
@@ -71,7 +72,7 @@ def test_compiled_library_is_cached_on_disk_and_reused(tmp_path, monkeypatch, ch
     x = torch.randn(3, 40)
     ks, ke = torch.zeros(3, dtype=torch.int32), torch.full((3,), 40, dtype=torch.int32)
     kernels.topk(x, ks, ke)
-    path = kernels.resolve("topk", 3, 40, "cpu").path
+    path = kernels.path(kernels.resolve("topk", 3, 40, "cpu"))
     [lib] = path.parent.glob(f"{path.stem}.llvm-*.so")
     # a fresh process loads the library instead of compiling (build() would raise)
     code = ("import sys, torch; from dsagen.backends import tvm as b; m = b.load(__import__('pathlib').Path(sys.argv[1]));"
@@ -107,7 +108,8 @@ def test_cuda_source_for_sm90(kernel, tmp_path):
     """TVM generates the CUDA kernel of each stage's template without a GPU; nvcc compiles it for
     sm_90 when it is installed. (The attention backward's TVM kernel is llvm only; the decode
     kernels: tests/test_tvm_decode.py.)"""
-    path = dsagen.build(V32, backend="tvm").resolve(kernel, device_type="cpu").path
+    built = dsagen.build(V32, backend="tvm")
+    path = built.path(built.resolve(kernel, device_type="cpu"))
     source = tvm_backend.cuda_source(path)
     assert '__global__' in source and 'extern "C"' in source
     nvcc_compiles(source, tmp_path, kernel)
@@ -161,7 +163,7 @@ def cpu_points(spec: dsagen.Spec, kernel: str, around: dict | None = None) -> li
 
     space = load_space("tvm", kernel)
     fixed = fixed_knobs(space, "cpu", around)
-    legal = [p for p in space.legal_points(problem_symbols(spec, kernel, get_gpu("nvidia-h200")))
+    legal = [p for p in space.legal_points(problem_symbols(spec, get_op(kernel), get_gpu("nvidia-h200")))
              if all(p[k] == v for k, v in fixed.items())]
     return [legal[0], legal[len(legal) // 2], legal[-1]]
 

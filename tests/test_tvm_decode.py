@@ -31,13 +31,15 @@ from test_tvm import cpu_points, nvcc_compiles
 pytestmark = pytest.mark.skipif(tvm_backend.available() is not None, reason=str(tvm_backend.available()))
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ("mla_cache_write", "paged_indexer", "decode_topk", "sparse_decode")
 FMT = MLA_FORMATS["deepseek_v32_fp8"]
 WIDTH = FMT.latent_dim + FMT.rope_dim
 
 
 def serving() -> dsagen.Spec:
     return dsagen.load_spec(ROOT / "specs" / "deepseek_v32_serving.toml")
+
+
+KERNELS = tuple(op.name for op in dsagen.ops.enabled(serving(), "tvm") if op.needs_cache)  # the decode kernels
 
 
 CUDA_CASES = [
@@ -57,7 +59,7 @@ def test_cuda_source_for_sm90(kernel, schedule, tmp_path):
     """TVM generates each decode kernel's CUDA source without a GPU (the V3.2 serving spec); nvcc
     compiles it for sm_90 when it is installed."""
     kernels = dsagen.build(serving(), backend="tvm", schedules={kernel: schedule} if schedule else None)
-    source = tvm_backend.cuda_source(kernels.resolve(kernel, device_type="cpu").path)
+    source = tvm_backend.cuda_source(kernels.path(kernels.resolve(kernel, device_type="cpu")))
     assert '__global__' in source and 'extern "C"' in source
     if kernel == "mla_cache_write":  # int32 and int64 slot mappings, and the encoder probe
         assert all(f" {name}_kernel(" in source for name in ("main", "main_i64", "probe"))
@@ -76,7 +78,7 @@ def test_cuda_source_for_odd_shapes(tmp_path):
     schedules = {"sparse_decode": {"cuda_k_split": 2, "cuda_block_n": 16, "cuda_block_h": 2}}
     kernels = dsagen.build(spec, backend="tvm", schedules=schedules)
     for kernel in KERNELS:
-        source = tvm_backend.cuda_source(kernels.resolve(kernel, device_type="cpu").path)
+        source = tvm_backend.cuda_source(kernels.path(kernels.resolve(kernel, device_type="cpu")))
         assert '__global__' in source
         nvcc_compiles(source, tmp_path, kernel)
 

@@ -239,7 +239,7 @@ def annotate(
     count (when its schedule is legal there) instead of the defaults; `dsagen explain` says so.
     Entries that already carry their fields, or match none of the SPECs, are left as they are.
     """
-    from ..ops import all_ops
+    from ..ops import all_ops, semantic_hash
     from ..spec import load_spec
 
     if not path.is_file():
@@ -253,7 +253,7 @@ def annotate(
             except (AttributeError, TypeError, ValueError):  # a spec without this op's sections
                 continue
             if fields is not None:
-                known[(op.name, spec.semantic_hash(op.name))] = fields
+                known[(op.name, semantic_hash(spec, op))] = fields
     done = tdb.annotate(path, known)
     for e in done:
         typer.echo(f"annotated {e.kernel} {e.backend} {e.bucket}: {e.semantics}")

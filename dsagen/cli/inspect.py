@@ -23,9 +23,13 @@ def _resolve_all(spec_path: Path, backend: Backend, gpu: str | None, S: int, SKV
     anything is printed, so an error comes alone."""
     from dsagen.ops import enabled
 
+    from dsagen.codegen import generate
+    from dsagen.kernels import ResolvedModule
+
     spec = load_checked_spec(spec_path, backend.value)
     resolver = resolver_for(spec, backend, gpu)
-    return spec, resolver, [resolver.resolve(op.name, S, SKV, device.value) for op in enabled(spec, backend.value)]
+    schedules = [(op, resolver.resolve(op, S, SKV, device.value)) for op in enabled(spec, backend.value)]
+    return spec, resolver, [ResolvedModule(s, generate(spec, op, s, backend.value)) for op, s in schedules]
 
 
 def _note_assumed_gpu(resolver, gpu: str | None, device: Device) -> None:
@@ -61,8 +65,8 @@ def check(
     roofline floor on the GPU type, the schedule a build would use at that shape and where it came
     from, its footprint and its legality constraints.
     """
-    from dsagen.ops import get_op
-    from dsagen.plan import causal_window_mean, cost, problem_symbols
+    from dsagen.ops import get_op, semantic_hash
+    from dsagen.plan import causal_window_mean, problem_symbols
     from dsagen.schedule import load_space
 
     check_shape(S, SKV)
@@ -71,7 +75,7 @@ def check(
     target = resolver.plan_gpu
     w = causal_window_mean(S, SKV) if window == Window.causal else SKV
     sizes = {"S": S, "SKV": SKV, "W": w}
-    typer.echo(f"spec {printable(str(spec_path))}: valid (semantic hash {spec.semantic_hash()}), "
+    typer.echo(f"spec {printable(str(spec_path))}: valid (semantic hash {semantic_hash(spec)}), "
                f"name {printable(spec.name)!s}")
     typer.echo(f"  indexer   heads={spec.indexer.heads} head_dim={spec.indexer.head_dim} dtype={spec.indexer.dtype}")
     typer.echo(f"  topk      k={spec.topk.k}" + (" (fused with the indexer in dsa())" if spec.topk.fused else ""))
@@ -82,16 +86,16 @@ def check(
                f"({target.source}); schedules for {device.value} from {_where(resolver, device)}")
     typer.echo(f"kernels ({backend.value}): {', '.join(hit.kernel for hit in hits)}")
     for hit in hits:
-        kernel = hit.kernel
-        c = cost(spec, kernel)
+        kernel, op = hit.kernel, get_op(hit.kernel)
+        c = op.cost(spec)
         flops, nbytes = c.evaluate(sizes)
         floor, bound = c.floor_ms(sizes, target)
-        typer.echo(f"\n[{kernel}]  {get_op(kernel).summary}")
+        typer.echo(f"\n[{kernel}]  {op.summary}")
         typer.echo(f"  FLOPs  = {c.flops}  -> {flops:.4g}")
         typer.echo(f"  bytes >= {c.bytes}  -> {nbytes:.4g}")
         typer.echo(f"  roofline floor on {target.name}: {floor:.4f} ms ({bound}-bound)")
-        space = load_space(backend.value, kernel)
-        problem = problem_symbols(spec, kernel, target)
+        space = load_space(backend.value, op)
+        problem = problem_symbols(spec, op, target)
         typer.echo(f"  schedule: {hit.point}")
         typer.echo(f"  from: {hit.source}")
         typer.echo(f"  module: {hit.module_name}")
@@ -153,10 +157,15 @@ def show(
     spec = load_checked_spec(spec_path, backend.value)
     name = kernel_names([kernel], spec=spec, backend=backend.value)[0]
     resolver = resolver_for(spec, backend, gpu)
-    hit = resolver.resolve(name, S, SKV, device.value)
+    from dsagen.codegen import generate
+    from dsagen.ops import get_op
+
+    op = get_op(name)
+    hit = resolver.resolve(op, S, SKV, device.value)
+    source = generate(spec, op, hit, backend.value).source
     _note_assumed_gpu(resolver, gpu, device)
     typer.echo(f"# {name} at S={S} SKV={SKV}: schedule {hit.point}, from {hit.source}", err=True)
-    typer.echo(hit.generated.source, nl=False)
+    typer.echo(source, nl=False)
 
 
 def explain(

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..ops.base import check_scale, check_tensor
+from ..ops.checks import check_scale, check_tensor
 
 
 def describe(value: Any) -> str:

@@ -1,159 +1,39 @@
-"""The op registry: every kernel family dsagen knows, found by name by every stage.
+"""The op registry (dsagen/ops/registry.py) and dsagen's own ops.
 
-dsagen's own ops register when this package is imported: every module of it (but `base` and
-private ones) is imported, so an in-tree kernel is its op module, templates and schedule files, with
-no list to edit. Listings follow each op's declared `position`, not the order modules import in. A
-kernel defined outside dsagen registers with `register(op)` in the process, or for every process
-(the CLI, tuning workers) through the `DSAGEN_OPS` environment variable (importable module names or
-paths of `.py` files, separated by commas) or the `dsagen.ops` entry-point group of an installed
-package.
+Importing this package imports every op module in it (all but the helper modules, the
+`*_workload` modules and names starting with `_`) and registers the ops each declares at module
+level, so an in-tree kernel is its op module, its workload module, templates and schedule files,
+with no list to edit. Listings follow each op's declared `position`, not the order modules import
+in. A kernel kept outside dsagen is written the same way and registered with `load_plugin(path)`,
+`register(op)`, the `DSAGEN_OPS` environment variable (importable module names or paths of `.py`
+files, separated by commas) or the `dsagen.ops` entry-point group of an installed package.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 import pkgutil
-import re
-import sys
-import threading
-from pathlib import Path
 
-from ..errors import DsagenError
-from .base import Call, Cost, Op
+from .base import Call, Op
+from .registry import (PLUGINS_ENV, all_ops, as_op, collect, enabled, get_op, load_plugin, names, own_ops, register,
+                       semantic_hash, stages, unregister)
 
-PLUGINS_ENV = "DSAGEN_OPS"
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-_REGISTRY: dict[str, Op] = {}
-_LOCK = threading.RLock()
-_plugins_loaded = False
-
-
-def register(op: Op) -> Op:
-    """Add a kernel family; its name must be new (registering the same class again is a no-op)."""
-    if not isinstance(op, Op):
-        raise TypeError(f"register() takes a dsagen.ops.Op instance, got {type(op).__name__}")
-    if not isinstance(op.name, str) or not _NAME.match(op.name):
-        raise DsagenError(f"op name {op.name!r} must be lower-case letters, digits and '_' (a letter first)")
-    if not isinstance(op.position, int) or isinstance(op.position, bool):
-        raise DsagenError(f"op {op.name!r}: position={op.position!r} must be an integer (where it is listed)")
-    with _LOCK:
-        old = _REGISTRY.get(op.name)
-        if old is not None and type(old) is not type(op):
-            raise DsagenError(f"op {op.name!r} is already registered (by {type(old).__module__})")
-        _REGISTRY[op.name] = op
-        _order_by_position()
-    return op
-
-
-def _order_by_position() -> None:
-    """Keep the registry in listing order: by position, then by registration (a stable sort)."""
-    ordered = sorted(_REGISTRY.values(), key=lambda op: op.position)
-    _REGISTRY.clear()
-    _REGISTRY.update((op.name, op) for op in ordered)
-
-
-def unregister(name: str) -> None:
-    """Forget a kernel registered from outside dsagen (tests; a plugin being reloaded): its plugin
-    file is imported again by the next load_plugin."""
-    with _LOCK:
-        op = _REGISTRY.pop(name, None)
-        module = type(op).__module__ if op is not None else ""
-        if module.startswith("dsagen_plugin_"):
-            sys.modules.pop(module, None)
-
-
-def load_plugin(item: str) -> None:
-    """Import one kernel module (a module name or a .py path), which registers its op(s)."""
-    if item.endswith(".py") or os.sep in item:
-        path = Path(item).expanduser().resolve()
-        name = f"dsagen_plugin_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{abs(hash(str(path))) % 10**8}"
-        if name in sys.modules:
-            return
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None or not path.is_file():
-            raise DsagenError(f"{PLUGINS_ENV}: cannot import {path}: no such Python file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise DsagenError(f"{PLUGINS_ENV}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            importlib.import_module(item)
-        except ImportError as exc:
-            raise DsagenError(f"{PLUGINS_ENV}: cannot import module {item!r}: {exc}") from exc
-
-
-def _load_plugins() -> None:
-    """Import the plugins once; afterwards a plain flag check (no lock: traced code calls this)."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    with _LOCK:
-        if _plugins_loaded:
-            return
-        _plugins_loaded = True
-        for item in filter(None, (s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(","))):
-            load_plugin(item)
-        try:
-            from importlib.metadata import entry_points
-
-            for ep in entry_points(group="dsagen.ops"):
-                ep.load()
-        except Exception as exc:  # a broken third-party package must not take dsagen down
-            raise DsagenError(f"an installed 'dsagen.ops' entry point failed to load: {exc}") from exc
-
-
-def get_op(name: str) -> Op:
-    """The registered op `name`; an unknown name is an error listing the known ones."""
-    _load_plugins()
-    op = _REGISTRY.get(name) if isinstance(name, str) else None
-    if op is None:
-        raise DsagenError(f"unknown kernel {name!r}: known kernels are {', '.join(names())}")
-    return op
-
-
-def all_ops() -> list[Op]:
-    """Every registered op in listing order: by position (dsagen's own hold 10..110, the default
-    lists after them), then by registration."""
-    _load_plugins()
-    return list(_REGISTRY.values())
-
-
-def own_ops() -> list[Op]:
-    """dsagen's own ops (the modules of this package), in listing order, without importing plugins."""
-    return [op for op in _REGISTRY.values() if type(op).__module__.startswith(__name__ + ".")]
-
-
-def names() -> tuple[str, ...]:
-    return tuple(op.name for op in all_ops())
-
-
-def stages() -> tuple[str, ...]:
-    """The DSA stages in pipeline order: indexer, top-k, sparse attention."""
-    return tuple(op.name for op in all_ops() if op.stage)
-
-
-def enabled(spec, backend: str) -> list[Op]:
-    """The ops a build of `spec` on `backend` offers (what check, generate and show list)."""
-    return [op for op in all_ops() if op.enabled(spec, backend)]
+# the modules of this package that hold no op: the parts every op is written with
+HELPERS = frozenset({"base", "checks", "registry", "shared", "signature", "workload"})
 
 
 def _own_modules() -> list[str]:
-    """The modules of this package that define ops: all but `base` and private ones, by name."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_"))
+    """The modules of this package that define ops, by name."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__)
+                  if m.name not in HELPERS and not m.name.startswith("_") and not m.name.endswith("_workload"))
 
 
 def _register_own_ops() -> None:
-    """Import every op module of this package; each registers its ops as it is imported."""
+    """Import every op module of this package and register the ops it declares."""
     for module in _own_modules():
-        importlib.import_module(f"{__name__}.{module}")
+        collect(importlib.import_module(f"{__name__}.{module}"))
 
 
 _register_own_ops()
 
-__all__ = ["Call", "Cost", "Op", "PLUGINS_ENV", "all_ops", "enabled", "get_op", "load_plugin", "names", "own_ops",
-           "register", "stages", "unregister"]
+__all__ = ["Call", "Op", "PLUGINS_ENV", "all_ops", "as_op", "enabled", "get_op", "load_plugin", "names", "own_ops",
+           "register", "semantic_hash", "stages", "unregister"]

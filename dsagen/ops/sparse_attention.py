@@ -1,38 +1,19 @@
 """Stage 3, sparse MLA attention (MQA form): each query's heads attend only to its selected kv
 rows. out[t, h] = sum_i softmax_i(sm_scale * q[t, h] . kv[idx_i]) * kv[idx_i, :v_dim] over valid
 idx_i (0 <= idx < SKV), lse in natural log; a row with no valid index gives out 0, lse +inf.
-An optional max_logits [S, H] fp32 buffer (keyword, written in place) also receives each row's
-largest scaled score sm_scale * q[t, h] . kv[idx_i] (-inf for a row with no valid index)."""
+An optional max_logits [S, H] fp32 output (a buffer given by keyword, written in place) also
+receives each row's largest scaled score sm_scale * q[t, h] . kv[idx_i] (-inf for a row with no
+valid index)."""
 from __future__ import annotations
-
-import math
 
 import sympy as sp
 import torch
 
-from .. import reference
-from ..verify import assert_close
-from . import register
-from .base import (SKV, TORCH_DTYPES, Call, Cost, Op, S, causal_topk_indices, check_out, check_tensor, generator,
-                   next_pow2, softmax_scale, with_softmax_scale)
-
-
-def naive_sparse_attention(q, kv, idx, sm_scale: float, v_dim: int, chunk: int = 256):
-    """Gather the selected rows and do dense attention over them, in chunks of queries."""
-    n_q, heads, _ = q.shape
-    out = torch.empty(n_q, heads, v_dim, dtype=q.dtype, device=q.device)
-    lse = torch.empty(n_q, heads, dtype=torch.float32, device=q.device)
-    for s0 in range(0, n_q, chunk):
-        ix = idx[s0:s0 + chunk].long()
-        valid = (ix >= 0) & (ix < kv.shape[0])
-        rows = kv[ix.clamp(0, kv.shape[0] - 1)]  # [c, k, D]
-        scores = torch.einsum("chd,ckd->chk", q[s0:s0 + chunk], rows).float() * sm_scale
-        scores = scores.masked_fill(~valid[:, None, :], -math.inf)
-        lse[s0:s0 + chunk] = torch.logsumexp(scores, -1)
-        p = torch.softmax(scores, -1).nan_to_num(0.0).to(q.dtype)
-        out[s0:s0 + chunk] = torch.einsum("chk,ckd->chd", p, rows[..., :v_dim])
-    return out, lse
-
+from ..plan import SKV, Cost, S, next_pow2
+from .base import Call, Gradient, Op
+from .checks import check_out, check_tensor, softmax_scale
+from .shared import SM_SCALE, TORCH_DTYPES
+from .signature import Signature, tensor
 
 class SparseAttentionFamily(Op):
     """What the forward and the backward of sparse attention share: the fields their math reads
@@ -62,30 +43,32 @@ class SparseAttentionFamily(Op):
                 "v_dim": at.v_dim, "rope_dim": at.rope_dim}
 
 
+def attention_backward_args(inputs, outputs, grads) -> tuple:
+    return (inputs["q"], inputs["kv"], inputs["indices"], outputs["out"], outputs["lse"], grads["out"],
+            inputs["sm_scale"])
+
+
+def attention_input_gradients(bwd_outputs) -> dict:
+    dq, dkv = bwd_outputs
+    return {"q": dq, "kv": dkv}
+
+
 class SparseAttentionOp(SparseAttentionFamily):
     name = "sparse_attention"
     position = 30
     summary = "sparse MLA attention: out [S, H, v_dim] bf16 and natural-log lse [S, H] over the selected rows"
+    doc = ("(out [S, H, Dv] bf16, lse [S, H] fp32): softmax over each query's valid selected kv rows.\n"
+           "sm_scale: None uses the spec's. Differentiable: out carries gradients to q and kv (the\n"
+           "sparse_attention_bwd kernel); lse carries none. max_logits: an optional [S, H] fp32 buffer\n"
+           "that also receives each row's largest scaled score (-inf where no index is valid).")
     stage = True
-    outputs = ("out", "lse")
     short_names = {"block_h": "bh", "block_n": "n", "v_split": "vs", "num_warps": "w", "num_stages": "s",
                    "index_prefetch": "ip", "gluon": "gl"}
-    naive_name = "gather + einsum + softmax (bf16, chunks of 256)"
-    args = (("q", "Tensor"), ("kv", "Tensor"), ("indices", "Tensor"), ("sm_scale", "float"))
-    # P and the output are rounded to bf16 (2**-8 relative each); the lse stays fp32
-    tolerances = {"out": 1e-2, "lse": 1e-4}
+    signature = Signature((tensor("q"), tensor("kv"), tensor("indices"), SM_SCALE), returns=("out", "lse"),
+                          extra_outputs=("max_logits",))
     # gradients flow to q and kv through out; the lse is a statistic (the indexer loss reads it
     # detached), so it carries none
-    backward_kernel = "sparse_attention_bwd"
-    non_differentiable = ("lse",)
-
-    def backward_args(self, inputs, outputs, grads):
-        return (inputs["q"], inputs["kv"], inputs["indices"], outputs["out"], outputs["lse"], grads["out"],
-                inputs["sm_scale"])
-
-    def input_gradients(self, bwd_outputs):
-        dq, dkv = bwd_outputs
-        return {"q": dq, "kv": dkv}
+    gradient = Gradient("sparse_attention_bwd", ("lse",), attention_backward_args, attention_input_gradients)
 
     def derived(self, spec, point, backend):
         if backend != "triton":
@@ -117,48 +100,10 @@ class SparseAttentionOp(SparseAttentionFamily):
             raise ValueError(f"kv has {kv.shape[0]} rows: int32 indices address at most 2**31 - 2")
         return Call(dev, n_q, kv.shape[0])
 
-    def launch_args(self, spec, args, kwargs):
-        return with_softmax_scale(spec, args, kwargs)
-
     def fake(self, spec, q, kv, indices, sm_scale):
         at = spec.attention
         return (q.new_empty((q.shape[0], at.heads, at.v_dim)),
                 q.new_empty((q.shape[0], at.heads), dtype=torch.float32))
 
-    def reference(self, spec, q, kv, indices, sm_scale=None):
-        scale = softmax_scale(spec, sm_scale)
-        return reference.sparse_attention(q, kv, indices, scale, spec.attention.v_dim)
 
-    def inputs(self, spec, S_, SKV_, device, seed):
-        """q, kv and, per query, k random distinct causal keys padded with the invalid index SKV;
-        the spec's softmax scale."""
-        at, k = spec.attention, spec.topk.k
-        g = generator(device, seed)
-        q = torch.randn(S_, at.heads, at.qk_dim, device=device, generator=g).bfloat16()
-        kv = torch.randn(SKV_, at.qk_dim, device=device, generator=g).bfloat16()
-        return (q, kv, causal_topk_indices(S_, SKV_, k, device, g), at.softmax_scale)
-
-    def poisoned_outputs(self, spec, inputs):
-        q = inputs[0]
-        at = spec.attention
-        return {"out": torch.full((q.shape[0], at.heads, at.v_dim), math.nan, dtype=q.dtype, device=q.device),
-                "lse": torch.full((q.shape[0], at.heads), math.nan, device=q.device)}
-
-    def check(self, spec, inputs, result, rows):
-        q, kv, idx, sm_scale = inputs
-        out, lse = result
-        r = rows.to(q.device)
-        ref_out, ref_lse = reference.sparse_attention(q[r], kv, idx[r], sm_scale, spec.attention.v_dim)
-        r1 = assert_close("sparse_attention.out", out[r], ref_out, self.tolerance("out"))
-        r2 = assert_close("sparse_attention.lse", lse[r], ref_lse, self.tolerance("lse"))
-        return f"float64 reference on {len(rows)} rows, RMS ratio out {r1:.2e}, lse {r2:.2e}"
-
-    def naive(self, spec, inputs):
-        return lambda: naive_sparse_attention(*inputs, spec.attention.v_dim)
-
-    def shape_info(self, spec, S_, SKV_):
-        at = spec.attention
-        return {"S": S_, "SKV": SKV_, "H": at.heads, "Dqk": at.qk_dim, "Dv": at.v_dim, "topk": spec.topk.k}
-
-
-register(SparseAttentionOp())
+SPARSE_ATTENTION = SparseAttentionOp()

@@ -21,70 +21,28 @@ in a fixed order); its CUDA rendering is refused with a message naming the Trito
 """
 from __future__ import annotations
 
-import math
-
 import sympy as sp
 import torch
 
-from .. import reference
-from ..verify import Mismatch, assert_close
-from . import register
-from .base import (SKV, TORCH_DTYPES, Call, Cost, S, check_out, check_tensor, generator, softmax_scale,
-                   with_softmax_scale)
-from .sparse_attention import SparseAttentionFamily, SparseAttentionOp
-
-CHECKED_KV_ROWS = 64  # selected kv rows whose dkv a sampled check compares (plus unselected ones)
-
-
-def naive_sparse_attention_bwd(q, kv, idx, out, lse, d_out, sm_scale: float, v_dim: int, chunk: int = 64):
-    """Gather the selected rows and apply the formulas with einsums (bf16 products, fp32 softmax
-    terms), in chunks of queries; dkv is summed with index_add_ in fp32."""
-    n_q, _, qk_dim = q.shape
-    skv = kv.shape[0]
-    dq = torch.empty_like(q)
-    dkv = torch.zeros(skv, qk_dim, dtype=torch.float32, device=q.device)
-    for s0 in range(0, n_q, chunk):
-        sl = slice(s0, s0 + chunk)
-        ix = idx[sl].long()
-        valid = (ix >= 0) & (ix < skv)
-        rows = kv[ix.clamp(0, max(skv - 1, 0))]  # [c, k, D]
-        do_c = d_out[sl]
-        delta = (do_c.float() * out[sl].float()).sum(-1)  # [c, H]
-        scores = torch.einsum("chd,ckd->chk", q[sl], rows).float() * sm_scale
-        p = torch.exp(scores - lse[sl][..., None]).masked_fill(~valid[:, None, :], 0.0)
-        dp = torch.einsum("chd,ckd->chk", do_c, rows[..., :v_dim]).float()
-        ds = (sm_scale * p * (dp - delta[..., None])).to(q.dtype)
-        dq[sl] = torch.einsum("chk,ckd->chd", ds, rows)
-        contrib = torch.einsum("chk,chd->ckd", ds, q[sl]).float()
-        contrib[..., :v_dim] += torch.einsum("chk,chd->ckd", p.to(q.dtype), do_c).float()
-        dkv.index_add_(0, ix[valid], contrib[valid])
-    return dq, dkv.to(q.dtype)
-
-
-def backward_inputs(spec, q, kv, idx, sm_scale: float, seed: int) -> tuple:
-    """The backward's arguments for given forward inputs: out and lse from the float64 reference
-    forward (rounded as the forward kernel stores them), a random d_out."""
-    out, lse = reference.sparse_attention(q, kv, idx, sm_scale, spec.attention.v_dim)
-    g = generator(q.device, seed + 1)
-    d_out = torch.randn(out.shape, device=q.device, generator=g).to(q.dtype)
-    return (q, kv, idx, out.to(q.dtype), lse.float(), d_out, sm_scale)
+from ..plan import SKV, Cost, S
+from .base import Call, Tuning
+from .checks import check_out, check_tensor, softmax_scale
+from .shared import SM_SCALE, TORCH_DTYPES
+from .signature import Signature, tensor
+from .sparse_attention import SparseAttentionFamily
 
 
 class SparseAttentionBwdOp(SparseAttentionFamily):
     name = "sparse_attention_bwd"
     position = 110
     summary = "sparse MLA attention backward: dq [S, H, Dqk] and dkv [SKV, Dqk] bf16 from out, lse and d_out"
-    stage = False
-    outputs = ("dq", "dkv")
+    doc = ("(dq [S, H, Dqk] bf16, dkv [SKV, Dqk] bf16): the gradients of sparse_attention's out with respect\n"
+           "to q and kv, from its saved out and lse and the incoming d_out. sm_scale: None uses the spec's.")
     short_names = {"block_h": "bh", "block_n": "n", "num_warps": "w", "num_stages": "s", "deterministic_dkv": "det"}
-    naive_name = "gather + einsum formulas + index_add_ (bf16 products, chunks of 64)"
-    args = (("q", "Tensor"), ("kv", "Tensor"), ("indices", "Tensor"), ("out", "Tensor"), ("lse", "Tensor"),
-            ("d_out", "Tensor"), ("sm_scale", "float"))
-    # gradients come from bf16 inputs through fp32 accumulators: dS = P (dP - Delta) cancels, so a
-    # looser bound than the forward's
-    tolerances = {"dq": 2e-2, "dkv": 2e-2}
+    signature = Signature((tensor("q"), tensor("kv"), tensor("indices"), tensor("out"), tensor("lse"),
+                           tensor("d_out"), SM_SCALE), returns=("dq", "dkv"))
     # the dkv sums are then independent of the order in which programs run (int64 fixed point)
-    deterministic_knobs = {"deterministic_dkv": 1}
+    tuning = Tuning(deterministic_knobs={"deterministic_dkv": 1})
 
     def unavailable(self, spec, backend):
         return super().unavailable(spec, backend) or (
@@ -124,80 +82,9 @@ class SparseAttentionBwdOp(SparseAttentionFamily):
             raise ValueError(f"kv has {kv.shape[0]} rows: int32 indices address at most 2**31 - 2")
         return Call(dev, n_q, kv.shape[0])
 
-    def launch_args(self, spec, args, kwargs):
-        return with_softmax_scale(spec, args, kwargs, position=6)  # after the six tensors
-
     def fake(self, spec, q, kv, indices, out, lse, d_out, sm_scale):
         at = spec.attention
         return (q.new_empty((q.shape[0], at.heads, at.qk_dim)), kv.new_empty((kv.shape[0], at.qk_dim)))
 
-    def reference(self, spec, q, kv, indices, out, lse, d_out, sm_scale=None):
-        scale = softmax_scale(spec, sm_scale)
-        return reference.sparse_attention_bwd(q, kv, indices, out, lse, d_out, scale, spec.attention.v_dim)
 
-    def inputs(self, spec, S_, SKV_, device, seed):
-        """The forward's workload (k distinct causal keys per query, padded with SKV), its float64
-        reference out and lse, and a random d_out."""
-        q, kv, idx, scale = SparseAttentionOp().inputs(spec, S_, SKV_, device, seed)
-        return backward_inputs(spec, q, kv, idx, scale, seed)
-
-    def poisoned_outputs(self, spec, inputs):
-        q, kv = inputs[0], inputs[1]
-        at = spec.attention
-        return {"dq": torch.full((q.shape[0], at.heads, at.qk_dim), math.nan, dtype=q.dtype, device=q.device),
-                "dkv": torch.full((kv.shape[0], at.qk_dim), math.nan, dtype=kv.dtype, device=kv.device)}
-
-    def check(self, spec, inputs, result, rows):
-        """dq on the sampled queries; dkv on up to CHECKED_KV_ROWS rows they select, against a
-        reference fed every (query, slot) of the whole batch that selects one of those rows (dkv
-        of a row depends on nothing else: P uses the saved lse), and on rows nobody selects (0)."""
-        q, kv, idx, out, lse, d_out, sm_scale = inputs
-        dq, dkv = result
-        v_dim = spec.attention.v_dim
-        r = rows.to(q.device)
-        if torch.isnan(dkv).any():
-            raise Mismatch("sparse_attention_bwd.dkv: NaN values (unwritten or broken)")
-        ref_dq, _ = reference.sparse_attention_bwd(q[r], kv, idx[r], out[r], lse[r], d_out[r], sm_scale, v_dim)
-        r1 = assert_close("sparse_attention_bwd.dq", dq[r], ref_dq, self.tolerance("dq"))
-        picked = checked_kv_rows(idx, kv.shape[0], r)
-        keep = torch.isin(idx, picked)
-        users = keep.any(1).nonzero().flatten()
-        only = torch.where(keep, idx, -1)[users]
-        _, ref_dkv = reference.sparse_attention_bwd(q[users], kv, only, out[users], lse[users], d_out[users],
-                                                    sm_scale, v_dim)
-        r2 = assert_close("sparse_attention_bwd.dkv", dkv[picked], ref_dkv[picked], self.tolerance("dkv"))
-        unused = unselected_rows(idx, kv.shape[0])
-        if (dkv[unused] != 0).any():
-            raise Mismatch("sparse_attention_bwd.dkv: a kv row nobody selects is not 0")
-        return (f"float64 reference: dq on {len(rows)} rows (RMS ratio {r1:.2e}), dkv on {len(picked)} selected "
-                f"rows (RMS ratio {r2:.2e}) and {len(unused)} unselected ones (exactly 0)")
-
-    def naive(self, spec, inputs):
-        return lambda: naive_sparse_attention_bwd(*inputs, spec.attention.v_dim)
-
-    def shape_info(self, spec, S_, SKV_):
-        at = spec.attention
-        return {"S": S_, "SKV": SKV_, "H": at.heads, "Dqk": at.qk_dim, "Dv": at.v_dim, "topk": spec.topk.k}
-
-
-def checked_kv_rows(idx: torch.Tensor, skv: int, rows: torch.Tensor) -> torch.Tensor:
-    """Up to CHECKED_KV_ROWS distinct valid kv rows selected by the query rows `rows`, evenly
-    spread over their sorted set (first and last included)."""
-    sel = idx[rows].long().flatten()
-    sel = torch.unique(sel[(sel >= 0) & (sel < skv)])
-    if sel.numel() <= CHECKED_KV_ROWS:
-        return sel
-    at = torch.linspace(0, sel.numel() - 1, CHECKED_KV_ROWS, device=sel.device).round().long()
-    return sel[at]
-
-
-def unselected_rows(idx: torch.Tensor, skv: int, n: int = 16) -> torch.Tensor:
-    """Up to n kv rows that no query selects (their dkv must be exactly 0)."""
-    flat = idx.long().flatten()
-    flat = flat[(flat >= 0) & (flat < skv)]
-    used = torch.zeros(skv, dtype=torch.bool, device=idx.device)
-    used[flat] = True
-    return (~used).nonzero().flatten()[:n]
-
-
-register(SparseAttentionBwdOp())
+SPARSE_ATTENTION_BWD = SparseAttentionBwdOp()

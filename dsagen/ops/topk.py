@@ -5,35 +5,26 @@ from __future__ import annotations
 import sympy as sp
 import torch
 
-from .. import reference
-from ..verify import assert_topk
-from . import register
-from .base import SKV, Call, Cost, Op, S, check_out, check_tensor, few_keys_warning, generator
+from ..plan import SKV, Cost, S
+from .base import Call, Op
+from .checks import check_out, check_tensor
+from .signature import Signature, tensor
 
 
 def check_topk_out(spec, out, n_q: int, dev) -> None:
     check_out("out", out, torch.int32, (n_q, spec.topk.k), dev)
 
 
-def naive_topk(x, ks, ke, k: int):
-    """torch.topk over whole rows (the workload's windows are whole rows)."""
-    return torch.topk(x, min(k, x.shape[1]), dim=1)
-
-
-def poisoned_indices(spec, n_q: int, device) -> dict[str, torch.Tensor]:
-    return {"out": torch.full((n_q, spec.topk.k), -7, dtype=torch.int32, device=device)}
-
-
 class TopKOp(Op):
     name = "topk"
     position = 20
     summary = "top-k selector: int32 indices [S, k] of each row's k largest logits, -1 padded"
+    doc = "indices [S, k] int32: the k largest logits of each row's window [ks, ke), then -1 padding."
     backends = ("triton", "tvm")
     stage = True
     short_names = {"block_n": "n", "radix_bits": "r", "num_warps": "w", "resident_max": "res",
                    "resident_warps": "rw", "sample": "smp", "candidates": "c", "row_reads": "rr"}
-    naive_name = "torch.topk"
-    args = (("logits", "Tensor"), ("ks", "Tensor"), ("ke", "Tensor"))
+    signature = Signature((tensor("logits"), tensor("ks"), tensor("ke")))
 
     def semantic_fields(self, spec):
         return {"k": spec.topk.k}
@@ -58,36 +49,5 @@ class TopKOp(Op):
     def fake(self, spec, logits, ks, ke):
         return logits.new_empty((logits.shape[0], spec.topk.k), dtype=torch.int32)
 
-    def reference(self, spec, logits, ks, ke):
-        """The k largest values per row (sorted): what any exact selection picks; ties make the
-        indices ambiguous, never these values."""
-        return reference.topk_values(logits, ks, ke, spec.topk.k)
 
-    def inputs(self, spec, S_, SKV_, device, seed):
-        """fp32 logits shaped like the indexer's output, every row's window the whole row (so that
-        torch.topk is the fair naive baseline)."""
-        x = torch.randn(S_, SKV_, device=device, generator=generator(device, seed))
-        ks = torch.zeros(S_, dtype=torch.int32, device=device)
-        ke = torch.full((S_,), SKV_, dtype=torch.int32, device=device)
-        return (x, ks, ke)
-
-    def poisoned_outputs(self, spec, inputs):
-        return poisoned_indices(spec, inputs[0].shape[0], inputs[0].device)
-
-    def check(self, spec, inputs, result, rows):
-        x, ks, ke = inputs
-        r = rows.to(x.device)
-        assert_topk(result[r], x[r], ks[r], ke[r], spec.topk.k)
-        return f"exact top-k contract on {len(rows)} rows"
-
-    def naive(self, spec, inputs):
-        return lambda: naive_topk(*inputs, spec.topk.k)
-
-    def shape_info(self, spec, S_, SKV_):
-        return {"S": S_, "SKV": SKV_, "k": spec.topk.k, "dtype": "fp32", "window": "full row"}
-
-    def bench_warning(self, spec, S_, SKV_):
-        return few_keys_warning(spec, SKV_)
-
-
-register(TopKOp())
+TOPK = TopKOp()

@@ -38,7 +38,8 @@ from ..schedule import load_space
 from ..spec import Spec
 from .. import db as tuning_db
 from ..db.buckets import bucket_of
-from ..ops import get_op
+from ..ops import get_op, semantic_hash
+from ..workloads import workload
 from .storage import open_storage
 from .worker import DUEL_ROUNDS, EVENTS_TIMING, GRAPH_TIMING, Duel, DuelOutcome, Job, Outcome, Worker
 
@@ -97,7 +98,7 @@ class TuneResult:
 def study_name(spec: Spec, kernel: str, backend: str, gpu_type: str, bucket: str, sampler: str) -> str:
     """Names a study by everything its measurements depend on: a changed template or search space
     starts a new study instead of resuming trials timed on other code."""
-    return (f"dsagen.{kernel}.{backend}.{gpu_type}.{spec.semantic_hash(kernel)}.{bucket}.{sampler}"
+    return (f"dsagen.{kernel}.{backend}.{gpu_type}.{semantic_hash(spec, kernel)}.{bucket}.{sampler}"
             f".code-{_code_fingerprint(backend, kernel)}")
 
 
@@ -319,7 +320,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     # what a build would run untuned (the one resolver, database left out): legal, the pins kept
     untuned = Resolver(req.spec, req.backend, plan_gpu, use_db=False).resolve(req.kernel, device_type=req.device)
     fixed = fixed_knobs(space, req.device, untuned.point) | pinned  # the pins; the other target's knobs
-    legal = [p for p in space.legal_points(problem_symbols(req.spec, req.kernel, get_gpu(plan_gpu)))
+    legal = [p for p in space.legal_points(problem_symbols(req.spec, get_op(req.kernel), get_gpu(plan_gpu)))
              if all(p[k] == v for k, v in fixed.items())]
     if not legal:
         raise ValueError(f"{req.kernel}: no legal schedule in schedules/{req.backend}/{req.kernel}.toml "
@@ -327,7 +328,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     sampler_kind = req.sampler if req.sampler != "auto" else ("grid" if len(legal) <= GRID_MAX else "tpe")
     default_budget = len(legal) if sampler_kind == "grid" else max(TPE_MIN, math.ceil(TPE_FRACTION * len(legal)))
     budget = min(req.trials or default_budget, len(legal))
-    bucket = bucket_of(*get_op(req.kernel).call_shape(req.S, req.SKV))  # where a build will look it up
+    bucket = bucket_of(*workload(req.kernel).call_shape(req.S, req.SKV))  # where a build will look it up
     name = study_name(req.spec, req.kernel, req.backend, req.gpu_type, bucket, sampler_kind)
     if pinned:  # a smaller space is a different study
         name += ".pinned-" + "-".join(f"{k}{v}" for k, v in sorted(pinned.items()))
@@ -452,7 +453,7 @@ def _built(req: TuneRequest):
     databases a build reads included (an entry of the nearest tuned head count, say); None if no
     build could resolve it. A study starts from it and its winner must beat it to be recorded."""
     try:
-        S_, SKV_ = get_op(req.kernel).call_shape(req.S, req.SKV)
+        S_, SKV_ = workload(req.kernel).call_shape(req.S, req.SKV)
         return Resolver(req.spec, req.backend, req.gpu_type).resolve(req.kernel, S_, SKV_, req.device)
     except DsagenError:
         return None
@@ -475,7 +476,7 @@ def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict, built: dict
         entries = tuning_db.load(_db_file(req)).entries.values()
     except (tuning_db.TuningDBError, OSError):
         entries = []
-    spec_hash = req.spec.semantic_hash(req.kernel)
+    spec_hash = semantic_hash(req.spec, req.kernel)
     seeds += [e.schedule for e in sorted(entries, key=lambda e: e.ms)
               if (e.kernel, e.backend, e.spec_hash) == (req.kernel, req.backend, spec_hash)]
     out, seen = [], set()
@@ -507,7 +508,7 @@ def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted
         if len(top) == req.confirm_top:
             break
     timed = []
-    confirm_timing = GRAPH_TIMING if get_op(req.kernel).timing == "graph" else EVENTS_TIMING
+    confirm_timing = GRAPH_TIMING if get_op(req.kernel).tuning.timing == "graph" else EVENTS_TIMING
     for i, point in enumerate(top):
         job = Job(req.spec.to_dict(), req.kernel, point, req.S, req.SKV, req.device, seed=req.seed * 100003 + 7919 + i,
                   plan_gpu=plan_gpu, backend=req.backend, timing=dict(confirm_timing))
@@ -565,7 +566,7 @@ def _judge(req: TuneRequest, study, worker, plan_gpu: str, current, winner: dict
 def _duel(req: TuneRequest, worker, plan_gpu: str, current, winner: dict, winner_ms: float,
            progress: bool) -> Verdict:
     """The current schedule and the winner, checked and timed in turns in one worker process."""
-    timing = GRAPH_TIMING if get_op(req.kernel).timing == "graph" else EVENTS_TIMING
+    timing = GRAPH_TIMING if get_op(req.kernel).tuning.timing == "graph" else EVENTS_TIMING
     job = Duel(req.spec.to_dict(), req.kernel, (dict(current.point), dict(winner)), req.S, req.SKV, req.device,
                seed=req.seed * 100003 + 7907, plan_gpu=plan_gpu, backend=req.backend, timing=dict(timing),
                rounds=req.duel_rounds)
@@ -673,9 +674,9 @@ def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: flo
     device_name, cc = _device_facts(req.device, req.backend)
     # the database is keyed by the shape of the call (a decode workload of S requests calls with
     # S * next_n rows), which is also the shape the entry records
-    call_S, call_SKV = get_op(req.kernel).call_shape(req.S, req.SKV)
+    call_S, call_SKV = workload(req.kernel).call_shape(req.S, req.SKV)
     entry = tuning_db.Entry(
-        kernel=req.kernel, backend=req.backend, spec_hash=req.spec.semantic_hash(req.kernel),
+        kernel=req.kernel, backend=req.backend, spec_hash=semantic_hash(req.spec, req.kernel),
         bucket=bucket_of(call_S, call_SKV), shape={"S": call_S, "SKV": call_SKV},
         schedule=point, ms=ms, tflops=rates["tflops"], gbps=rates["gbps"],
         # a roofline floor is a GPU's: a CPU entry has none

@@ -135,7 +135,7 @@ def _warm_up() -> None:
     from ..backends.source_cache import materialize  # noqa: F401
     from ..resolve import Resolver  # noqa: F401
     from ..verify import Mismatch  # noqa: F401
-    from ..workloads import make_inputs  # noqa: F401
+    from ..workloads import workload  # noqa: F401
 
 
 def _checked_call(job, point: dict) -> tuple[Outcome, Callable[[], object] | None]:
@@ -148,16 +148,19 @@ def _checked_call(job, point: dict) -> tuple[Outcome, Callable[[], object] | Non
     from ..resolve import Resolver
     from ..spec import spec_from_dict
     from ..verify import Mismatch
-    from ..workloads import check, make_inputs, poisoned_outputs, sample_rows
+    from ..codegen import generate
+    from ..ops import get_op
+    from ..workloads import sample_rows, workload
 
     spec = spec_from_dict(job.spec)
     t0 = time.perf_counter()
     try:
+        op, recipe = get_op(job.kernel), workload(job.kernel)
         resolver = Resolver(spec, job.backend, job.plan_gpu, overrides={job.kernel: point})
-        path = materialize(resolver.resolve(job.kernel, device_type=job.device).generated)
+        path = materialize(generate(spec, op, resolver.resolve(op, device_type=job.device), job.backend))
         fn = backends.launcher(job.backend, path, job.kernel, job.device)
-        inputs = make_inputs(spec, job.kernel, job.S, job.SKV, job.device, job.seed)
-        outs = poisoned_outputs(spec, job.kernel, inputs)
+        inputs = recipe.inputs(spec, job.S, job.SKV, job.device, job.seed)
+        outs = recipe.poisoned_outputs(spec, inputs)
         result = fn(*inputs, **outs)  # the first call compiles
         if job.device == "cuda":
             torch.cuda.synchronize()
@@ -165,7 +168,7 @@ def _checked_call(job, point: dict) -> tuple[Outcome, Callable[[], object] | Non
         return Outcome("error", reason=f"{type(exc).__name__}: {_first_line(exc)}"), None
     compile_s = time.perf_counter() - t0
     try:
-        checked = check(spec, job.kernel, inputs, result, sample_rows(job.S, job.check_rows, job.seed))
+        checked = recipe.check(spec, inputs, result, sample_rows(job.S, job.check_rows, job.seed))
     except Mismatch as exc:
         return Outcome("wrong", reason=f"rejected, wrong result: {exc}", compile_s=compile_s), None
 

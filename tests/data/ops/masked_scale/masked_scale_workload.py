@@ -1,19 +1,12 @@
-"""A kernel defined outside dsagen, to prove that adding one needs no edit of dsagen/: this op
-module, its templates (both backends), its schedule files and its test.
-
-masked_scale: out[t, s] = scale[t] * x[t, s] inside the row's window [ks[t], ke[t]), -inf outside.
-Registered by importing this file (tests do it in-process, and through DSAGEN_OPS for the CLI and
-the tuner's worker processes).
-"""
+"""masked_scale's workload: random rows and windows, checked exactly against the float64
+reference; torch.where is the baseline. Only tests, `dsagen tune` and `dsagen bench` import it."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
-from dsagen.ops import Call, Cost, Op, register
-from dsagen.ops.base import SKV, S, check_out, check_tensor, generator
+from dsagen.ops.workload import Workload, generator
 from dsagen.verify import Mismatch
 
 
@@ -24,34 +17,9 @@ def reference_masked_scale(x, scale, ks, ke):
     return torch.where(inside, ref, torch.full_like(ref, -math.inf))
 
 
-class MaskedScaleOp(Op):
-    name = "masked_scale"
-    summary = "test kernel: scale each row of x inside its window, -inf outside"
-    backends = ("triton", "tvm")
-    data_root = Path(__file__).resolve().parent
-    args = (("x", "Tensor"), ("scale", "Tensor"), ("ks", "Tensor"), ("ke", "Tensor"))
+class MaskedScaleWorkload(Workload):
+    kernel = "masked_scale"
     naive_name = "torch.where"
-
-    def semantic_fields(self, spec):
-        return {"width": spec.topk.k}  # any spec field will do; its width is only a name here
-
-    def module_stem(self, spec):
-        return "masked_scale"
-
-    def cost(self, spec):
-        return Cost(self.name, S * SKV, S * SKV * 8 + S * 12, "none")
-
-    def check_args(self, spec, x, scale, ks, ke, out=None):
-        check_tensor("x", x, torch.float32, (None, None))
-        dev, n = x.device, x.shape[0]
-        check_tensor("scale", scale, torch.float32, (n,), dev)
-        check_tensor("ks", ks, torch.int32, (n,), dev)
-        check_tensor("ke", ke, torch.int32, (n,), dev)
-        check_out("out", out, torch.float32, tuple(x.shape), dev)
-        return Call(dev, n, x.shape[1])
-
-    def fake(self, spec, x, scale, ks, ke):
-        return torch.empty_like(x)
 
     def reference(self, spec, x, scale, ks, ke):
         return reference_masked_scale(x, scale, ks, ke)
@@ -82,4 +50,4 @@ class MaskedScaleOp(Op):
         return lambda: torch.where((cols >= ks[:, None]) & (cols < ke[:, None]), x * scale[:, None], -math.inf)
 
 
-register(MaskedScaleOp())
+WORKLOAD = MaskedScaleWorkload()
