@@ -328,3 +328,24 @@ def test_the_refused_base_call_runs(device):
     """The base call of the refusals is valid: zero rows, every slot 0, so out 0 and lse log(5)."""
     out, lse = flash_mla.flash_mla_with_kvcache(**refused_args(device))
     assert torch.all(out == 0) and torch.allclose(lse.cpu(), torch.full((2, 4, 1), math.log(5.0)))
+
+
+def test_bf16_default_dtype(device, gen):
+    """FlashMLA's tests set torch's default dtype to bf16: lse and max_logits stay fp32 on every
+    path (no valid slot, a sink, the prefill without a valid index)."""
+    q = torch.randn(2, 1, 4, 512, generator=gen).bfloat16()
+    sink = torch.tensor(SINKS)
+    main = Selection(gen, MODEL1, 2, 1, 3, 2, 5, all_invalid=[(0, 0)])
+    empty = Selection(gen, MODEL1, 2, 1, 0, 2, 5)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        results = [decode(q, empty, sink=sink, device=device), decode(q, main, sink=sink, device=device)]
+        prefill = flash_mla.flash_mla_sparse_fwd(q[:, 0].to(device), torch.zeros(0, 1, 512, dtype=torch.bfloat16,
+                                                 device=device), torch.zeros(2, 1, 3, dtype=torch.int32,
+                                                 device=device), 0.1, attn_sink=sink.to(device))
+    finally:
+        torch.set_default_dtype(previous)
+    assert [lse.dtype for _, lse in results] == [torch.float32] * 2
+    assert prefill[1].dtype == prefill[2].dtype == torch.float32
+    check(results[1], reference_decode(q, [main], 0.07, sink), exact_zero_heads=[1])

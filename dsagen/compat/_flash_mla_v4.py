@@ -65,7 +65,7 @@ def no_key_outputs(q: torch.Tensor, d_v: int) -> tuple[torch.Tensor, torch.Tenso
     """(out 0 [b, s_q, h, d_v] bf16, lse +inf [b, s_q, h]): every query without a valid key."""
     b, s_q, h = q.shape[:3]
     return (torch.zeros((b, s_q, h, d_v), dtype=BF16, device=q.device),
-            torch.full((b, s_q, h), math.inf, device=q.device))
+            torch.full((b, s_q, h), math.inf, dtype=torch.float32, device=q.device))
 
 
 def merged(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -276,8 +276,8 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     idx = cut_to_lengths(indices[:, 0, :], topk_length)
     if topk == 0 or kv.shape[0] == 0:  # no index can be valid
         out = torch.zeros((s_q, h_q, d_v), dtype=q.dtype, device=q.device)
-        return (out, torch.full((s_q, h_q), -math.inf, device=q.device),
-                torch.full((s_q, h_q), math.inf, device=q.device))
+        return (out, torch.full((s_q, h_q), -math.inf, dtype=torch.float32, device=q.device),
+                torch.full((s_q, h_q), math.inf, dtype=torch.float32, device=q.device))
     q2 = q if q.stride(-1) == 1 else q.contiguous()
     kv2 = kv[:, 0, :]
     kv2 = kv2 if kv2.stride(-1) == 1 else kv2.contiguous()
