@@ -12,7 +12,11 @@ from .merge import merge_attention
 
 def merge_attention_over_ranks(out: torch.Tensor, lse: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the whole key set from this rank's partial: every rank's partials all-gathered
-    (out in its dtype and lse in fp32, per query and head) and merged by merge_attention."""
+    (out in its dtype and lse in fp32, per query and head) and merged by merge_attention. On one
+    rank the partial is the whole: it comes back as it is."""
+    _, world = group_rank(group)
+    if world == 1:
+        return out, lse
     return merge_attention(all_gather_stacked(out, group), all_gather_stacked(lse, group))
 
 
@@ -27,7 +31,8 @@ def key_sharded_attention(kernels, q, kv, mine, group=None, sm_scale: float | No
 
     q [S, H, Dqk]: every query row (the same on every rank); kv [n_local, Dqk]: this rank's rows;
     mine [S, k]: this rank's local rows among the selected keys (KeySelection.mine: -1 where another
-    rank holds the key). The merged result is the same on every rank."""
+    rank holds the key). The merged result is the same on every rank; on one rank it is the plain
+    sparse attention's."""
     group_rank(group)
     if kv.shape[0]:
         out, lse = kernels.sparse_attention(q, kv, mine, sm_scale)

@@ -36,7 +36,9 @@ from .sharding import round_robin_count
 class ShardedDecodeOutput(NamedTuple):
     out: torch.Tensor  # [B, s_q, H, Dv] bf16, merged over ranks (the same on every rank), or this rank's partial
     lse: torch.Tensor  # [B, s_q, H] fp32, natural log, +inf where no key was selected (by this rank, if partial)
-    positions: torch.Tensor  # [B, s_q, k] int32 global token positions selected, best first, -1 padded
+    # [B, s_q, k] int32 global token positions selected, -1 padded: best first over several ranks, in the
+    # decode top-k's order on one rank; None when sharded_decode(positions=False)
+    positions: torch.Tensor | None
     slots: torch.Tensor  # [B, s_q, k] int32 this rank's cache slots of them, -1 where another rank holds it
 
 
@@ -85,12 +87,30 @@ def local_candidates(kernels, index_q, index_cache, index_weights, context_lens,
     return positions, torch.where(positions >= 0, values, -torch.inf)
 
 
+def whole_cache_select(kernels, index_q, index_cache, index_weights, context_lens, block_table):
+    """(positions, slots) [B, s_q, k] of one rank holding the whole cache: the plain paged indexer
+    and decode top-k (its windows are the queries' own), emitted as positions through an identity
+    table, then mapped through the block table to slots."""
+    n_req, next_n = index_q.shape[:2]
+    k = kernels.spec.topk.k
+    if block_table.shape[1] == 0 or n_req * next_n == 0:
+        empty = torch.full((n_req, next_n, k), -1, dtype=torch.int32, device=index_q.device)
+        return empty, empty
+    logits = kernels.paged_indexer(index_q, index_cache, index_weights, context_lens, block_table)
+    table = identity_table(n_req, block_table.shape[1], block_table.device)
+    positions = kernels.decode_topk(logits, context_lens, table).reshape(n_req * next_n, k)
+    slots = positions_to_slots(positions, block_table, index_cache.shape[1], next_n)
+    return positions.reshape(n_req, next_n, k), slots
+
+
 def sharded_decode_select(kernels, index_q, index_cache, index_weights, context_lens, block_table, group=None):
     """(global positions int32 [B, s_q, k], this rank's cache slots int32 [B, s_q, k]): the exact
     decode top-k over the round-robin-sharded caches, ties to the lower global position."""
     rank, world = group_rank(group)
     n_req, next_n = index_q.shape[:2]
     k = kernels.spec.topk.k
+    if world == 1:
+        return whole_cache_select(kernels, index_q, index_cache, index_weights, context_lens, block_table)
     positions, values = local_candidates(kernels, index_q, index_cache, index_weights, context_lens, block_table,
                                          rank, world)
     keys = selection_keys(values, torch.where(positions >= 0, positions.long() * world + rank, -1))
@@ -102,22 +122,33 @@ def sharded_decode_select(kernels, index_q, index_cache, index_weights, context_
 
 
 def sharded_decode(kernels, q, mla_cache, index_q, index_cache, index_weights, context_lens, block_table,
-                   group=None, sm_scale: float | None = None, merge: bool = True) -> ShardedDecodeOutput:
+                   group=None, sm_scale: float | None = None, merge: bool = True,
+                   positions: bool = True) -> ShardedDecodeOutput:
     """One decode step with the paged caches split round robin over the ranks of `group`.
 
     Arguments as DSAKernels.decode: q [B, s_q, H, qk_dim] bf16, index_q [B, s_q, Hi, Di] fp8,
     index_weights [B * s_q, Hi] fp32 and context_lens [B] int32 (global lengths, the new tokens
     included) are the same on every rank; mla_cache, index_cache and block_table [B, max_blocks]
     are this rank's (its pages, indexed by local position t // W). merge=False returns this rank's
-    partial (out, lse) instead of the merged one (merge_attention merges partials)."""
+    partial (out, lse) instead of the merged one (merge_attention merges partials).
+
+    On one rank the partial is the whole and nothing is exchanged or merged. positions=False (the
+    field is then None) makes that the plain decode() step itself; positions=True costs one small
+    torch pass over [B, s_q, k] beside it (the top-k emits positions, which the block table maps
+    to slots). Over several ranks the positions come out of the merge either way."""
     if kernels.spec.cache is None:
         raise ValueError("sharded_decode needs a spec with a [cache] section (page size and cache formats)")
     if q.dim() != 4 or index_q.dim() != 4 or q.shape[:2] != index_q.shape[:2]:
         raise ValueError(f"q [B, s_q, H, qk_dim] and index_q [B, s_q, Hi, Di] must agree on [B, s_q], got "
                          f"{list(q.shape)} and {list(index_q.shape)}")
-    positions, slots = sharded_decode_select(kernels, index_q, index_cache, index_weights, context_lens,
-                                             block_table, group)
+    _, world = group_rank(group)
+    if world == 1 and not positions:  # the whole cache, no positions asked: the plain decode step
+        out, lse, slots = kernels.decode(q, mla_cache, index_q, index_cache, index_weights, context_lens,
+                                         block_table, sm_scale)
+        return ShardedDecodeOutput(out, lse, None, slots)
+    chosen, slots = sharded_decode_select(kernels, index_q, index_cache, index_weights, context_lens,
+                                          block_table, group)
     out, lse = kernels.sparse_decode(q, mla_cache, slots, sm_scale)
     if merge:
         out, lse = merge_attention_over_ranks(out, lse, group)
-    return ShardedDecodeOutput(out, lse, positions, slots)
+    return ShardedDecodeOutput(out, lse, chosen if positions else None, slots)

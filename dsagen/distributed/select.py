@@ -78,7 +78,9 @@ def merge_topk_over_ranks(keys: torch.Tensor, k: int, group=None) -> torch.Tenso
 # keys split across ranks
 
 class KeySelection(NamedTuple):
-    indices: torch.Tensor  # [S, k] int32 global key positions, best first (value, then lower position), -1 padded
+    # [S, k] int32 global key positions, -1 padded: best first (value, then lower position) over several
+    # ranks; on one rank in the plain top-k's order (a row's order is no part of the top-k's contract)
+    indices: torch.Tensor
     owner: torch.Tensor  # [S, k] int32 rank holding each selected key, -1 where no key
     local: torch.Tensor  # [S, k] int32 its local position on that rank, -1 where no key
     mine: torch.Tensor  # [S, k] int32 this rank's local positions, -1 where another rank (or none) holds it
@@ -100,19 +102,36 @@ def key_sharded_select(kernels, index_q, index_k, index_k_scale, weights, ks, ke
     [S] int32) and its own keys (index_k [n_local, Di], index_k_scale [n_local] or None), laid out
     by `sharding` (contiguous or round robin). Each rank runs the generated indexer and top-k over
     its keys (windows mapped to local rows), then the candidates are merged exactly. The result is
-    the same on every rank."""
+    the same on every rank. On one rank this is the plain selection (dsa()'s indexer + top-k, or the
+    fused kernel): indices in the top-k kernel's order, not the merge's best-first order."""
     rank, world = group_rank(group)
     _check_sharding(sharding, world, rank, index_k, "index_k")
     k = kernels.spec.topk.k
+    if world == 1:  # every key is here: the plain selection, nothing to merge
+        if not index_k.shape[0]:
+            return whole_selection(no_selection(ks.shape[0], k, ks.device))
+        return whole_selection(select_rows(kernels, index_q, index_k, index_k_scale, weights, ks, ke))
     ks_l, ke_l = sharding.local_window(ks, ke, rank)
     if index_k.shape[0]:
         logits = kernels.indexer(index_q, index_k, index_k_scale, weights, ks_l, ke_l)
         positions, values = local_topk(kernels, logits, ks_l, ke_l)
     else:  # an empty shard offers no candidate
-        positions = torch.full((ks.shape[0], k), -1, dtype=torch.int32, device=ks.device)
+        positions = no_selection(ks.shape[0], k, ks.device)
         values = torch.full((ks.shape[0], k), -torch.inf, device=ks.device)
     keys = selection_keys(values, sharding.to_global(positions, rank))
     return locate(merge_topk_over_ranks(keys, k, group), sharding, rank)
+
+
+def no_selection(rows: int, k: int, device) -> torch.Tensor:
+    """int32 [rows, k] of -1: the selection of rows that see no key."""
+    return torch.full((rows, k), -1, dtype=torch.int32, device=device)
+
+
+def whole_selection(indices: torch.Tensor) -> KeySelection:
+    """The KeySelection of one rank holding every key: local positions are the global ones (the
+    same tensor in indices, local and mine) and the owner is rank 0 wherever a key is selected
+    (-1 stays -1: one clamp)."""
+    return KeySelection(indices, indices.clamp_max(0), indices, indices)
 
 
 def _check_sharding(sharding: Sharding, world: int, rank: int, rows: torch.Tensor, name: str) -> None:
@@ -145,7 +164,9 @@ def row_sharded_select(kernels, index_q, index_k, index_k_scale, weights, ks, ke
     """Prefill with the query rows split across ranks (contiguous `rows`, even or uneven): each
     rank selects for its own rows (index_q, weights, ks, ke: its rows; index_k, index_k_scale: the
     whole key set) and, with gather=True, the int32 indices of every rank are all-gathered (4 k
-    bytes a query row), so every rank returns the full [S, k] table too."""
+    bytes a query row), so every rank returns the full [S, k] table too. On one rank this is the
+    plain selection (dsa()'s indexer + top-k, or the fused kernel), with indices the same tensor as
+    local."""
     rank, world = group_rank(group)
     if rows.kind != "contiguous":
         raise ValueError(f"rows must be a contiguous sharding of the query rows, got {rows.kind}")
@@ -154,5 +175,8 @@ def row_sharded_select(kernels, index_q, index_k, index_k_scale, weights, ks, ke
     if index_q.shape[0]:
         local = select_rows(kernels, index_q, index_k, index_k_scale, weights, ks, ke)
     else:
-        local = torch.full((0, k), -1, dtype=torch.int32, device=index_q.device)
-    return RowSelection(local, all_gather_rows(local, rows.sizes, group) if gather else None)
+        local = no_selection(0, k, index_q.device)
+    if not gather:
+        return RowSelection(local, None)
+    # one rank holds every row: the table is its own (the same tensor), nothing to gather
+    return RowSelection(local, local if world == 1 else all_gather_rows(local, rows.sizes, group))

@@ -7,6 +7,7 @@ each rank gets the sum over every rank's queries for its own rows. `GatherRows` 
 torch.autograd.Function; the kernels' own backward ops (sparse_attention_bwd, indexer_loss_bwd)
 run between them, so loss.backward() on every rank gives each rank the gradients of its shard.
 Every rank must run the backward (it is a collective), also a rank whose loss does not use it.
+On a group of one rank the kernels run on the rows as given: no gather, no autograd Function.
 """
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ class GatherRows(torch.autograd.Function):
 
 
 def gather_rows(x: torch.Tensor, sharding: Sharding, group=None) -> torch.Tensor:
-    """Every rank's rows of a contiguous sharding (differentiable: GatherRows)."""
+    """Every rank's rows of a contiguous sharding (differentiable: GatherRows); on one rank, x."""
     rank, world = group_rank(group)
     _check_rows(sharding, world, rank, x, "x")
-    return GatherRows.apply(x, sharding.sizes, group)
+    return x if world == 1 else GatherRows.apply(x, sharding.sizes, group)
 
 
 def _check_rows(sharding: Sharding, world: int, rank: int, x: torch.Tensor, name: str) -> None:
@@ -52,7 +53,7 @@ def sharded_sparse_attention(kernels, q, kv, indices, sharding: Sharding, group=
     """(out [S_local, H, Dv], lse [S_local, H]) of this rank's queries over the selected rows of the
     whole sequence. q [S_local, H, Dqk] and kv [S_local, Dqk]: this rank's tokens (`sharding` of
     the sequence); indices [S_local, k]: global kv rows. kv is all-gathered; differentiable in q and
-    kv (dkv reduce-scattered)."""
+    kv (dkv reduce-scattered). On one rank: the plain kernel, nothing gathered."""
     rank, world = group_rank(group)
     _check_rows(sharding, world, rank, q, "q")
     return kernels.sparse_attention(q, gather_rows(kv, sharding, group), indices, sm_scale)
@@ -66,11 +67,16 @@ def sharded_indexer_loss(kernels, iq, ik, weights, aq, akv, alse, indices, shard
     and akv [S_local, Dqk]: this rank's tokens; indices [S_local, k]: global rows. ik is gathered
     differentiably (d_ik reduce-scattered); the attention's akv is a constant target, gathered
     without a graph, unless akv_full (every rank's rows, e.g. gathered for the attention already)
-    is given, when akv is not read."""
+    is given, when akv is not read. On one rank: the plain kernel, nothing gathered."""
     rank, world = group_rank(group)
     _check_rows(sharding, world, rank, iq, "iq")
     if akv_full is None:
-        akv_full = all_gather_rows(akv.detach(), sharding.sizes, group)
+        akv_full = akv if world == 1 else all_gather_rows(constant(akv), sharding.sizes, group)
     ik_full = gather_rows(ik, sharding, group)
-    return kernels.indexer_loss(iq, ik_full, weights, aq.detach(), akv_full.detach(), alse.detach(), indices,
+    return kernels.indexer_loss(iq, ik_full, weights, constant(aq), constant(akv_full), constant(alse), indices,
                                 sm_scale)
+
+
+def constant(x: torch.Tensor) -> torch.Tensor:
+    """x without its graph (the loss's attention target): detached only where it has one."""
+    return x.detach() if x.requires_grad else x
