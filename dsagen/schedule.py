@@ -14,6 +14,7 @@ from typing import Mapping
 
 import sympy as sp
 
+from .backends import BACKENDS
 from .errors import ScheduleError
 from .gpus import GPU
 from .ops import Op, as_op
@@ -24,8 +25,6 @@ try:
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib  # type: ignore[no-redef]
-
-from .backends import BACKENDS  # noqa: E402  (re-exported)
 
 # names sympify may see in a schedule file; nothing else is evaluated
 _SYMPY_NAMES = {"Max": sp.Max, "Min": sp.Min, "Mod": sp.Mod, "Eq": sp.Eq, "ceiling": sp.ceiling,

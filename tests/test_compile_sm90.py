@@ -9,10 +9,6 @@ from __future__ import annotations
 import pytest
 
 import dsagen
-import dsagen.ops.paged_indexer  # noqa: F401  (registers the decode indexer)
-import dsagen.ops.mla_cache_write  # noqa: F401  (registers the cache writer)
-import dsagen.ops.sparse_decode  # noqa: F401  (registers the sparse FP8 decode)
-import dsagen.ops.decode_topk  # noqa: F401  (registers the decode top-k)
 from dsagen.backends import triton as triton_backend
 from dsagen.gpus import get_gpu
 from dsagen.kernels import resolve_kernel

@@ -19,7 +19,7 @@ import torch
 
 from dsagen.workloads import workload
 import dsagen
-import dsagen.ops.decode_topk as dt
+import dsagen.ops.decode_topk_workload as dt
 from dsagen.decode import positions_to_slots
 from dsagen.ops import get_op
 from dsagen.verify import Mismatch

@@ -11,7 +11,7 @@ import torch
 
 from dsagen.workloads import workload
 import dsagen
-import dsagen.ops.mla_cache_write as mcw
+import dsagen.ops.mla_cache_write_workload as mcw
 from dsagen.backends import launcher as backend_launcher
 from dsagen.cache_formats import MLA_FORMATS, dequantize_mla_rows, pow2_scale
 from dsagen.ops import get_op

@@ -12,7 +12,7 @@ import torch
 
 from dsagen.workloads import workload
 import dsagen
-import dsagen.ops.paged_indexer as paged
+import dsagen.ops.paged_indexer_workload as paged
 from dsagen.cache_formats import pack_index_pages
 from dsagen.ops import get_op
 from dsagen.verify import Mismatch, assert_close

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import dsagen
-import dsagen.ops.decode_topk as dt
-import dsagen.ops.mla_cache_write as mcw
-import dsagen.ops.paged_indexer as paged
+import dsagen.ops.decode_topk_workload as dt
+import dsagen.ops.mla_cache_write_workload as mcw
+import dsagen.ops.paged_indexer_workload as paged
 from dsagen import reference
 from dsagen.backends import tvm as tvm_backend
 from dsagen.backends.triton import interpreter_problem

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import Call, Op
+from .base import Op
 from .registry import (PLUGINS_ENV, all_ops, as_op, collect, enabled, get_op, load_plugin, names, own_ops, register,
                        semantic_hash, stages, unregister)
 
@@ -35,5 +35,5 @@ def _register_own_ops() -> None:
 
 _register_own_ops()
 
-__all__ = ["Call", "Op", "PLUGINS_ENV", "all_ops", "as_op", "enabled", "get_op", "load_plugin", "names", "own_ops",
+__all__ = ["Op", "PLUGINS_ENV", "all_ops", "as_op", "enabled", "get_op", "load_plugin", "names", "own_ops",
            "register", "semantic_hash", "stages", "unregister"]
