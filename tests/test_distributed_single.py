@@ -64,7 +64,7 @@ def assert_equal(*pairs):
 # ------------------------------------------------------------------------------------------------
 # a real process group of one rank
 
-GROUPS = ["gloo", pytest.param("nccl", id="nccl")]
+GROUPS = ["gloo", "nccl"]
 
 
 @pytest.fixture(scope="module", params=GROUPS)

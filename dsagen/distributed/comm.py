@@ -45,10 +45,11 @@ def _record(shard: torch.Tensor, world: int) -> None:
 
 def group_rank(group=None) -> tuple[int, int]:
     """(rank, world size) of this process in `group` (None: the default group); a clear error when
-    torch.distributed is not initialized."""
+    torch.distributed is not initialized. No group is not taken as one rank: a torchrun rank that
+    forgot to init would then treat its shard as the whole problem, silently."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("dsagen.distributed needs torch.distributed initialized "
-                           "(torch.distributed.init_process_group, or torchrun)")
+                           "(torch.distributed.init_process_group, or torchrun; one process: a group of one rank)")
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("group: this process is not a member of the process group it was given")
