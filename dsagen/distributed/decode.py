@@ -19,6 +19,7 @@ index_weights and the global context_lens) is the same on every rank. One step:
    partials (a rank that holds none of a query's keys gives out 0, lse +inf: no mass).
 
 No host sync: every length is a tensor op on the device; the sizes are the tensors' shapes.
+On one rank none of this runs: the windows are the kernels' own and the plain kernels do the step.
 """
 from __future__ import annotations
 
@@ -107,10 +108,10 @@ def sharded_decode_select(kernels, index_q, index_cache, index_weights, context_
     """(global positions int32 [B, s_q, k], this rank's cache slots int32 [B, s_q, k]): the exact
     decode top-k over the round-robin-sharded caches, ties to the lower global position."""
     rank, world = group_rank(group)
-    n_req, next_n = index_q.shape[:2]
-    k = kernels.spec.topk.k
     if world == 1:
         return whole_cache_select(kernels, index_q, index_cache, index_weights, context_lens, block_table)
+    n_req, next_n = index_q.shape[:2]
+    k = kernels.spec.topk.k
     positions, values = local_candidates(kernels, index_q, index_cache, index_weights, context_lens, block_table,
                                          rank, world)
     keys = selection_keys(values, torch.where(positions >= 0, positions.long() * world + rank, -1))
