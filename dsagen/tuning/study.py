@@ -627,16 +627,17 @@ def _borrowed(source: str) -> bool:
 
 
 def _failed_check(study, point: Mapping[str, int]) -> str | None:
-    """How this study's trial of `point` failed its check ("wrong"), if it did and none passed. A
-    crash, a timeout or an error (say, out of memory beside other workers) may be the machine's
+    """How this study's trial of `point` failed (wrong, crashed, timeout), if it did and none passed.
+    An error (compile or launch: say, out of memory beside the other workers) may be the machine's
     doing, not the schedule's: the duel decides those."""
     key = _point_key(dict(point))
     mine = [t for t in _counted(study.get_trials(deepcopy=False)) if t.user_attrs.get("point") == key]
     if not mine or any(t.user_attrs.get("status") == "ok" for t in mine):
         return None
-    if mine[-1].user_attrs.get("status") != "wrong":
+    status = mine[-1].user_attrs.get("status")
+    if status == "error":
         return None
-    return f"wrong: {str(mine[-1].user_attrs.get('error', ''))[:120]}"
+    return f"{status}: {str(mine[-1].user_attrs.get('error', ''))[:120]}"
 
 
 def _best_trial(study):
