@@ -72,6 +72,22 @@ def unregister(name: str) -> None:
             sys.modules.pop(f"{module}_workload", None)
 
 
+def import_file(name: str, path: Path) -> ModuleType:
+    """Import the Python file `path` as the module `name`; it stays in sys.modules only if its
+    import succeeds (a broken file is imported afresh next time)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
 def load_plugin(item: str) -> None:
     """Import one kernel module (a module name or a .py path) and register the ops it declares."""
     if item.endswith(".py") or os.sep in item:
@@ -80,15 +96,11 @@ def load_plugin(item: str) -> None:
         if name in sys.modules:
             collect(sys.modules[name])
             return
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None or not path.is_file():
+        if not path.is_file():
             raise DsagenError(f"{PLUGINS_ENV}: cannot import {path}: no such Python file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
         try:
-            spec.loader.exec_module(module)
+            module = import_file(name, path)
         except Exception as exc:
-            sys.modules.pop(name, None)
             raise DsagenError(f"{PLUGINS_ENV}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
     else:
         try:

@@ -9,7 +9,6 @@ naive PyTorch baseline and how `dsagen bench` reports the shape.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -17,6 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import DsagenError
+from .registry import import_file
 
 
 class Workload:
@@ -98,17 +98,9 @@ def _workload_module(op_module: str):
                 raise
             raise DsagenError(f"op module {op_module} has no workload module {name}") from None
     file = path.with_name(f"{path.stem}_workload.py")
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None or not file.is_file():
+    if not file.is_file():
         raise DsagenError(f"op module {op_module} ({path}) has no workload file {file.name} beside it")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        sys.modules.pop(name, None)
-        raise
-    return module
+    return import_file(name, file)
 
 
 # -- helpers the workloads share ---------------------------------------------------------------
