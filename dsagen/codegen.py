@@ -75,26 +75,33 @@ def _template_text(backend: str, op: Op, name: str) -> str:
     return "".join(texts)
 
 
-def template_digest(backend: str, kernel: str | Op) -> str:
-    """A short hash of `kernel`'s template and its includes: changes whenever the generated code can."""
+def template_name(backend: str, op: Op, variant: str | None = None) -> str:
+    """The template of `op`'s variant (None: its first, or its only one) on `backend`."""
+    return f"{op.variant(backend, variant).template}.py.j2"
+
+
+def template_digest(backend: str, kernel: str | Op, variant: str | None = None) -> str:
+    """A short hash of the template of `kernel` (its variant `variant`) and its includes: changes
+    whenever the generated code can."""
     op = as_op(kernel)
-    return hashlib.sha256(_template_text(backend, op, f"{op.name}.py.j2").encode()).hexdigest()[:8]
+    return hashlib.sha256(_template_text(backend, op, template_name(backend, op, variant)).encode()).hexdigest()[:8]
 
 
 def render(backend: str, context: dict[str, Any], op: Op | None = None) -> GeneratedSource:
-    """The module a context renders to (`op`: the context's kernel, when the caller holds it)."""
+    """The module a context renders to (`op`: the context's kernel, when the caller holds it); the
+    context's variant names the template."""
     op = op or as_op(context["kernel"])
     kernel = op.name
-    template_name = f"{kernel}.py.j2"
+    name = template_name(backend, op, context.get("variant"))
     env = _environment(backend, op)
-    template_text = _template_text(backend, op, template_name)
+    template_text = _template_text(backend, op, name)
     digest = hashlib.sha256()
     digest.update(json.dumps(context, sort_keys=True).encode())
     digest.update(template_text.encode())
     digest.update(__version__.encode())
     key = digest.hexdigest()[:16]
-    source = env.get_template(template_name).render(
-        **context, key=key, template=template_name, dsagen_version=__version__)
+    source = env.get_template(name).render(
+        **context, key=key, template=name, dsagen_version=__version__)
     return GeneratedSource(backend, kernel, f"{context['module_stem']}_{key}", key, source)
 
 
@@ -102,4 +109,4 @@ def generate(spec, op: Op, resolved, backend: str) -> GeneratedSource:
     """Lower and render one resolved schedule (dsagen.resolve.Resolved) into its module's source:
     for CPU tensors, the Triton interpreter's rendering."""
     interpret = resolved.device_type == "cpu" and backend == "triton"
-    return render(backend, kernel_context(spec, op, resolved.point, backend, interpret), op)
+    return render(backend, kernel_context(spec, op, resolved.point, backend, interpret, resolved.variant), op)

@@ -58,6 +58,7 @@ class ResolvedModule:
 
     kernel = property(lambda self: self.schedule.kernel)
     point = property(lambda self: self.schedule.point)
+    variant = property(lambda self: self.schedule.variant)
     source = property(lambda self: self.schedule.source)
     bucket = property(lambda self: self.schedule.bucket)
     device_type = property(lambda self: self.schedule.device_type)
@@ -86,7 +87,7 @@ class BoundKernel:
     def resolve(self, S: int | None = None, SKV: int | None = None, device_type: str = "cuda") -> ResolvedModule:
         """The schedule and module this kernel uses for a problem of S queries and SKV keys."""
         schedule = self.build.resolver.resolve(self.op, S, SKV, device_type)
-        key = (schedule.bucket, device_type, tuple(schedule.point.items()))
+        key = (schedule.bucket, device_type, schedule.variant, tuple(schedule.point.items()))
         with self._lock:
             hit = self._modules.get(key)
             if hit is None:
@@ -259,7 +260,7 @@ class DSAKernels:
         out = {}
         for kernel in self.kernels():
             hit = self.resolve(kernel, S, SKV, device_type)
-            out[kernel] = {"schedule": hit.point, "source": hit.source, "bucket": hit.bucket,
+            out[kernel] = {"schedule": hit.point, "variant": hit.variant, "source": hit.source, "bucket": hit.bucket,
                            "module": hit.module_name, "stale": list(hit.stale)}
         return out
 

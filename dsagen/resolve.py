@@ -20,9 +20,10 @@ from .db.buckets import bucket_of
 from .errors import ScheduleError
 from .gpus import GPUS, cpu_type, get_gpu, gpu_type_from_device_name
 from .ops import Op, as_op, semantic_hash
+from .ops.base import Where
 from .plan import problem_symbols
-from .schedule import choose, load_space
-from .spec import Spec
+from .schedule import choose, load_space, pick_variant, split_variant
+from .spec import VARIANT_KEY, Spec
 
 log = logging.getLogger("dsagen")
 
@@ -41,6 +42,11 @@ class Resolved:
     bucket: str | None  # None: not looked up by shape (interpreter, override, no GPU type)
     device_type: str
     stale: tuple[str, ...] = field(default=())
+    variant: str | None = None  # the algorithm (the op's variant; None: it declares none)
+
+    def schedule_mapping(self) -> dict:
+        """The point with its variant, as a spec's table, an override or the database write it."""
+        return self.point if self.variant is None else {VARIANT_KEY: self.variant, **self.point}
 
 
 def detected_gpu() -> tuple[str, str] | None:
@@ -98,6 +104,15 @@ class Resolver:
             return self.gpu_type
         return cpu_type() if self.backend == "tvm" else None
 
+    def where(self, device_type: str) -> Where:
+        """Where a call of this device type runs: which variants may run there."""
+        if device_type != "cuda":
+            return Where(device_type)
+        if self.compute_capability is not None:
+            major, minor = self.compute_capability.split(".")
+            return Where("cuda", (int(major), int(minor)))
+        return Where("cuda", self.plan_gpu.compute_capability)
+
     def resolve(self, kernel: str | Op, S: int | None = None, SKV: int | None = None,
                 device_type: str = "cuda") -> Resolved:
         """The schedule `kernel` (an op, or its name) runs with for a problem of S queries and SKV keys."""
@@ -122,55 +137,75 @@ class Resolver:
 
     def _resolve(self, op: Op, S, SKV, bucket, db_type, device_type) -> Resolved:
         stale: tuple[str, ...] = ()
+        where = self.where(device_type)
         if op.name in self.overrides:
-            point, source = choose(self.spec, op, self.plan_gpu, self.backend, self.overrides[op.name]).point, \
-                "override"
+            choice = choose(self.spec, op, self.plan_gpu, self.backend, self.overrides[op.name], where)
+            point, variant, source = choice.point, choice.variant, "override"
         else:
-            found = self._lookup(op, S, SKV, db_type) if bucket else None
+            found = self._lookup(op, S, SKV, db_type, where) if bucket else None
             if found is not None:
-                point, source, stale = found.entry.schedule, f"{found.source}, {found.path}", tuple(found.stale)
+                hit, variant, point = found
+                source, stale = f"{hit.source}, {hit.path}", tuple(hit.stale)
             else:
-                choice = choose(self.spec, op, self.plan_gpu, self.backend)
-                point, source = choice.point, choice.source
+                choice = choose(self.spec, op, self.plan_gpu, self.backend, where=where)
+                point, variant, source = choice.point, choice.variant, choice.source
         forced = dict(op.tuning.deterministic_knobs) if self.batch_invariant else {}
         if any(point.get(k) != v for k, v in forced.items()):
-            point = choose(self.spec, op, self.plan_gpu, self.backend, {**point, **forced}).point
+            mapping = {**point, **forced} | ({VARIANT_KEY: variant} if variant is not None else {})
+            point = choose(self.spec, op, self.plan_gpu, self.backend, mapping, where).point
             source += ", " + ", ".join(f"{k}={v}" for k, v in forced.items()) + " (deterministic build)"
-        return Resolved(op.name, dict(point), source, bucket, device_type, stale)
+        return Resolved(op.name, dict(point), source, bucket, device_type, stale, variant)
 
-    def _lookup(self, op: Op, S: int, SKV: int, db_type: str):
-        """A tuning-database entry whose schedule is legal for this spec here, else None (logged)."""
+    def tuned_schedule(self, op: Op, entry, where: Where) -> tuple[str | None, dict[str, int]] | None:
+        """(variant, knobs) of a database entry (an older form upgraded by the op), or None where its
+        variant is unknown or may not run on `where`."""
+        try:
+            name, knobs = split_variant(op, self.backend, op.upgrade_schedule(entry.schedule))
+            variant = pick_variant(op, self.backend, name, None, "tuned schedule")
+        except ScheduleError:
+            return None
+        if name is None and op.variants_for(self.backend)[0].name is not None:
+            name = variant.name  # an entry that names none: the first declared algorithm
+        return (name, knobs) if variant.may_run(where) else None
+
+    def _lookup(self, op: Op, S: int, SKV: int, db_type: str, where: Where):
+        """(entry found, its variant, its knobs) where the tuned schedule is legal for this spec
+        here and its variant may run here, else None (logged)."""
         kernel = op.name
         cc = self.compute_capability if db_type == self.gpu_type else "cpu"
-        space = load_space(self.backend, op)
         problem = problem_symbols(self.spec, op, self.plan_gpu)
 
-        def legal_here(entry) -> bool:  # a neighbour's schedule must fit this spec (say, fewer heads)
+        def problems(entry) -> list[str]:
+            """Why an entry's schedule does not serve this spec here (empty: it does)."""
+            read = self.tuned_schedule(op, entry, where)
+            if read is None:
+                return ["its variant is unknown or does not run here"]
+            space = load_space(self.backend, op, read[0])
             try:
-                space.check_names(entry.schedule, "tuned schedule")
-                return not space.violations(entry.schedule, problem)
-            except ScheduleError:
-                return False
+                space.check_names(read[1], "tuned schedule")
+                return space.violations(read[1], problem)
+            except ScheduleError as exc:
+                return [str(exc)]
+
+        def usable(entry) -> bool:
+            read = self.tuned_schedule(op, entry, where)
+            return read is not None and load_space(self.backend, op, read[0]).names_every_knob(read[1])
 
         found = tuning_db.lookup(kernel=kernel, backend=self.backend, spec_hash=semantic_hash(self.spec, op),
-                                 S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc,
-                                 usable=lambda entry: space.names_every_knob(entry.schedule),
+                                 S=S, SKV=SKV, gpu_type=db_type, compute_capability=cc, usable=usable,
                                  semantics=op.semantic_fields(self.spec), near_fields=op.tuning.near_fields,
-                                 legal=legal_here)
+                                 legal=lambda entry: not problems(entry))
         if found is None:
             return None
-        pinned = self.spec.pinned(kernel)
-        if any(found.entry.schedule.get(k) != v for k, v in pinned.items()):
+        variant, knobs = self.tuned_schedule(op, found.entry, where)  # type: ignore[misc]
+        pinned_variant, pinned = split_variant(op, self.backend, self.spec.pinned(kernel))
+        if (pinned_variant not in (None, variant)) or any(knobs.get(k) != v for k, v in pinned.items()):
             log.info("dsagen: the tuned schedule of %s in %s disagrees with the spec's pinned knobs %s: not used",
-                     kernel, found.path, pinned)
+                     kernel, found.path, self.spec.pinned(kernel))
             return None
-        try:
-            space.check_names(found.entry.schedule, "tuned schedule")
-            broken = space.violations(found.entry.schedule, problem)
-        except ScheduleError as exc:
-            broken = [str(exc)]
+        broken = problems(found.entry)
         if broken:
             log.warning("dsagen: ignoring the tuned schedule of %s in %s: it does not fit today's search space "
                         "(%s)", kernel, found.path, "; ".join(broken))
             return None
-        return found
+        return found, variant, knobs

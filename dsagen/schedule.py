@@ -2,7 +2,10 @@
 
 A space lists each knob's allowed values and default, a footprint (shared memory, registers) and
 legality constraints, all as sympy expressions over knobs and problem symbols (dsagen.plan).
-Illegal points are removed before anything is compiled.
+Illegal points are removed before anything is compiled. A kernel with several algorithms (the op's
+`variants`) has one space per variant; a schedule mapping (a spec's pinned table, an override, a
+tuning-database entry) names its variant with the string key `variant`, and a chosen schedule
+carries it beside its knobs.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from .backends import BACKENDS
 from .errors import ScheduleError
 from .gpus import GPU
 from .ops import Op, as_op
+from .ops.base import Variant, Where
 from .plan import problem_symbols
-from .spec import Spec
+from .spec import VARIANT_KEY, Spec, known_variants
 
 try:
     import tomllib
@@ -37,9 +41,6 @@ class Knob:
     values: tuple[int, ...]
     default: int
     help: str
-    # a nearest-legal move keeps this knob at its default (or pinned) value whenever some legal point
-    # does: an opt-in variant (a kernel written for one GPU generation) is never reached by accident
-    sticky: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Space:
     knobs: dict[str, Knob]
     footprint: dict[str, sp.Expr]
     constraints: dict[str, sp.Expr]
+    variant: str | None = None  # the algorithm this space is of (None: the op declares none)
 
     def _env(self, point: Mapping[str, int], problem: Mapping[str, int]) -> dict[sp.Symbol, int]:
         env = {sp.Symbol(k): v for k, v in {**problem, **point}.items()}
@@ -95,8 +97,9 @@ class Space:
     def check_names(self, point: Mapping[str, int], where: str) -> None:
         for name, value in point.items():
             if name not in self.knobs:
+                of = f" (variant {self.variant})" if self.variant is not None else ""
                 raise ScheduleError(
-                    f"{where}.{name} is not a knob of {self.backend}/{self.kernel}: "
+                    f"{where}.{name} is not a knob of {self.backend}/{self.kernel}{of}: "
                     f"allowed {', '.join(self.knobs)}")
             allowed = self.knobs[name].values
             if value not in allowed:
@@ -110,19 +113,46 @@ def _parse_expr(text: str, where: str) -> sp.Expr:
         raise ScheduleError(f"{where}: cannot parse expression {text!r}: {exc}") from None
 
 
-def load_space(backend: str, kernel: str | Op) -> Space:
-    """The search space of `kernel` (an op, or its name) on `backend`."""
-    return _load_space(backend, as_op(kernel))
+def variant_names(kernel: str | Op) -> tuple[str, ...]:
+    """The names of the variants `kernel` declares (empty: it has one algorithm)."""
+    return tuple(v.name for v in as_op(kernel).variants if v.name is not None)
+
+
+known_variants(variant_names)
+
+
+def get_variant(op: Op, backend: str, name: str | None) -> Variant:
+    """The variant `name` of `op` on `backend` (None: its first), or a ScheduleError naming the allowed."""
+    try:
+        return op.variant(backend, name)
+    except ValueError as exc:
+        raise ScheduleError(str(exc)) from None
+
+
+def split_variant(op: Op, backend: str, schedule: Mapping[str, int | str]) -> tuple[str | None, dict[str, int]]:
+    """(the variant a schedule mapping names, or None; its knobs)."""
+    knobs = dict(schedule)
+    name = knobs.pop(VARIANT_KEY, None)
+    if name is not None:
+        get_variant(op, backend, name)
+    return name, knobs  # type: ignore[return-value]
+
+
+def load_space(backend: str, kernel: str | Op, variant: str | None = None) -> Space:
+    """The search space of `kernel` (an op, or its name) on `backend`: of its variant `variant`
+    (None: the first declared, or the op's only one)."""
+    return _load_space(backend, as_op(kernel), variant)
 
 
 @functools.lru_cache(maxsize=None)
-def _load_space(backend: str, op: Op) -> Space:
+def _load_space(backend: str, op: Op, variant: str | None) -> Space:
     kernel = op.name
     if backend not in BACKENDS:
         raise ScheduleError(f"backend={backend!r} is not supported: allowed {', '.join(BACKENDS)}")
     if backend not in op.backends:
         raise ScheduleError(f"{kernel} has no {backend} template: its backends are {', '.join(op.backends)}")
-    path = op.root("schedules") / backend / f"{kernel}.toml"
+    chosen = get_variant(op, backend, variant)
+    path = op.root("schedules") / backend / f"{chosen.schedule}.toml"
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -135,13 +165,10 @@ def _load_space(backend: str, op: Op) -> Space:
         default = int(table["default"])
         if default not in values:
             raise ScheduleError(f"{path}: knobs.{name}.default={default} is not among its values")
-        sticky = table.get("sticky", False)
-        if not isinstance(sticky, bool):
-            raise ScheduleError(f"{path}: knobs.{name}.sticky={sticky!r} must be true or false")
-        knobs[name] = Knob(name, values, default, str(table.get("help", "")), sticky)
+        knobs[name] = Knob(name, values, default, str(table.get("help", "")))
     footprint = {n: _parse_expr(t, f"{path} footprint.{n}") for n, t in data.get("footprint", {}).items()}
     constraints = {n: _parse_expr(t, f"{path} constraints.{n}") for n, t in data.get("constraints", {}).items()}
-    return Space(backend, kernel, knobs, footprint, constraints)
+    return Space(backend, kernel, knobs, footprint, constraints, chosen.name)
 
 
 @dataclass(frozen=True)
@@ -151,35 +178,59 @@ class Choice:
     kernel: str
     point: dict[str, int]
     source: str  # "pinned", "pinned+default", "default", "default (nearest legal)"
+    variant: str | None = None  # the algorithm the point is of (None: the op declares none)
 
 
 def _distance(a: Mapping[str, int], b: Mapping[str, int]) -> float:
     return sum(abs(math.log2(max(a[k], 1)) - math.log2(max(b[k], 1))) for k in a)
 
 
+def pick_variant(op: Op, backend: str, name: str | None, where: Where | None, label: str) -> Variant:
+    """The variant a schedule runs: the one named, else the first that may run on `where` (None:
+    anywhere). A named one that may not run there is an error on a GPU; the CPU rendering runs the
+    first variant that may run there instead (the interpreter never runs a GPU generation's kernel)."""
+    if name is not None:
+        chosen = get_variant(op, backend, name)
+        if where is None or chosen.may_run(where):
+            return chosen
+        if where.device_type == "cuda":
+            cc = where.compute_capability
+            on = f"compute capability {cc[0]}.{cc[1]}" if cc else "a GPU of unknown compute capability"
+            raise ScheduleError(f"{label}.{VARIANT_KEY}={name!r} cannot run on {on}: it runs on {chosen.requirement()}")
+    runnable = [v for v in op.variants_for(backend) if where is None or v.may_run(where)]
+    if not runnable:
+        raise ScheduleError(f"no variant of {op.name} ({backend}) runs on {where}")
+    return runnable[0]
+
+
 def choose(spec: Spec, kernel: str | Op, gpu: GPU, backend: str = "triton",
-           override: Mapping[str, int] | None = None) -> Choice:
+           override: Mapping[str, int | str] | None = None, where: Where | None = None) -> Choice:
     """Pinned knobs from the spec (or override), the rest from defaults; always legal or an error.
 
-    A default that is illegal for this spec (say block_h=64 for 3 heads) moves to the nearest legal
-    grid point; pinned knobs never move: an illegal pinned point is an error naming the constraint.
+    The variant is the pinned one, else the first that may run on `where` (pick_variant). A default
+    that is illegal for this spec (say block_h=64 for 3 heads) moves to the nearest legal grid
+    point; pinned knobs never move: an illegal pinned point is an error naming the constraint.
     """
     op = as_op(kernel)
     kernel = op.name
-    space = load_space(backend, op)
-    problem = problem_symbols(spec, op, gpu)
     pinned = dict(override) if override is not None else spec.pinned(kernel)
-    where = "override" if override is not None else f"schedule.{kernel}"
-    space.check_names(pinned, where)
+    where_label = "override" if override is not None else f"schedule.{kernel}"
+    name, pinned = split_variant(op, backend, pinned)
+    variant = pick_variant(op, backend, name, where, where_label)
+    space = load_space(backend, op, variant.name)
+    problem = problem_symbols(spec, op, gpu)
+    if name is not None and variant.name != name:  # the CPU rendering of a GPU-only variant: its knobs this one has
+        pinned = {k: v for k, v in pinned.items() if k in space.knobs}
+    space.check_names(pinned, where_label)
     point = space.default_point() | pinned
     broken = space.violations(point, problem)
     if not broken:
         source = "pinned" if len(pinned) == len(space.knobs) else ("pinned+default" if pinned else "default")
-        return Choice(kernel, point, source)
+        return Choice(kernel, point, source, variant.name)
     candidates = [p for p in space.legal_points(problem) if all(p[k] == v for k, v in pinned.items())]
     if not candidates:
+        shown = pinned if variant.name is None else {VARIANT_KEY: variant.name, **pinned}
         raise ScheduleError(
-            f"{where} {pinned} is illegal for this spec on {gpu.name}: breaks {'; '.join(broken)}")
-    kept = [p for p in candidates if all(p[n] == point[n] for n, k in space.knobs.items() if k.sticky)]
-    best = min(kept or candidates, key=lambda p: _distance(p, point))
-    return Choice(kernel, best, "default (nearest legal)" if not pinned else "pinned+nearest legal")
+            f"{where_label} {shown} is illegal for this spec on {gpu.name}: breaks {'; '.join(broken)}")
+    best = min(candidates, key=lambda p: _distance(p, point))
+    return Choice(kernel, best, "default (nearest legal)" if not pinned else "pinned+nearest legal", variant.name)

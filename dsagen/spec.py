@@ -43,6 +43,18 @@ def known_kernels(names: Callable[[], tuple[str, ...]]) -> None:
     _kernel_names = names
 
 
+# the variant names a kernel declares (its algorithms, each its own template), as dsagen.schedule
+# says when it is imported (None: not told, so any name is kept until a build looks it up)
+_variant_names: Callable[[str], tuple[str, ...]] | None = None
+VARIANT_KEY = "variant"  # the one string a [schedule.<kernel>] table may hold: which algorithm
+
+
+def known_variants(variants: Callable[[str], tuple[str, ...]]) -> None:
+    """Tell spec validation where a kernel's variant names come from."""
+    global _variant_names
+    _variant_names = variants
+
+
 @dataclass(frozen=True)
 class IndexerSpec:
     """Lightning indexer: logits[t,s] = k_scale[s] * sum_j w[t,j] * relu(q[t,j] . k[s])."""
@@ -99,8 +111,8 @@ class Spec:
     topk: TopKSpec = field(default_factory=TopKSpec)
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     cache: CacheSpec | None = None  # optional: without it, no decode kernel is offered
-    # pinned schedule knobs per kernel: {"sparse_attention": {"block_h": 64, ...}}
-    schedule: Mapping[str, Mapping[str, int]] = field(default_factory=dict, hash=False)
+    # pinned schedule knobs per kernel, and which of its variants: {"sparse_attention": {"block_h": 64, ...}}
+    schedule: Mapping[str, Mapping[str, int | str]] = field(default_factory=dict, hash=False)
     name: str = "unnamed"
 
     def __post_init__(self) -> None:
@@ -109,7 +121,7 @@ class Spec:
         frozen = {k: MappingProxyType(dict(v)) for k, v in self.schedule.items()}
         object.__setattr__(self, "schedule", MappingProxyType(frozen))
 
-    def pinned(self, kernel: str) -> dict[str, int]:
+    def pinned(self, kernel: str) -> dict[str, int | str]:
         return dict(self.schedule.get(kernel, {}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,9 +221,26 @@ def validate(spec: Spec) -> None:
         if not isinstance(knobs, Mapping):
             raise SpecError(f"schedule.{kernel} must be a table of knob = integer")
         for knob, value in knobs.items():
-            if isinstance(value, bool) or not isinstance(value, int):
+            if knob == VARIANT_KEY:
+                _validate_variant(kernel, value)
+            elif isinstance(value, bool) or not isinstance(value, int):
                 raise SpecError(f"schedule.{kernel}.{knob}={value!r} must be an integer")
     # knob names and values are checked against schedules/<backend>/<kernel>.toml by dsagen.schedule
+
+
+def _validate_variant(kernel: str, value: Any) -> None:
+    """A pinned variant names one of the kernel's declared algorithms."""
+    known = _kernel_names() if _kernel_names is not None else ()
+    allowed = _variant_names(kernel) if _variant_names is not None and kernel in known else None
+    if isinstance(value, str) and (allowed is None or value in allowed):
+        return
+    if allowed is None:
+        choices = "a variant name (a string)"
+    elif allowed:
+        choices = ", ".join(repr(v) for v in allowed)
+    else:
+        choices = f"none ({kernel} has one algorithm)"
+    raise SpecError(f"schedule.{kernel}.{VARIANT_KEY}={value!r} is not a variant of {kernel}: allowed {choices}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The Gluon (warp-specialized, sm_90) sparse MLA attention forward: schedule knob `gluon`.
+"""The Gluon (warp-specialized, sm_90) sparse MLA attention forward: the variants `gluon` and
+`gluon_split` of sparse_attention.
 
-On any machine: the gluon=1 point compiles for sm_90 from a GluonASTSource (wgmma, cp.async,
-mbarriers and register reallocation in the PTX), its interpreted rendering is the tl kernel, and
-gluon=1 is refused where the kernel does not apply. On an sm_90 GPU (skipped elsewhere): the
+On any machine: the Gluon variants compile for sm_90 from a GluonASTSource (wgmma, cp.async,
+mbarriers and register reallocation in the PTX), the interpreter runs the tl variant instead, and
+a Gluon variant is refused where the kernel does not apply. On an sm_90 GPU (skipped elsewhere): the
 Gluon kernel against dsagen's float64 reference at odd shapes, with poisoned outputs, every kind
 of invalid index, an all-invalid row, NaN inputs and the optional max_logits output.
 """
@@ -25,7 +26,8 @@ from dsagen.kernels import resolve_kernel
 from dsagen.verify import assert_close
 
 V32 = dsagen.load_spec("specs/deepseek_v32.toml")
-GLUON = {"gluon": 1}
+GLUON = {"variant": "gluon"}
+NUMBER = {"gluon": 1, "gluon_split": 2}  # the module constant GLUON of each variant
 
 
 def attention_spec(heads: int = 128, k: int = 2048, qk_dim: int = 576, v_dim: int = 512) -> dsagen.Spec:
@@ -37,27 +39,28 @@ def attention_spec(heads: int = 128, k: int = 2048, qk_dim: int = 576, v_dim: in
 # any machine: rendering, legality, the sm_90 compile
 
 COMPILE_CASES = [
-    (128, {"gluon": 1}),
-    (128, {"gluon": 2}),
-    (128, {"gluon": 2, "block_n": 32, "num_stages": 4}),
-    (40, {"gluon": 2, "block_n": 32, "num_stages": 2}),
-    (128, {"gluon": 1, "block_n": 32, "num_stages": 3}),
-    (64, {"gluon": 1}),
-    (40, {"gluon": 1, "block_n": 32, "num_stages": 2}),
+    (128, {"variant": "gluon"}),
+    (128, {"variant": "gluon_split"}),
+    (128, {"variant": "gluon_split", "block_n": 32, "num_stages": 4}),
+    (40, {"variant": "gluon_split", "block_n": 32, "num_stages": 2}),
+    (128, {"variant": "gluon", "block_n": 32, "num_stages": 3}),
+    (64, {"variant": "gluon"}),
+    (40, {"variant": "gluon", "block_n": 32, "num_stages": 2}),
 ]
 
 
 @pytest.mark.parametrize("heads,schedule", COMPILE_CASES,
-                         ids=[f"H{h}-gl{s['gluon']}-n{s.get('block_n', 64)}-s{s.get('num_stages', 2)}" for h, s in COMPILE_CASES])
+                         ids=[f"H{h}-{s['variant']}-n{s.get('block_n', 64)}-s{s.get('num_stages', 2)}" for h, s in COMPILE_CASES])
 def test_gluon_compiles_for_sm90(heads, schedule):
     from triton.experimental.gluon._runtime import GluonJITFunction
 
     src = resolve_kernel(attention_spec(heads), "sparse_attention", "triton", "nvidia-h200", schedule)
-    assert src.point["gluon"] == schedule["gluon"] and src.point["block_h"] == 64 and src.point["num_warps"] == 8
+    assert src.schedule.variant == schedule["variant"] and set(src.point) == {"block_n", "num_stages"}
+    assert f"_{schedule['variant']}_n" in src.generated.module_name, "the module's name spells out the variant"
     module = triton_backend.load(triton_backend.materialize(src.generated), interpret=False)
-    assert module.GLUON == schedule["gluon"]
+    assert module.GLUON == NUMBER[schedule["variant"]] and module.BLOCK_H == 64 and module.NUM_WARPS == 8
     for fn, *_ in module.compile_signature(max_logits=True):
-        assert isinstance(fn, GluonJITFunction), "gluon=1 renders a Gluon kernel"
+        assert isinstance(fn, GluonJITFunction), "a Gluon variant renders a Gluon kernel"
     for compiled in triton_backend.compile_for(module, arch=90, aligned_strides=True):
         ptx = compiled.asm["ptx"]
         assert compiled.asm.get("cubin")
@@ -78,10 +81,15 @@ def test_gluon_max_logits_variant_compiles():
     assert not module.compile_signature()[0][2]["WRITE_MAX"]
 
 
-def test_interpreted_rendering_of_gluon_point_is_the_tl_kernel():
-    cpu = resolve_kernel(V32, "sparse_attention", "triton", "nvidia-h200", GLUON, device_type="cpu")
-    gpu = resolve_kernel(V32, "sparse_attention", "triton", "nvidia-h200", GLUON)
-    assert cpu.point == gpu.point and cpu.point["gluon"] == 1
+@pytest.mark.parametrize("variant", ["gluon", "gluon_split"])
+def test_interpreter_runs_only_the_tl_variant(variant):
+    """A Gluon variant asked for on CPU tensors: the interpreter runs the tl variant, with the knobs
+    they share."""
+    cpu = resolve_kernel(V32, "sparse_attention", "triton", "nvidia-h200",
+                         {"variant": variant, "block_n": 32, "num_stages": 3}, device_type="cpu")
+    gpu = resolve_kernel(V32, "sparse_attention", "triton", "nvidia-h200", {"variant": variant})
+    assert cpu.schedule.variant == "tl" and gpu.schedule.variant == variant
+    assert cpu.point["block_n"] == 32 and cpu.point["num_stages"] == 3
     assert "@triton.jit" in cpu.generated.source and "gluon" not in cpu.generated.source.split("GLUON = 0")[1]
     assert "GLUON = 0" in cpu.generated.source
     assert "@gluon.jit" in gpu.generated.source and "gl.warp_specialize" in gpu.generated.source
@@ -93,7 +101,7 @@ def test_interpreted_rendering_of_gluon_point_is_the_tl_kernel():
 def test_gluon_off_by_default(heads, gpu):
     """Never chosen unless asked for: not the default, nor the nearest legal point to an illegal default."""
     src = resolve_kernel(attention_spec(heads), "sparse_attention", "triton", gpu, None, use_db=False)
-    assert src.point["gluon"] == 0
+    assert src.schedule.variant == "tl"
     assert "@gluon.jit" not in src.generated.source
 
 
@@ -106,29 +114,30 @@ def test_partial_override_never_moves_to_gluon(override):
             src = resolve_kernel(V32, "sparse_attention", "triton", gpu, override, use_db=False)
         except ScheduleError:  # no legal point at all (block_n 128 on an A100)
             continue
-        assert src.point["gluon"] == 0, (gpu, src.point)
+        assert src.schedule.variant == "tl", (gpu, src.point)
 
 
-def test_gluon_not_for_other_gpus():
-    with pytest.raises(ScheduleError, match="gluon_hopper"):
-        resolve_kernel(V32, "sparse_attention", "triton", "nvidia-a100", {"gluon": 1, "block_n": 32})
+@pytest.mark.parametrize("variant", ["gluon", "gluon_split"])
+def test_gluon_not_for_other_gpus(variant):
+    with pytest.raises(ScheduleError, match=r"variant='gluon(_split)?' cannot run on compute capability 8\.0"):
+        resolve_kernel(V32, "sparse_attention", "triton", "nvidia-a100", {"variant": variant, "block_n": 32})
 
 
-def test_gluon_pins_the_knobs_it_does_not_use():
-    """gluon=1 fixes block_h 64, num_warps 8 (two consumer warpgroups), v_split 1, index_prefetch 0; a
-    ring of >= 2 slots of >= 32 rows that fits shared memory."""
+def test_gluon_tunes_only_its_own_knobs():
+    """The Gluon kernels' block_h 64, num_warps 8, v_split 1 and index_prefetch 0 are the template's
+    own numbers, not knobs; a ring of >= 2 slots of >= 32 rows that fits shared memory."""
     for bad in ({"num_warps": 4}, {"v_split": 2}, {"index_prefetch": 1}, {"block_h": 32}, {"num_stages": 1},
                 {"block_n": 16}, {"block_n": 128}):
-        with pytest.raises(ScheduleError, match="gluon|shared_memory"):
+        with pytest.raises(ScheduleError, match="is not a knob|is not allowed|shared_memory"):
             resolve_kernel(V32, "sparse_attention", "triton", "nvidia-h200", GLUON | bad)
 
 
 @pytest.mark.parametrize("spec,constraint", [
-    (attention_spec(128, qk_dim=80, v_dim=48), "gluon_latent_512"),
-    (attention_spec(64, qk_dim=256 + 64, v_dim=256), "gluon_latent_512"),
-    (attention_spec(64, qk_dim=512 + 32, v_dim=512), "gluon_rope_64"),
-    (attention_spec(16), "gluon_heads"),
-    (attention_spec(12), "gluon_heads"),
+    (attention_spec(128, qk_dim=80, v_dim=48), "latent_512"),
+    (attention_spec(64, qk_dim=256 + 64, v_dim=256), "latent_512"),
+    (attention_spec(64, qk_dim=512 + 32, v_dim=512), "rope_64"),
+    (attention_spec(16), "heads_at_least_32"),
+    (attention_spec(12), "heads_at_least_32"),
 ], ids=["dv48", "dv256", "rope32", "h32", "h16"])
 def test_gluon_illegal_where_unsupported(spec, constraint):
     with pytest.raises(ScheduleError, match=constraint):
@@ -137,17 +146,16 @@ def test_gluon_illegal_where_unsupported(spec, constraint):
         dsagen.build(spec, schedules={"sparse_attention": GLUON})
 
 
-def test_tuner_sees_each_gluon_point_once():
+@pytest.mark.parametrize("variant", ["gluon", "gluon_split"])
+def test_gluon_space_has_only_its_own_knobs(variant):
     from dsagen.plan import problem_symbols
     from dsagen.schedule import load_space
 
-    space = load_space("triton", "sparse_attention")
+    space = load_space("triton", "sparse_attention", variant)
+    assert space.variant == variant and set(space.knobs) == {"block_n", "num_stages"}
     points = space.legal_points(problem_symbols(V32, get_op("sparse_attention"), get_gpu("nvidia-h200")))
-    gluon = [p for p in points if p["gluon"] >= 1]
-    assert {p["gluon"] for p in gluon} == {1, 2}, "no legal gluon point for V3.2"
-    assert all(p["block_h"] == 64 and p["num_warps"] == 8 and p["v_split"] == 1 and p["index_prefetch"] == 0
-               for p in gluon)
-    assert len({(p["gluon"], p["block_n"], p["num_stages"]) for p in gluon}) == len(gluon)
+    assert {64, 32} <= {p["block_n"] for p in points}, "no legal Gluon point for V3.2"
+    assert "gluon" not in load_space("triton", "sparse_attention", "tl").knobs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,13 +210,13 @@ def run_gluon(kernels, q, kv, idx, sm_scale=None, max_logits=False):
     return got_out, got_lse, ml
 
 
-VARIANTS = pytest.mark.parametrize("variant", [1, 2], ids=["dup", "split"])  # gluon=1, 2
+VARIANTS = pytest.mark.parametrize("variant", ["gluon", "gluon_split"])
 
 
-def build_gluon(heads, k, schedule=None, variant=1):
+def build_gluon(heads, k, schedule=None, variant="gluon"):
     kernels = dsagen.build(attention_spec(heads, k),
-                           schedules={"sparse_attention": {"gluon": variant} | (schedule or {})})
-    assert kernels.resolve("sparse_attention", 7, 9, "cuda").point["gluon"] == variant
+                           schedules={"sparse_attention": {"variant": variant} | (schedule or {})})
+    assert kernels.resolve("sparse_attention", 7, 9, "cuda").variant == variant
     return kernels
 
 
@@ -248,12 +256,12 @@ def test_gluon_matches_reference(hopper, gen, S, SKV, H, K, schedule, variant):
 
 @VARIANTS
 def test_gluon_agrees_with_tl_kernel(hopper, gen, variant):
-    """Same inputs, the tl kernel (gluon=0) and the Gluon kernel: both near the reference and each other."""
+    """Same inputs, the tl variant and a Gluon one: both near the reference and each other."""
     S, SKV, H, K = 17, 5001, 128, 2048
     q = torch.randn(S, H, 576, generator=gen).bfloat16().to(hopper)
     kv = torch.randn(SKV, 576, generator=gen).bfloat16().to(hopper)
     idx = gluon_indices(gen, S, SKV, K).to(hopper)
-    tl_out, tl_lse, _ = run_gluon(dsagen.build(attention_spec(H, K), schedules={"sparse_attention": {"gluon": 0}}),
+    tl_out, tl_lse, _ = run_gluon(dsagen.build(attention_spec(H, K), schedules={"sparse_attention": {"variant": "tl"}}),
                                   q, kv, idx)
     gl_out, gl_lse, _ = run_gluon(build_gluon(H, K, variant=variant), q, kv, idx)
     torch.testing.assert_close(gl_lse, tl_lse, rtol=1e-5, atol=1e-4)

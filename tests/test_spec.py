@@ -429,9 +429,28 @@ def test_override_is_checked_like_pinned_knobs():
 
 
 def test_fully_pinned_legal_point_is_used_as_is():
-    point = {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 1, "v_split": 2, "index_prefetch": 1, "gluon": 0}
+    point = {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 1, "v_split": 2, "index_prefetch": 1}
     choice = choose(Spec(schedule={"sparse_attention": point}), "sparse_attention", H200)
-    assert choice.point == point and choice.source == "pinned"
+    assert choice.point == point and choice.source == "pinned" and choice.variant == "tl"
+
+
+def test_pinned_variant_chooses_the_algorithm_and_its_space():
+    spec = Spec(schedule={"sparse_attention": {"variant": "gluon_split", "block_n": 32}})
+    choice = choose(spec, "sparse_attention", H200)
+    assert choice.variant == "gluon_split" and choice.point == {"block_n": 32, "num_stages": 2}
+    assert choice.source == "pinned+default"
+
+
+@pytest.mark.parametrize("value", ["gluon2", "", 1, True])
+def test_pinned_variant_must_be_a_declared_name(value):
+    with pytest.raises(SpecError, match=r"schedule\.sparse_attention\.variant=.* is not a variant of sparse_attention: "
+                                        r"allowed 'tl', 'gluon', 'gluon_split'"):
+        Spec(schedule={"sparse_attention": {"variant": value}})
+
+
+def test_a_kernel_with_one_algorithm_has_no_variant_to_pin():
+    with pytest.raises(SpecError, match=r"schedule\.topk\.variant='tl' .* allowed none"):
+        Spec(schedule={"topk": {"variant": "tl"}})
 
 
 @pytest.mark.parametrize("kernel", ["indexer", "sparse_attention"])

@@ -84,6 +84,12 @@ def _is_int_map(v: Any, minimum: int | None) -> bool:
         _is_text(k) and _is_int(n) and (minimum is None or n >= minimum) for k, n in v.items())
 
 
+def _is_schedule(v: Any) -> bool:
+    """knob -> integer, and optionally "variant" -> the algorithm's name (a kernel's variant)."""
+    return isinstance(v, dict) and _is_int_map({k: n for k, n in v.items() if k != "variant"}, None) and (
+        "variant" not in v or (isinstance(v["variant"], str) and bool(KERNEL_NAME.match(v["variant"]))))
+
+
 def _is_versions(v: Any) -> bool:
     return isinstance(v, dict) and set(v) == set(VERSION_KEYS) and all(
         _is_text(v[k]) or (v[k] is None and k in NULLABLE_VERSIONS) for k in VERSION_KEYS)
@@ -98,7 +104,8 @@ _CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "bucket": ("a bucket \"S<pow2>-SKV<pow2>\"", _is_bucket),
     "shape": ("an object of size name -> integer >= 1, e.g. {\"S\": 4096, \"SKV\": 32768}",
               lambda v: bool(v) and _is_int_map(v, 1)),
-    "schedule": ("an object of knob -> integer", lambda v: _is_int_map(v, None)),
+    "schedule": ("an object of knob -> integer, with \"variant\" -> a variant name (like \"gluon_split\") "
+                 "where the kernel has several algorithms", _is_schedule),
     "ms": ("a number > 0", lambda v: _is_number(v) and v > 0),
     "tflops": ("a number >= 0 or null", lambda v: v is None or (_is_number(v) and v >= 0)),
     "gbps": ("a number >= 0 or null", lambda v: v is None or (_is_number(v) and v >= 0)),
@@ -147,7 +154,7 @@ class Entry:
     spec_hash: str
     bucket: str
     shape: dict[str, int]
-    schedule: dict[str, int]
+    schedule: dict[str, int | str]  # knob -> value, and "variant" -> the algorithm where there are several
     ms: float
     tflops: float | None
     gbps: float | None

@@ -62,6 +62,54 @@ DECODE_TUNING = Tuning(canonical_shape=(256, 32768))
 
 
 @dataclass(frozen=True)
+class Where:
+    """Where a kernel runs: a CUDA GPU of some compute capability (major, minor), or the CPU (the
+    Triton interpreter, or TVM's llvm target)."""
+
+    device_type: str  # "cuda" or "cpu"
+    compute_capability: tuple[int, int] | None = None  # None on the CPU (and for a GPU not known)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One algorithm of a kernel: its own template (`<template>.py.j2`) and search space
+    (`<schedule>.toml`), and where it may run. A CUDA variant for one GPU generation names the
+    compute capabilities it is written for; `interpreter` says whether the CPU rendering of the
+    backend (the Triton interpreter, TVM's llvm target) runs it."""
+
+    name: str | None  # None: the one algorithm of an op that declares none (never spelled out)
+    template: str
+    schedule: str
+    backends: tuple[str, ...] = ("triton",)
+    min_capability: tuple[int, int] | None = None  # None: any CUDA GPU
+    max_capability: tuple[int, int] | None = None  # None: no upper bound
+    interpreter: bool = True
+
+    def may_run(self, where: Where) -> bool:
+        """Whether this algorithm runs on `where` (a GPU whose capability is unknown runs only
+        variants that ask for none)."""
+        if where.device_type == "cpu":
+            return self.interpreter
+        cc = where.compute_capability
+        if cc is None:
+            return self.min_capability is None and self.max_capability is None
+        return ((self.min_capability is None or cc >= self.min_capability)
+                and (self.max_capability is None or cc <= self.max_capability))
+
+    def requirement(self) -> str:
+        """Where it runs, in words (for errors)."""
+        low, high = self.min_capability, self.max_capability
+        if low is None and high is None:
+            gpus = "any CUDA GPU"
+        elif low == high:
+            gpus = f"CUDA GPUs of compute capability {low[0]}.{low[1]}"
+        else:
+            gpus = ("CUDA GPUs of compute capability" + (f" >= {low[0]}.{low[1]}" if low else "")
+                    + (f" <= {high[0]}.{high[1]}" if high else ""))
+        return gpus + (" and the CPU" if self.interpreter else " only")
+
+
+@dataclass(frozen=True)
 class Gradient:
     """The backward of a kernel: the registered op that differentiates it (None: none), the outputs
     that carry no gradient, the backward's arguments from this op's inputs, outputs and incoming
@@ -104,6 +152,36 @@ class Op:
     backends: tuple[str, ...] = ("triton",)
     data_root: Path | None = None
     short_names: Mapping[str, str] = {}  # knob -> its spelling in Triton module names
+    # the algorithms of this kernel, each its own template and search space; the first that may
+    # run somewhere is the default there. None declared: one, named after the op.
+    variants: tuple[Variant, ...] = ()
+
+    def variants_for(self, backend: str) -> tuple[Variant, ...]:
+        """The algorithms of `backend` (the op's own template and schedule where none are declared:
+        that variant's name is None, and nothing spells it out)."""
+        declared = tuple(v for v in self.variants if backend in v.backends)
+        return declared or (Variant(None, self.name, self.name, (backend,)),)
+
+    def variant(self, backend: str, name: str | None) -> Variant:
+        """The variant called `name` on `backend` (None: the first); an unknown name is a ValueError
+        listing the allowed ones."""
+        variants = self.variants_for(backend)
+        if name is None:
+            return variants[0]
+        for variant in variants:
+            if variant.name == name:
+                return variant
+        allowed = ", ".join(str(v.name) for v in variants if v.name is not None) or "none"
+        raise ValueError(f"variant={name!r} is not a {backend} variant of {self.name}: allowed {allowed}")
+
+    def runnable_variants(self, backend: str, where: Where) -> tuple[Variant, ...]:
+        """The variants of `backend` that may run on `where`, the default first."""
+        return tuple(v for v in self.variants_for(backend) if v.may_run(where))
+
+    def upgrade_schedule(self, schedule: Mapping[str, Any]) -> dict[str, Any]:
+        """A schedule recorded by an older dsagen in today's form (say, an algorithm once chosen by
+        a knob, now named by `variant`); identity unless an op changed its form."""
+        return dict(schedule)
 
     def root(self, kind: str) -> Path:
         """The folder holding this op's `templates` or `schedules`."""

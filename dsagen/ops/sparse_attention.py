@@ -10,7 +10,7 @@ import sympy as sp
 import torch
 
 from ..plan import SKV, Cost, S, next_pow2
-from .base import Call, Gradient, Op
+from .base import Call, Gradient, Op, Variant
 from .checks import check_out, check_tensor, softmax_scale
 from .shared import SM_SCALE, TORCH_DTYPES
 from .signature import Signature, tensor
@@ -43,6 +43,19 @@ class SparseAttentionFamily(Op):
                 "v_dim": at.v_dim, "rope_dim": at.rope_dim}
 
 
+# the forward's Triton algorithms: the tl kernel (any GPU, and the interpreter), the warp-specialized
+# Gluon kernel and its split form (wgmma and setmaxnreg: sm_90 only, never interpreted)
+TL = Variant("tl", "sparse_attention", "sparse_attention")
+GLUON = Variant("gluon", "sparse_attention_gluon", "sparse_attention_gluon",
+                min_capability=(9, 0), max_capability=(9, 0), interpreter=False)
+GLUON_SPLIT = Variant("gluon_split", "sparse_attention_gluon_split", "sparse_attention_gluon_split",
+                      min_capability=(9, 0), max_capability=(9, 0), interpreter=False)
+# the knob that chose the algorithm before each had its own template (0, 1, 2), and the knobs the
+# Gluon kernels tune (the others were pinned to the values their templates now write out)
+LEGACY_ALGORITHM_KNOB = "gluon"
+GLUON_KNOBS = ("block_n", "num_stages")
+
+
 def attention_backward_args(inputs, outputs, grads) -> tuple:
     return (inputs["q"], inputs["kv"], inputs["indices"], outputs["out"], outputs["lse"], grads["out"],
             inputs["sm_scale"])
@@ -63,7 +76,8 @@ class SparseAttentionOp(SparseAttentionFamily):
            "that also receives each row's largest scaled score (-inf where no index is valid).")
     stage = True
     short_names = {"block_h": "bh", "block_n": "n", "v_split": "vs", "num_warps": "w", "num_stages": "s",
-                   "index_prefetch": "ip", "gluon": "gl"}
+                   "index_prefetch": "ip"}
+    variants = (TL, GLUON, GLUON_SPLIT)
     signature = Signature((tensor("q"), tensor("kv"), tensor("indices"), SM_SCALE), returns=("out", "lse"),
                           extra_outputs=("max_logits",))
     # gradients flow to q and kv through out; the lse is a statistic (the indexer loss reads it
@@ -74,7 +88,20 @@ class SparseAttentionOp(SparseAttentionFamily):
         if backend != "triton":
             return {"rope_dim": spec.attention.rope_dim}
         tiles = self.tile_dims(spec)
-        return tiles | {"dv_chunk": tiles["dv_pad"] // point["v_split"]}
+        return tiles | {"dv_chunk": tiles["dv_pad"] // point.get("v_split", 1)}
+
+    def upgrade_schedule(self, schedule):
+        """An entry of a dsagen that chose the algorithm by the knob `gluon` (0, 1, 2): the variant
+        it names, with the knobs that variant tunes."""
+        schedule = dict(schedule)
+        algorithm = schedule.get(LEGACY_ALGORITHM_KNOB)
+        if "variant" in schedule or algorithm not in range(len(self.variants)):
+            return schedule  # today's form, or a value no variant had (it then fits no space)
+        del schedule[LEGACY_ALGORITHM_KNOB]
+        variant = self.variants[algorithm]
+        if variant is not TL:
+            schedule = {k: v for k, v in schedule.items() if k in GLUON_KNOBS}
+        return {"variant": variant.name, **schedule}
 
     def cost(self, spec):
         at, k = spec.attention, spec.topk.k
