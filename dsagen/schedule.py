@@ -225,7 +225,8 @@ def choose(spec: Spec, kernel: str | Op, gpu: GPU, backend: str = "triton",
     point = space.default_point() | pinned
     broken = space.violations(point, problem)
     if not broken:
-        source = "pinned" if len(pinned) == len(space.knobs) else ("pinned+default" if pinned else "default")
+        asked = bool(pinned) or name is not None  # a pinned variant is a pin too
+        source = "pinned" if len(pinned) == len(space.knobs) else ("pinned+default" if asked else "default")
         return Choice(kernel, point, source, variant.name)
     candidates = [p for p in space.legal_points(problem) if all(p[k] == v for k, v in pinned.items())]
     if not candidates:
@@ -233,4 +234,5 @@ def choose(spec: Spec, kernel: str | Op, gpu: GPU, backend: str = "triton",
         raise ScheduleError(
             f"{where_label} {shown} is illegal for this spec on {gpu.name}: breaks {'; '.join(broken)}")
     best = min(candidates, key=lambda p: _distance(p, point))
-    return Choice(kernel, best, "default (nearest legal)" if not pinned else "pinned+nearest legal", variant.name)
+    asked = bool(pinned) or name is not None
+    return Choice(kernel, best, "pinned+nearest legal" if asked else "default (nearest legal)", variant.name)
