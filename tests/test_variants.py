@@ -95,3 +95,20 @@ def test_explain_names_the_variant():
     record({"variant": "gluon_split", "block_n": 64, "num_stages": 2})
     info = dsagen.build(V32, gpu="nvidia-h200").explain(4096, 32768)["sparse_attention"]
     assert info["variant"] == "gluon_split" and info["schedule"] == {"block_n": 64, "num_stages": 2}
+
+
+def test_cli_explain_prints_the_variant(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    record({"variant": "gluon_split", "block_n": 64, "num_stages": 2})
+    result = CliRunner().invoke(cli.app, ["explain", "specs/deepseek_v32.toml", "--gpu", "nvidia-h200"])
+    assert result.exit_code == 0, result.output
+    assert "sparse_attention  variant=gluon_split block_n=64 num_stages=2" in result.output
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text(open("specs/deepseek_v32.toml").read()
+                      + '\n[schedule.sparse_attention]\nvariant = "gluon"\nblock_n = 32\n')
+    result = CliRunner().invoke(cli.app, ["explain", str(pinned), "--gpu", "nvidia-h200"])
+    assert result.exit_code == 0, result.output
+    assert "variant=gluon block_n=32 num_stages=2" in result.output

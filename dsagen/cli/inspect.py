@@ -94,8 +94,10 @@ def check(
         typer.echo(f"  FLOPs  = {c.flops}  -> {flops:.4g}")
         typer.echo(f"  bytes >= {c.bytes}  -> {nbytes:.4g}")
         typer.echo(f"  roofline floor on {target.name}: {floor:.4f} ms ({bound}-bound)")
-        space = load_space(backend.value, op)
+        space = load_space(backend.value, op, hit.variant)
         problem = problem_symbols(spec, op, target)
+        if hit.variant is not None:
+            typer.echo(f"  variant: {hit.variant}")
         typer.echo(f"  schedule: {hit.point}")
         typer.echo(f"  from: {hit.source}")
         typer.echo(f"  module: {hit.module_name}")
@@ -129,7 +131,7 @@ def generate(
     for hit in hits:
         path = out / f"{hit.module_name}.py"
         atomic_write_text(path, hit.generated.source)
-        typer.echo(f"{hit.kernel}: {path}  (schedule {hit.point}, from {hit.source})")
+        typer.echo(f"{hit.kernel}: {path}  (schedule {hit.schedule.schedule_mapping()}, from {hit.source})")
 
 
 def _make_output_folder(out: Path) -> None:
@@ -164,7 +166,7 @@ def show(
     hit = resolver.resolve(op, S, SKV, device.value)
     source = generate(spec, op, hit, backend.value).source
     _note_assumed_gpu(resolver, gpu, device)
-    typer.echo(f"# {name} at S={S} SKV={SKV}: schedule {hit.point}, from {hit.source}", err=True)
+    typer.echo(f"# {name} at S={S} SKV={SKV}: schedule {hit.schedule_mapping()}, from {hit.source}", err=True)
     typer.echo(source, nl=False)
 
 
@@ -187,7 +189,7 @@ def explain(
     typer.echo(f"{printable(spec.name)} ({backend.value}) at S={S} SKV={SKV} on {device.value}: "
                f"{_where(resolver, device)}")
     for hit in hits:
-        sched = " ".join(f"{k}={v}" for k, v in hit.point.items())
+        sched = " ".join(f"{k}={v}" for k, v in hit.schedule.schedule_mapping().items())
         typer.echo(f"  {hit.kernel:<17} {sched}\n  {'':<17} from: {hit.source}\n  {'':<17} module: {hit.module_name}")
         if hit.stale:
             typer.echo(f"  {'':<17} stale: {'; '.join(hit.stale)}")

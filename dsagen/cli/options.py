@@ -49,14 +49,16 @@ def load_checked_spec(path: Path, backend: str):
     from dsagen import load_spec
     from dsagen.errors import ScheduleError
     from dsagen.ops import get_op
-    from dsagen.schedule import load_space
+    from dsagen.schedule import load_space, split_variant
 
     spec = load_spec(path)
     for kernel, knobs in spec.schedule.items():
-        if backend not in get_op(kernel).backends:
+        op = get_op(kernel)
+        if backend not in op.backends:
             continue
         try:
-            load_space(backend, kernel).check_names(dict(knobs), f"schedule.{kernel}")
+            variant, pinned = split_variant(op, backend, knobs)  # the pinned variant's knobs
+            load_space(backend, op, variant).check_names(pinned, f"schedule.{kernel}")
         except ScheduleError as exc:
             raise ScheduleError(f"{path}: {exc}") from None
     return spec
