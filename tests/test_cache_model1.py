@@ -169,9 +169,13 @@ def test_the_page_functions_serve_the_v32_rows_too(gen):
     assert torch.equal(dequantize_mla_pages(cache, v32), dequantize_mla_rows(cache.reshape(32, 656), v32))
 
 
-def test_a_spec_at_v32_dims_cannot_name_the_v4_cache():
+@pytest.mark.parametrize("qk_dim, v_dim", [(576, 512), (512, 512), (512, 448)], ids=["v32-dims", "v4-dims", "latent-448"])
+def test_a_spec_cannot_name_the_v4_cache_until_the_decode_kernels_read_it(qk_dim, v_dim):
+    """Whatever the dims (448 + 64 would match the rows), a spec naming the MODEL1 cache gets one
+    line naming what the decode kernels read, never a build that fails later."""
     data = {"indexer": {"heads": 64, "head_dim": 128, "dtype": "fp8_e4m3"}, "topk": {"k": 2048},
-            "attention": {"heads": 128, "qk_dim": 576, "v_dim": 512, "dtype": "bf16"},
+            "attention": {"heads": 128, "qk_dim": qk_dim, "v_dim": v_dim, "dtype": "bf16"},
             "cache": {"mla_format": "deepseek_v4_fp8"}}
-    with pytest.raises(dsagen.SpecError, match="holds 448 latent \\+ 64 rope values per token"):
+    with pytest.raises(dsagen.SpecError, match="cache.mla_format='deepseek_v4_fp8': dsagen's decode kernels read "
+                                               "deepseek_v32_fp8 so far"):
         dsagen.spec_from_dict(data)
