@@ -138,6 +138,13 @@ def split_variant(op: Op, backend: str, schedule: Mapping[str, int | str]) -> tu
     return name, knobs  # type: ignore[return-value]
 
 
+def recorded_schedule(op: Op, backend: str, schedule: Mapping[str, int | str]) -> tuple[str | None, dict[str, int]]:
+    """(variant, knobs) of a schedule a tuning database holds: an older form upgraded by the op, and
+    one that names no variant read as the op's first; a ScheduleError for a variant it lacks."""
+    name, knobs = split_variant(op, backend, op.upgrade_schedule(schedule))
+    return (name if name is not None else get_variant(op, backend, None).name), knobs
+
+
 def load_space(backend: str, kernel: str | Op, variant: str | None = None) -> Space:
     """The search space of `kernel` (an op, or its name) on `backend`: of its variant `variant`
     (None: the first declared, or the op's only one)."""

@@ -170,6 +170,9 @@ def test_tpe_study_never_compiles_an_illegal_point(home):
                                 trials=3, storage=str(home / "s.journal"), sampler="tpe",
                                 db_path=home / f"{CPU_GPU_TYPE}.json"), progress=False)
     assert r.evaluated == 3 and r.sampler == "tpe" and r.best_ms is not None
+    assert r.variant == "tl" and r.study.startswith("dsagen.sparse_attention.tl.triton.")  # the interpreter's one
+    for entry in tuning_db.load(home / f"{CPU_GPU_TYPE}.json").entries.values():  # recorded if it won its duel
+        assert entry.schedule["variant"] == "tl" and set(entry.schedule) - {"variant"} == set(space.knobs)
     study, trials = counted_trials(str(home / "s.journal"), "sparse_attention")
     for t in trials:
         assert not space.violations(json.loads(t.user_attrs["point"]), problem)

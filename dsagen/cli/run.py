@@ -52,6 +52,9 @@ def _spawn_device_workers(devices: str) -> int:
 def tune(
     spec_path: Path = SPEC_ARGUMENT,
     kernel: list[str] = typer.Option(None, "--kernel", "-k", help=KERNEL_HELP + "; default the three stages"),
+    variant: list[str] = typer.Option(None, "--variant", help="tune only this variant (algorithm) of the kernels "
+                                      "that have several, e.g. gluon_split (repeatable); default: the one the "
+                                      "spec pins, else every variant this device runs, one study each"),
     S: list[int] = typer.Option(None, "--S", min=1, help="query tokens (repeatable)"),
     SKV: list[int] = typer.Option(None, "--SKV", min=1, help="context tokens (repeatable)"),
     shape_set: str = typer.Option(None, "--shapes", help="a named shape set instead of --S/--SKV: v32 (S 1024, "
@@ -80,7 +83,11 @@ def tune(
                                   "interpreter, which only tests the tuner: its times mean nothing)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
-    """Tune SPEC's kernels on this GPU or CPU: one Optuna study per kernel and shape bucket.
+    """Tune SPEC's kernels on this GPU or CPU: one Optuna study per kernel, variant and shape bucket.
+
+    A kernel with several variants (sparse_attention: tl, gluon, gluon_split) has a study per
+    variant this device runs (Gluon on compute capability 9.0 only, never on the CPU), or per
+    --variant; each winner must beat the schedule builds run today, of whichever variant.
 
     Every candidate schedule is legal by construction, compiled, checked against the float64
     reference on fresh inputs and timed (CUDA graphs and events on a GPU, wall clock on the CPU) in
@@ -114,8 +121,9 @@ def tune(
     else:
         gpu_type = cpu_type() if backend == Backend.tvm else "cpu-triton-interpreter"
     check_db_file(db, gpu_type)  # a misnamed, corrupt or unwritable database fails before any study
+    studies = _studies(spec, names, backend.value, device.value, gpu_type, variant)
     n_jobs = jobs or (8 if device == Device.cuda else 1)  # CPU timings need the CPU to themselves
-    typer.echo(f"tuning {spec.name!r} ({backend.value}) on {gpu_type}: kernels {', '.join(names)}; shapes "
+    typer.echo(f"tuning {spec.name!r} ({backend.value}) on {gpu_type}: kernels {_listed(studies)}; shapes "
                f"{', '.join(f'S={a} SKV={b}' for a, b in pairs)}; storage {describe(storage)}; {n_jobs} worker(s)")
     t0 = time.monotonic()
     results = []
@@ -125,7 +133,7 @@ def tune(
             raise ValueError(problem)
         common = dict(device=device.value, gpu_type=gpu_type, backend=backend.value, trials=trials, timeout_s=timeout,
                       trial_timeout_s=trial_timeout, storage=storage, sampler=sampler.value, db_path=db, jobs=n_jobs)
-        _tune_all(spec, pairs, names, common, pool, quiet, results)
+        _tune_all(spec, pairs, studies, common, pool, quiet, results)
     except KeyboardInterrupt:  # between studies or while one starts: nothing measured is lost
         typer.echo("interrupted: what was measured is kept; run the same command again to resume", err=True)
         raise typer.Exit(130) from None
@@ -138,18 +146,48 @@ def tune(
         raise ValueError(f"{len(unrecorded)} of {len(results)} winners not recorded: {'; '.join(unrecorded)}")
 
 
-def _tune_all(spec, pairs, kernels: list[str], common: dict, pool, quiet: bool, results: list) -> None:
-    """One study per (shape, kernel), in order, on a shared pool of worker processes; stop on Ctrl-C."""
-    from dsagen.tuning.study import TuneRequest, trial_count, tune_kernel
+def _studies(spec, kernels: list[str], backend: str, device: str, gpu_type: str,
+             asked: list[str] | None) -> list[tuple[str, str | None]]:
+    """(kernel, variant) of every study a run makes per shape, checked before any starts: --variant
+    names must be variants of the kernels tuned, and runnable on this device."""
+    from dsagen.tuning.study import tunable_variants
+
+    studies = [(k, v) for k in kernels for v in tunable_variants(spec, k, backend, device, gpu_type, asked)]
+    tuned = {v for _, v in studies}
+    unknown = [n for n in asked or () if n not in tuned]
+    if unknown:
+        from dsagen.schedule import variant_names
+
+        known = sorted({n for k in kernels for n in variant_names(k)})
+        raise ValueError(f"--variant {', '.join(unknown)}: not a variant of the kernels tuned ({', '.join(kernels)}); "
+                         f"allowed {', '.join(known) or 'none (they have one algorithm each)'}")
+    return studies
+
+
+def _listed(studies: list[tuple[str, str | None]]) -> str:
+    """'indexer, sparse_attention (tl, gluon)': the kernels a run tunes and their variants."""
+    by_kernel: dict[str, list[str]] = {}
+    for kernel, variant in studies:
+        by_kernel.setdefault(kernel, []).extend([variant] if variant is not None else [])
+    return ", ".join(k + (f" ({', '.join(v)})" if v else "") for k, v in by_kernel.items())
+
+
+def _tune_all(spec, pairs, studies: list[tuple[str, str | None]], common: dict, pool, quiet: bool,
+              results: list) -> None:
+    """One study per (shape, kernel, variant), in order, on a shared pool of worker processes; stop on
+    Ctrl-C."""
+    from dsagen.tuning.study import TuneRequest, study_label, trial_count, tune_kernel
 
     for s, skv in pairs:
-        for name in kernels:
-            r = tune_kernel(TuneRequest(spec, name, s, skv, **common), progress=not quiet, workers=pool)
+        for name, variant in studies:
+            r = tune_kernel(TuneRequest(spec, name, s, skv, variant=variant, **common), progress=not quiet,
+                            workers=pool)
             results.append(r)
             fails = ", ".join(f"{n} {k}" for k, n in sorted(r.failures.items())) or "none"
             best = f"best {r.best_ms:.4f} ms {r.best_point}" if r.best_ms is not None else "no passing candidate"
             trials = trial_count(r.evaluated, r.budget)
-            typer.echo(f"{name} S={s} SKV={skv}: {best}; {trials} ({r.sampler}, {r.legal} legal points; "
+            typer.echo(f"{study_label(name, r.variant)} S={s} SKV={skv}: {best}; {trials} ({r.sampler}, "
+                       f"{r.legal} legal points; "
                        f"{r.evaluated_here} here, failed: {fails}); {r.db_outcome}")
             if r.comparison:  # before and after: the schedule builds ran, against the winner
                 typer.echo(f"  {r.comparison}")

@@ -7,13 +7,16 @@ reference and timed in a worker process (dsagen.tuning.worker); a wrong, crashin
 candidate is one failed trial. The study lives in the storage, so running the same command again
 resumes it, and several processes or hosts can add trials to it at once.
 
-A study starts from the schedule builds run today (the database's answer, else the defaults), and
-ends with a duel: its winner and that schedule, checked and timed in turns in one worker process.
-The winner is recorded only if it wins; otherwise the database is left as it was, so tuning never
-makes a kernel slower than what users already get.
+A study searches one variant of a kernel (one algorithm: its own template and search space; a
+kernel that declares none has one). It starts from the schedule builds run today (the database's
+answer, else the defaults), and ends with a duel: its winner and that schedule, each built as its
+own variant, checked and timed in turns in one worker process. The winner is recorded (with its
+`variant`) only if it wins; otherwise the database is left as it was, so tuning never makes a kernel
+slower than what users already get.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -34,8 +37,9 @@ from ..errors import DsagenError
 from ..gpus import GPUS, cpu_model, get_gpu
 from ..resolve import DEFAULT_GPU, Resolver
 from ..plan import problem_symbols
-from ..schedule import load_space
-from ..spec import Spec
+from ..ops.base import Where
+from ..schedule import get_variant, load_space, recorded_schedule, split_variant
+from ..spec import VARIANT_KEY, Spec
 from .. import db as tuning_db
 from ..db.buckets import bucket_of
 from ..ops import get_op, semantic_hash
@@ -69,6 +73,9 @@ class TuneRequest:
     confirm_top: int = 3  # re-time this many best points alone with CUDA events before recording
     jobs: int = 1  # worker processes on this device: they compile in parallel and time one at a time
     duel_rounds: int = DUEL_ROUNDS  # turns of the winner against the current schedule, before recording
+    # the variant (algorithm) this study tunes; None: the one the spec pins, else the kernel's first
+    # that may run on the device (tunable_variants lists every one a run may tune)
+    variant: str | None = None
 
 
 @dataclass
@@ -93,19 +100,97 @@ class TuneResult:
     current_source: str | None = None
     current_ms: float | None = None
     comparison: str | None = None
+    variant: str | None = None  # the variant the study tuned (None: the kernel declares none)
 
 
-def study_name(spec: Spec, kernel: str, backend: str, gpu_type: str, bucket: str, sampler: str) -> str:
-    """Names a study by everything its measurements depend on: a changed template or search space
-    starts a new study instead of resuming trials timed on other code."""
-    return (f"dsagen.{kernel}.{backend}.{gpu_type}.{semantic_hash(spec, kernel)}.{bucket}.{sampler}"
-            f".code-{_code_fingerprint(backend, kernel)}")
+def study_name(spec: Spec, kernel: str, backend: str, gpu_type: str, bucket: str, sampler: str,
+               variant: str | None = None) -> str:
+    """Names a study by everything its measurements depend on: the variant, and a changed template
+    or search space starts a new study instead of resuming trials timed on other code."""
+    of = f".{variant}" if variant is not None else ""
+    return (f"dsagen.{kernel}{of}.{backend}.{gpu_type}.{semantic_hash(spec, kernel)}.{bucket}.{sampler}"
+            f".code-{_code_fingerprint(backend, kernel, variant)}")
 
 
-def _code_fingerprint(backend: str, kernel: str) -> str:
-    space = load_space(backend, kernel)
+def _code_fingerprint(backend: str, kernel: str, variant: str | None = None) -> str:
+    space = load_space(backend, kernel, variant)
     knobs = json.dumps({name: list(knob.values) for name, knob in sorted(space.knobs.items())})
-    return hashlib.sha256((template_digest(backend, kernel) + knobs).encode()).hexdigest()[:8]
+    return hashlib.sha256((template_digest(backend, kernel, variant) + knobs).encode()).hexdigest()[:8]
+
+
+def with_variant(variant: str | None, point: Mapping[str, int]) -> dict:
+    """A study's point as a schedule mapping (an override, a database entry): its knobs, and the
+    variant they are of where the kernel declares several."""
+    return dict(point) if variant is None else {VARIANT_KEY: variant, **point}
+
+
+def device_where(device: str, gpu_type: str) -> Where:
+    """Where a run's candidates run, as a variant sees it: the CPU, or a GPU of the compute
+    capability of its type (a type dsagen does not know: unknown, so no variant for one generation)."""
+    if device != "cuda":
+        return Where(device)
+    return Where("cuda", GPUS[gpu_type].compute_capability if gpu_type in GPUS else None)
+
+
+def _where_words(where: Where, gpu_type: str) -> str:
+    if where.device_type != "cuda":
+        return "the CPU"
+    cc = where.compute_capability
+    return f"{gpu_type} (compute capability {cc[0]}.{cc[1]})" if cc else f"{gpu_type} (compute capability unknown)"
+
+
+def tunable_variants(spec: Spec, kernel: str, backend: str, device: str, gpu_type: str,
+                     asked: list[str] | None = None) -> list[str | None]:
+    """The variants of `kernel` a run tunes, one study each: those of `asked` the kernel declares
+    (`dsagen tune --variant`), else the one the spec pins, else every one that may run on the
+    device; [None] for a kernel of one algorithm. A variant the device cannot run, or another than
+    the spec pins, is a ValueError."""
+    op = get_op(kernel)
+    declared = [v.name for v in op.variants_for(backend) if v.name is not None]
+    if not declared:
+        return [None]
+    pinned, _ = split_variant(op, backend, spec.pinned(kernel))
+    where = device_where(device, gpu_type)
+    if asked:
+        names = [n for n in asked if n in declared]
+        if not names:
+            raise ValueError(f"--variant {', '.join(asked)}: no variant of {kernel} ({backend}); its variants are "
+                             f"{', '.join(declared)}")
+    elif pinned is not None:
+        names = [pinned]
+    else:
+        names = [v.name for v in op.runnable_variants(backend, where)]
+    for name in names:
+        _check_tunable(op, backend, name, pinned, where, gpu_type)
+    return names
+
+
+def _check_tunable(op, backend: str, name: str, pinned: str | None, where: Where, gpu_type: str) -> None:
+    """A ValueError unless a study of variant `name` can run here and serve this spec."""
+    variant = get_variant(op, backend, name)
+    if pinned is not None and name != pinned:
+        raise ValueError(f"variant={name!r}: the spec pins schedule.{op.name}.{VARIANT_KEY}={pinned!r}, the only "
+                         f"variant its builds run; tune that one, or drop the pin")
+    if not variant.may_run(where):
+        raise ValueError(f"variant={name!r} of {op.name} cannot run on {_where_words(where, gpu_type)}: it runs on "
+                         f"{variant.requirement()}")
+
+
+def _study_variant(req: TuneRequest) -> str | None:
+    """The variant req's study tunes (TuneRequest.variant), checked against the op, spec and device."""
+    op = get_op(req.kernel)
+    if req.variant is not None:
+        get_variant(op, req.backend, req.variant)  # a name the op lacks: the error lists the allowed ones
+    asked = [req.variant] if req.variant is not None else None
+    return tunable_variants(req.spec, req.kernel, req.backend, req.device, req.gpu_type, asked)[0]
+
+
+def _variant_spec(spec: Spec, kernel: str, variant: str | None) -> Spec:
+    """`spec` with `variant` pinned for `kernel`: what a build of the study's variant resolves."""
+    if variant is None:
+        return spec
+    table = {**spec.pinned(kernel), VARIANT_KEY: variant}
+    return dataclasses.replace(spec, schedule={**spec.schedule, kernel: table})
 
 
 def _plan_gpu(gpu_type: str) -> str:
@@ -275,7 +360,7 @@ class _StudyRun:
                 time.sleep(1)
                 continue
             trial, point = nxt
-            job = Job(req.spec.to_dict(), req.kernel, point, req.S, req.SKV, req.device,
+            job = Job(req.spec.to_dict(), req.kernel, with_variant(req.variant, point), req.S, req.SKV, req.device,
                       seed=req.seed * 100003 + trial.number, plan_gpu=self.plan_gpu, backend=req.backend,
                       timing=dict(req.timing))
             outcome = worker.run(job, req.trial_timeout_s)
@@ -314,22 +399,26 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     if req.trials is not None and req.trials < 1:
         raise ValueError(f"trials={req.trials}: must be >= 1")
     plan_gpu = _plan_gpu(req.gpu_type)
-    space = load_space(req.backend, req.kernel)
-    pinned = req.spec.pinned(req.kernel)
+    op = get_op(req.kernel)
+    req = dataclasses.replace(req, variant=_study_variant(req))
+    space = load_space(req.backend, op, req.variant)
+    _, pinned = split_variant(op, req.backend, req.spec.pinned(req.kernel))  # the knobs; never the variant
     space.check_names(pinned, f"schedule.{req.kernel}")
-    # what a build would run untuned (the one resolver, database left out): legal, the pins kept
-    untuned = Resolver(req.spec, req.backend, plan_gpu, use_db=False).resolve(req.kernel, device_type=req.device)
+    # what a build of this variant would run untuned (the one resolver, database left out): legal, the pins kept
+    untuned = Resolver(_variant_spec(req.spec, req.kernel, req.variant), req.backend, plan_gpu,
+                       use_db=False).resolve(req.kernel, device_type=req.device)
     fixed = fixed_knobs(space, req.device, untuned.point) | pinned  # the pins; the other target's knobs
-    legal = [p for p in space.legal_points(problem_symbols(req.spec, get_op(req.kernel), get_gpu(plan_gpu)))
+    legal = [p for p in space.legal_points(problem_symbols(req.spec, op, get_gpu(plan_gpu)))
              if all(p[k] == v for k, v in fixed.items())]
     if not legal:
-        raise ValueError(f"{req.kernel}: no legal schedule in schedules/{req.backend}/{req.kernel}.toml "
+        schedule_file = f"schedules/{req.backend}/{op.variant(req.backend, req.variant).schedule}.toml"
+        raise ValueError(f"{req.kernel}: no legal schedule in {schedule_file} "
                          f"for this spec on {plan_gpu}" + (f" with the pinned knobs {pinned}" if pinned else ""))
     sampler_kind = req.sampler if req.sampler != "auto" else ("grid" if len(legal) <= GRID_MAX else "tpe")
     default_budget = len(legal) if sampler_kind == "grid" else max(TPE_MIN, math.ceil(TPE_FRACTION * len(legal)))
     budget = min(req.trials or default_budget, len(legal))
     bucket = bucket_of(*workload(req.kernel).call_shape(req.S, req.SKV))  # where a build will look it up
-    name = study_name(req.spec, req.kernel, req.backend, req.gpu_type, bucket, sampler_kind)
+    name = study_name(req.spec, req.kernel, req.backend, req.gpu_type, bucket, sampler_kind, req.variant)
     if pinned:  # a smaller space is a different study
         name += ".pinned-" + "-".join(f"{k}{v}" for k, v in sorted(pinned.items()))
     sampler = (optuna.samplers.TPESampler(seed=None, n_startup_trials=min(8, budget), multivariate=True)
@@ -337,12 +426,13 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     study = optuna.create_study(study_name=name, storage=open_storage(req.storage), sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     study.set_user_attr("kernel", req.kernel)
+    study.set_user_attr("variant", req.variant)
     study.set_user_attr("shape", {"S": req.S, "SKV": req.SKV})
     study.set_user_attr("spec", req.spec.to_dict())
     study.set_user_attr("legal_points", len(legal))
 
     current = _built(req)
-    built_point = current.point if current is not None else None
+    built_point = current.point if _of_variant(current, req.variant) else None  # a start only in this space
     if sampler_kind == "tpe" and not _counted(study.get_trials(deepcopy=False)):
         for point in _seed_points(req, legal, untuned.point, built_point):
             study.enqueue_trial(point, skip_if_exists=True)
@@ -382,7 +472,7 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
     db_outcome = verdict.outcome
     if verdict.record:
         best_ms = verdict.ms
-        best_point = verdict.point if verdict.point is not None else best_point
+        best_point = verdict.point if verdict.point is not None else with_variant(req.variant, best_point)
         try:
             db_outcome = _record(req, name, sampler_kind, best_point, best_ms, evaluated, verdict.beaten)
         except (tuning_db.TuningDBError, OSError, ValueError) as exc:  # the measurements stay in the study
@@ -392,14 +482,30 @@ def tune_kernel(req: TuneRequest, progress: bool = True, workers: list[Worker] |
         best_ms = verdict.ms
     return TuneResult(name, sampler_kind, len(legal), budget, evaluated, evaluated_here, failures, best_point,
                       best_ms, db_outcome, interrupted, record_error,
-                      current.point if current is not None else None, current.source if current is not None else None,
-                      verdict.current_ms, verdict.comparison)
+                      _mapping_of(current) if current is not None else None,
+                      current.source if current is not None else None, verdict.current_ms, verdict.comparison,
+                      req.variant)
+
+
+def _mapping_of(current) -> dict:
+    """The current schedule (a Resolved) as a schedule mapping: its knobs and its variant."""
+    return with_variant(getattr(current, "variant", None), current.point)
+
+
+def _of_variant(current, variant: str | None) -> bool:
+    """Whether the current schedule is a point of the study's variant (its space, its template)."""
+    return current is not None and getattr(current, "variant", None) == variant
+
+
+def study_label(kernel: str, variant: str | None) -> str:
+    """How output names a study's kernel: with its variant where the kernel declares several."""
+    return kernel if variant is None else f"{kernel} {VARIANT_KEY}={variant}"
 
 
 def _shape_label(req: TuneRequest) -> str:
-    """How progress lines name a study: the kernel at the shape asked for (a decode workload's S
-    requests, not the S * next_n rows of the call its bucket is named by)."""
-    return f"{req.kernel} S{req.S}-SKV{req.SKV}"
+    """How progress lines name a study: the kernel (and variant) at the shape asked for (a decode
+    workload's S requests, not the S * next_n rows of the call its bucket is named by)."""
+    return f"{study_label(req.kernel, req.variant)} S{req.S}-SKV{req.SKV}"
 
 
 TARGET_KNOB_PREFIXES = {"cpu": "cpu_", "cuda": "cuda_"}
@@ -469,7 +575,7 @@ def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict, built: dict
     """Where TPE starts: the schedule a build runs now (`built`: the database's answer, which may
     come from a neighbouring head count), the one it would use untuned, then the winners of this
     kernel at other shape buckets on this GPU type (a good schedule at one shape is a good guess at
-    the next)."""
+    the next); only points of the study's variant (`built` must be one already)."""
     legal_keys = {_point_key(p) for p in legal}
     seeds = ([built] if built else []) + [untuned]
     try:
@@ -477,8 +583,9 @@ def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict, built: dict
     except (tuning_db.TuningDBError, OSError):
         entries = []
     spec_hash = semantic_hash(req.spec, req.kernel)
-    seeds += [e.schedule for e in sorted(entries, key=lambda e: e.ms)
-              if (e.kernel, e.backend, e.spec_hash) == (req.kernel, req.backend, spec_hash)]
+    seeds += [knobs for e in sorted(entries, key=lambda e: e.ms)
+              if (e.kernel, e.backend, e.spec_hash) == (req.kernel, req.backend, spec_hash)
+              for variant, knobs in [_entry_schedule(req, e)] if variant == req.variant]
     out, seen = [], set()
     for p in seeds:
         key = _point_key(p)
@@ -486,6 +593,14 @@ def _seed_points(req: TuneRequest, legal: list[dict], untuned: dict, built: dict
             seen.add(key)
             out.append({k: int(v) for k, v in p.items()})
     return out[:4]
+
+
+def _entry_schedule(req: TuneRequest, entry) -> tuple[str | None, dict]:
+    """(variant, knobs) of a database entry of req's kernel; ("", {}) for a variant it lacks."""
+    try:
+        return recorded_schedule(get_op(req.kernel), req.backend, entry.schedule)
+    except DsagenError:
+        return "", {}
 
 
 def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted: bool, progress: bool = True):
@@ -510,7 +625,8 @@ def _confirm(req: TuneRequest, study, worker: Worker, plan_gpu: str, interrupted
     timed = []
     confirm_timing = GRAPH_TIMING if get_op(req.kernel).tuning.timing == "graph" else EVENTS_TIMING
     for i, point in enumerate(top):
-        job = Job(req.spec.to_dict(), req.kernel, point, req.S, req.SKV, req.device, seed=req.seed * 100003 + 7919 + i,
+        job = Job(req.spec.to_dict(), req.kernel, with_variant(req.variant, point), req.S, req.SKV, req.device,
+                  seed=req.seed * 100003 + 7919 + i,
                   plan_gpu=plan_gpu, backend=req.backend, timing=dict(confirm_timing))
         outcome = worker.run(job, req.trial_timeout_s)
         if outcome.ok:
@@ -550,24 +666,26 @@ def _judge(req: TuneRequest, study, worker, plan_gpu: str, current, winner: dict
                                       "(the same command resumes the study and compares them)")
     if current is None:  # builds cannot resolve this kernel today: anything that passed is better
         return Verdict(True, winner_ms, comparison=f"no current schedule to compare with; winner {winner_ms:.4f} ms")
-    if _same_schedule(current.point, winner, fixed):
+    if _of_variant(current, req.variant) and _same_schedule(current.point, winner, fixed):
         comparison = f"the winner is the current schedule ({current.source}): {winner_ms:.4f} ms"
         if _from_own_database(current.source):
             return Verdict(False, winner_ms, "nothing recorded: the winner is the schedule builds already run",
                            comparison, winner_ms)
         return Verdict(True, winner_ms, comparison=comparison, current_ms=winner_ms)
-    failed = _failed_check(study, current.point)
+    failed = _failed_check(study, current.point) if _of_variant(current, req.variant) else None
     if failed is not None:
         return Verdict(True, winner_ms, comparison=f"the current schedule ({current.source}) failed in this study "
-                                                   f"({failed}); winner {winner_ms:.4f} ms", beaten=current.point)
+                                                   f"({failed}); winner {winner_ms:.4f} ms", beaten=_mapping_of(current))
     return _duel(req, worker, plan_gpu, current, winner, winner_ms, progress)
 
 
 def _duel(req: TuneRequest, worker, plan_gpu: str, current, winner: dict, winner_ms: float,
            progress: bool) -> Verdict:
-    """The current schedule and the winner, checked and timed in turns in one worker process."""
+    """The current schedule and the winner, checked and timed in turns in one worker process, each
+    built as its own variant (the current schedule may be another algorithm than the study's)."""
     timing = GRAPH_TIMING if get_op(req.kernel).tuning.timing == "graph" else EVENTS_TIMING
-    job = Duel(req.spec.to_dict(), req.kernel, (dict(current.point), dict(winner)), req.S, req.SKV, req.device,
+    sides = (_mapping_of(current), with_variant(req.variant, winner))
+    job = Duel(req.spec.to_dict(), req.kernel, sides, req.S, req.SKV, req.device,
                seed=req.seed * 100003 + 7907, plan_gpu=plan_gpu, backend=req.backend, timing=dict(timing),
                rounds=req.duel_rounds)
     if progress:
@@ -583,17 +701,17 @@ def _duel(req: TuneRequest, worker, plan_gpu: str, current, winner: dict, winner
     if not now.ok:
         return Verdict(True, winner_ms, comparison=f"the current schedule ({current.source}) failed its duel "
                                                    f"({_describe(now)}); winner {winner_ms:.4f} ms",
-                       beaten=current.point)
+                       beaten=_mapping_of(current))
     wins = sum(w < c for c, w in result.rounds)
     how = (f"timed in turns in one process, median of {len(result.rounds)} rounds; the winner faster in {wins} of "
            f"{len(result.rounds)}")
     comparison = f"current schedule {now.ms:.4f} ms, winner {new.ms:.4f} ms ({how})"
     if new.ms < now.ms and wins >= _rounds_to_win(len(result.rounds)):
         return Verdict(True, new.ms, comparison=comparison + ": the winner is recorded", current_ms=now.ms,
-                       beaten=current.point)
+                       beaten=_mapping_of(current))
     if _borrowed(current.source):  # measured here now: this GPU type gets its own entry
         return Verdict(True, now.ms, comparison=comparison + f": the current schedule stays, recorded for "
-                       f"{req.gpu_type} at its time here", current_ms=now.ms, point=dict(current.point))
+                       f"{req.gpu_type} at its time here", current_ms=now.ms, point=_mapping_of(current))
     return Verdict(False, new.ms, f"nothing recorded: the current schedule ({current.source}) stays",
                    comparison + ": the current schedule stays", now.ms)
 
@@ -669,6 +787,7 @@ def _device_facts(device: str, backend: str) -> tuple[str, str]:
 
 def _record(req: TuneRequest, name: str, sampler_kind: str, point: dict, ms: float, evaluated: int,
             beaten: dict | None = None) -> str:
+    """Record `point` (a schedule mapping: its knobs and, where the kernel has several, its variant)."""
     from ..workloads import rates as workload_rates
 
     rates = workload_rates(req.spec, req.kernel, req.S, req.SKV, ms, get_gpu(_plan_gpu(req.gpu_type)))

@@ -51,7 +51,7 @@ class Job:
 
     spec: dict
     kernel: str
-    point: dict
+    point: dict  # a schedule mapping: knob -> value, and "variant" -> the algorithm where there are several
     S: int
     SKV: int
     device: str  # "cuda", or "cpu" (TVM's llvm kernels; for Triton the interpreter, to test the tuner)
@@ -86,7 +86,8 @@ CPU_ROUND_MS = 20.0  # on the CPU a side's turn lasts about this long at least (
 class Duel:
     """Two schedules of one kernel at one shape, checked and then timed in turns in one process.
 
-    points[0] is the schedule builds run today, points[1] the study's winner; each is checked
+    points[0] is the schedule builds run today, points[1] the study's winner, each a schedule
+    mapping built as its own variant (the two may be different algorithms); each is checked
     against the reference on its own fresh inputs (the same seed) before any timing."""
 
     spec: dict
