@@ -112,3 +112,32 @@ def test_cli_explain_prints_the_variant(tmp_path):
     result = CliRunner().invoke(cli.app, ["explain", str(pinned), "--gpu", "nvidia-h200"])
     assert result.exit_code == 0, result.output
     assert "variant=gluon block_n=32 num_stages=2" in result.output
+
+
+def test_prune_checks_each_entry_against_its_own_variant(tmp_path):
+    """The shipped Gluon entries fit their variants' spaces and stay; an old `gluon` entry is read as
+    its variant; a Gluon entry with a tl knob, or of an unknown variant, is dropped."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import cli
+
+    for name in ("nvidia-h200", "nvidia-h100"):
+        shipped = tmp_path / f"{name}.json"
+        shutil.copy(f"autotune_db/{name}.json", shipped)
+        before = shipped.read_text()
+        result = CliRunner().invoke(cli.app, ["db", "prune", str(shipped), "--dry-run"])
+        assert result.exit_code == 0 and f"0 entries would be dropped from {shipped}" in result.output, result.output
+        assert shipped.read_text() == before
+    kept = [{"variant": "gluon_split", "block_n": 64, "num_stages": 2},
+            {"block_h": 64, "num_warps": 8, "v_split": 1, "index_prefetch": 0, "block_n": 32, "num_stages": 3,
+             "gluon": 1}]
+    dropped = [{"variant": "gluon", "block_n": 64, "num_stages": 2, "block_h": 64},
+               {"variant": "gluon_v9", "block_n": 64, "num_stages": 2}]
+    for i, schedule in enumerate(kept + dropped):
+        record(schedule, S=2 ** (10 + i))  # one bucket each
+    path = db.db_path("nvidia-h200")
+    result = CliRunner().invoke(cli.app, ["db", "prune", str(path)])
+    assert result.exit_code == 0 and "2 entries dropped" in result.output, result.output
+    assert [e.schedule for e in db.load(path).entries.values()] == kept

@@ -192,29 +192,35 @@ def prune(
     path: Path = typer.Argument(..., metavar="FILE", help="database file to prune (<gpu>.json)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be dropped"),
 ) -> None:
-    """Drop entries whose schedule no longer fits today's search spaces (schedules/<backend>/<kernel>.toml).
+    """Drop entries whose schedule no longer fits today's search spaces (schedules/<backend>/<kernel>.toml,
+    or the space of the variant an entry names, e.g. sparse_attention_gluon_split.toml).
 
     After a template grows a knob, entries recorded before it name only the old knobs; builds
     already pass over them, and pruning removes them from the file so it says what is really used.
-    An entry with an empty schedule is dropped too. Entries of a kernel or backend this install has
-    no search space for (say, a plugin that is not installed here) cannot be judged and are kept.
+    An entry with an empty schedule, or naming a variant its kernel lacks, is dropped too. Entries
+    of a kernel or backend this install has no search space for (say, a plugin that is not
+    installed here) cannot be judged and are kept.
     """
     from ..errors import DsagenError, ScheduleError
-    from ..schedule import load_space
+    from ..ops import get_op
+    from ..schedule import load_space, recorded_schedule
 
     unjudged: list[tuple[tdb.Entry, str]] = []
 
     def fits(entry: tdb.Entry) -> bool:
         try:
-            space = load_space(entry.backend, entry.kernel)
+            op = get_op(entry.kernel)
+            load_space(entry.backend, op)
         except DsagenError as exc:
             unjudged.append((entry, str(exc)))
             return True
-        try:
-            space.check_names(entry.schedule, "schedule")
+        try:  # the entry's own variant (an older form read as builds read it), checked against its space
+            variant, knobs = recorded_schedule(op, entry.backend, entry.schedule)
+            space = load_space(entry.backend, op, variant)
+            space.check_names(knobs, "schedule")
         except ScheduleError:
             return False
-        return bool(entry.schedule) and space.names_every_knob(entry.schedule)
+        return bool(knobs) and space.names_every_knob(knobs)
 
     if not path.is_file():
         raise tdb.TuningDBError(f"{path}: no such database file")
