@@ -176,7 +176,8 @@ def test_show_and_build_agree(S, SKV):
         shown = invoke("show", V32, "-k", kernel, "--S", S, "--SKV", SKV, "--gpu", "nvidia-h200")
         assert shown.exit_code == 0, shown.plain
         assert shown.stdout == hit.generated.source, kernel
-        assert f"schedule {hit.point}, from {hit.source}" in shown.stderr
+        shown_point = hit.point if hit.variant is None else {"variant": hit.variant, **hit.point}
+        assert f"schedule {shown_point}, from {hit.source}" in shown.stderr
     explained = invoke("explain", V32, "--S", S, "--SKV", SKV, "--gpu", "nvidia-h200").plain
     for kernel in kernels.kernels():
         assert kernels.resolve(kernel, S, SKV, "cuda").module_name in explained
