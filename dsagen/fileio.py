@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import os
 import stat
+import sys
 import threading
+import types
 from pathlib import Path
 
 from .errors import DsagenError
@@ -145,3 +148,21 @@ def atomic_write_text(path: Path, text: str) -> None:
             if tmp.exists():
                 tmp.unlink()
         _sync_folder(target.parent)
+
+
+def import_file(path: Path, name: str, context=contextlib.nullcontext) -> types.ModuleType:
+    """Import the Python file `path` as the module `name` (executed inside `context()`). It stays in
+    sys.modules only if its import succeeds, so a broken file is imported afresh next time; the
+    import's own exception reaches the caller, which names the file in its terms."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        with context():
+            spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

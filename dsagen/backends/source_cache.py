@@ -8,13 +8,12 @@ differs from the source (truncated, edited) is rewritten.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
 import types
 from pathlib import Path
 
 from ..codegen import GeneratedSource
 from ..errors import BackendError
+from .. import fileio
 from ..fileio import atomic_write_text, cache_dir, file_lock
 
 
@@ -40,15 +39,7 @@ def materialize(gen: GeneratedSource, directory: Path | None = None) -> Path:
 def import_file(path: Path, name: str, context=contextlib.nullcontext) -> types.ModuleType:
     """Import a generated module file as `name` (executed inside `context()`); a module that fails
     to import is removed again and reported as a BackendError naming the file."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise BackendError(f"cannot import generated module {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
     try:
-        with context():
-            spec.loader.exec_module(module)
+        return fileio.import_file(path, name, context)
     except Exception as exc:
-        sys.modules.pop(name, None)
         raise BackendError(f"generated module {path} failed to import: {exc}") from exc
-    return module

@@ -8,7 +8,6 @@ modules (dsagen/ops/__init__.py imports every one) and for a kernel kept outside
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import DsagenError
+from ..fileio import import_file
 from ..plan import semantic_hash as _semantic_hash
 from ..spec import known_kernels
 from .base import Op
@@ -72,22 +72,6 @@ def unregister(name: str) -> None:
             sys.modules.pop(f"{module}_workload", None)
 
 
-def import_file(name: str, path: Path) -> ModuleType:
-    """Import the Python file `path` as the module `name`; it stays in sys.modules only if its
-    import succeeds (a broken file is imported afresh next time)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"{path} is not an importable Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
-
-
 def load_plugin(item: str) -> None:
     """Import one kernel module (a module name or a .py path) and register the ops it declares."""
     if item.endswith(".py") or os.sep in item:
@@ -99,7 +83,7 @@ def load_plugin(item: str) -> None:
         if not path.is_file():
             raise DsagenError(f"{PLUGINS_ENV}: cannot import {path}: no such Python file")
         try:
-            module = import_file(name, path)
+            module = import_file(path, name)
         except Exception as exc:
             raise DsagenError(f"{PLUGINS_ENV}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
     else:

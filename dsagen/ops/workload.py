@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import DsagenError
-from .registry import import_file
+from ..fileio import import_file
 
 
 class Workload:
@@ -100,7 +100,7 @@ def _workload_module(op_module: str):
     file = path.with_name(f"{path.stem}_workload.py")
     if not file.is_file():
         raise DsagenError(f"op module {op_module} ({path}) has no workload file {file.name} beside it")
-    return import_file(name, file)
+    return import_file(file, name)
 
 
 # -- helpers the workloads share ---------------------------------------------------------------
