@@ -4,7 +4,7 @@
 #   benchmarks/tune_v32.sh tune OUT       indexer and top-k at S {1024,4096} x SKV {8192,32768,131072}
 #                                          (TPE, TRIALS=16 per study, seeded by the default schedule);
 #                                          SHAPE_ARGS / KERNEL_ARGS narrow it
-#   benchmarks/tune_v32.sh attention OUT  sparse attention with the split Gluon kernel (gluon=2) at 128,
+#   benchmarks/tune_v32.sh attention OUT  sparse attention's split Gluon variant (gluon_split) at 128,
 #                                          64 and 32 heads, S=4096 x SKV {8192, 32768}, S=1024 x SKV 8192
 #   benchmarks/tune_v32.sh bench OUT      dsagen bench at the v32 shapes (table, JSON, PNG)
 #   benchmarks/tune_v32.sh decode OUT     the serving spec's decode kernels at the reference shapes:
@@ -42,7 +42,7 @@ case "$phase" in
       --trials "${TRIALS:-16}" --timeout "${STUDY_TIMEOUT:-45}" "${common[@]}" 2>&1 | tee "$out/tune.log" | grep -v "trial " ;;
   attention)
     for heads in ${HEADS:-128 64 32}; do
-      s=$(variant "$heads" "${PINS:-gluon = 2
+      s=$(variant "$heads" "${PINS:-variant = \"gluon_split\"
 block_n = 64
 num_stages = 2}")
       for shape in "--S 4096 --SKV 8192 --SKV 32768" "--S 1024 --SKV 8192"; do
