@@ -10,14 +10,15 @@ from .comm import all_gather_stacked, group_rank
 from .merge import merge_attention
 
 
-def merge_attention_over_ranks(out: torch.Tensor, lse: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_over_ranks(out: torch.Tensor, lse: torch.Tensor, group=None,
+                               kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the whole key set from this rank's partial: every rank's partials all-gathered
     (out in its dtype and lse in fp32, per query and head) and merged by merge_attention. On one
-    rank the partial is the whole: it comes back as it is."""
+    rank the partial is the whole: it comes back as it is. kernels: the build whose lse_merge merges."""
     _, world = group_rank(group)
     if world == 1:
         return out, lse
-    return merge_attention(all_gather_stacked(out, group), all_gather_stacked(lse, group))
+    return merge_attention(all_gather_stacked(out, group), all_gather_stacked(lse, group), kernels)
 
 
 def no_mass(q: torch.Tensor, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,4 +39,4 @@ def key_sharded_attention(kernels, q, kv, mine, group=None, sm_scale: float | No
         out, lse = kernels.sparse_attention(q, kv, mine, sm_scale)
     else:
         out, lse = no_mass(q, kernels.spec.attention.v_dim)
-    return merge_attention_over_ranks(out, lse, group)
+    return merge_attention_over_ranks(out, lse, group, kernels)

@@ -151,5 +151,5 @@ def sharded_decode(kernels, q, mla_cache, index_q, index_cache, index_weights, c
                                           block_table, group)
     out, lse = kernels.sparse_decode(q, mla_cache, slots, sm_scale)
     if merge:
-        out, lse = merge_attention_over_ranks(out, lse, group)
+        out, lse = merge_attention_over_ranks(out, lse, group, kernels)
     return ShardedDecodeOutput(out, lse, chosen if positions else None, slots)
