@@ -8,8 +8,8 @@ here such a partial carries no mass, and so does one with lse -inf (an empty sum
 finite lses count. A query with no mass anywhere gets out 0 and lse +inf, as a single kernel would
 give. A NaN lse makes that (query, head) NaN; a NaN out with mass propagates.
 
-The merge runs as the generated `lse_merge` kernel of a build (the caller's, else one made from
-the shapes); plain torch (the same math, fp32) takes the calls the kernel cannot: an input that
+The merge runs as the generated `lse_merge` kernel of a build (the caller's, else one of the
+default spec: the kernel reads every size at run time); plain torch (the same math, fp32) takes the calls the kernel cannot: an input that
 requires grad (the kernel has no backward; torch's ops differentiate), outs neither bf16 nor fp32,
 tensors on a device other than CPU and CUDA.
 """
@@ -21,10 +21,9 @@ import math
 import torch
 
 from ..backends.tvm import available as tvm_problem
-from ..errors import SpecError
 from ..kernels import DSAKernels, build
 from ..ops.lse_merge import MERGE_DTYPES
-from ..spec import AttentionSpec, Spec
+from ..spec import Spec
 
 
 def _stack(parts, name: str) -> torch.Tensor:
@@ -41,7 +40,8 @@ def merge_attention(outs, lses, kernels: DSAKernels | None = None) -> tuple[torc
     [P, ...] (tensors stacked on the first dimension, or sequences of P tensors), any source.
 
     kernels: the build whose lse_merge runs the merge (a TVM build on CUDA tensors, whose merge is
-    CPU-only, merges with the Triton kernel of its spec); None: a build made from the shapes."""
+    CPU-only, merges with the Triton kernel of its spec); None: a build of the default spec (the
+    kernel reads no spec field)."""
     outs, lses = _stack(outs, "outs"), _stack(lses, "lses")
     if outs.shape[:-1] != lses.shape:
         raise ValueError(f"outs {list(outs.shape)} and lses {list(lses.shape)} must agree on [P, ...] "
@@ -71,17 +71,17 @@ def merge_in_kernel(outs: torch.Tensor, lses: torch.Tensor, kernels: DSAKernels 
     flat_lses = lses.float().reshape(P, tokens, heads)
     flat_outs = flat_outs if flat_outs.stride(-1) == 1 or dv <= 1 else flat_outs.contiguous()
     flat_lses = flat_lses if flat_lses.stride(-1) == 1 or heads <= 1 else flat_lses.contiguous()
-    out, lse = merge_kernels(kernels, heads, dv, outs.device).lse_merge(flat_outs, flat_lses)
+    out, lse = merge_kernels(kernels, outs.device).lse_merge(flat_outs, flat_lses)
     return out.reshape(*lead, dv), lse.reshape(lead)
 
 
-def merge_kernels(kernels: DSAKernels | None, heads: int, dv: int, device: torch.device) -> DSAKernels:
+def merge_kernels(kernels: DSAKernels | None, device: torch.device) -> DSAKernels:
     """The build whose lse_merge runs: the caller's where its backend runs on `device`, else one of
-    the same spec (or a spec made from the shapes) on the backend that does."""
+    the same spec (or of the default spec: the kernel reads no spec field) on a backend that does."""
     on_gpu = device.type == "cuda"
     if kernels is not None and not (on_gpu and kernels.backend == "tvm"):
         return kernels
-    spec = kernels.spec if kernels is not None else spec_for(heads, dv)
+    spec = kernels.spec if kernels is not None else Spec(name="lse_merge")
     backend = "triton" if on_gpu or tvm_problem() is not None else "tvm"
     return _build(spec, backend)
 
@@ -89,16 +89,6 @@ def merge_kernels(kernels: DSAKernels | None, heads: int, dv: int, device: torch
 @functools.lru_cache(maxsize=None)
 def _build(spec: Spec, backend: str) -> DSAKernels:
     return build(spec, backend=backend)
-
-
-@functools.lru_cache(maxsize=None)
-def spec_for(heads: int, dv: int) -> Spec:
-    """A spec whose attention has these heads and v_dim (the lse_merge's tuning key), where the spec
-    allows them; else the default spec (the kernel reads every size at run time either way)."""
-    try:
-        return Spec(attention=AttentionSpec(heads=heads, qk_dim=dv, v_dim=dv), name="lse_merge")
-    except SpecError:
-        return Spec(name="lse_merge")
 
 
 def merge_in_torch(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,10 +9,10 @@ A partial whose lse is +inf (dsagen's attention kernels' "no valid key") or -inf
 and its out is never read; a (token, head) with no mass anywhere gets out 0 and lse +inf; a NaN lse
 makes that (token, head) NaN, and a NaN out of a partial with mass propagates.
 
-The kernel is shape-generic: P, N, H and Dv are run-time sizes, and one generated module serves
-every spec. The spec's attention heads and v_dim are its semantic fields all the same: they are the
-shape its workload is tuned at, so a tuned schedule is found by the specs that merge such outputs.
-Call shape: S = N tokens, SKV = P partials.
+The kernel is shape-generic: P, N, H and Dv are run-time sizes, so its math reads no spec field
+(no semantic fields) and one generated module serves every spec: a build of any spec merges the
+partials of any attention. Its tuned schedules are keyed by the call shape alone (S = N tokens,
+SKV = P partials); its workload draws the spec's heads and v_dim, the sizes a tuning run times.
 """
 from __future__ import annotations
 
@@ -41,24 +41,19 @@ class LseMergeOp(Op):
     short_names = {"block_rows": "r", "block_d": "d", "num_warps": "w"}
     signature = Signature((tensor("outs"), tensor("lses")), returns=("out", "lse"))
     # a decode step's 256 query tokens over 8 ranks
-    tuning = Tuning(canonical_shape=(DECODE_TUNING.canonical_shape[0], 8), near_fields=("heads", "v_dim"))
+    tuning = Tuning(canonical_shape=(DECODE_TUNING.canonical_shape[0], 8), near_fields=())
     gradient = Gradient(hint="merge_attention differentiates through plain torch ops when an input requires grad")
 
     def semantic_fields(self, spec):
-        return {"heads": spec.attention.heads, "v_dim": spec.attention.v_dim}
-
-    def template_fields(self, spec):
         return {}  # every size is read at run time: one module for every spec
 
     def module_stem(self, spec):
         return "lse_merge"
 
-    def problem_symbols(self, spec):
-        return {"heads": spec.attention.heads, "v_dim": spec.attention.v_dim}
-
     def cost(self, spec):
         """Memory-bound: each partial's bf16 out and fp32 lse read once, the merged pair written
-        once; about 3 FLOPs per partial value (scale, add) beside one exp per partial."""
+        once; 2 FLOPs per partial value (scale, add). Sized at the spec's heads and v_dim (the
+        workload's shape)."""
         at = spec.attention
         rows = S * at.heads
         nbytes = SKV * rows * (at.v_dim * 2 + 4) + rows * (at.v_dim * 2 + 4)
