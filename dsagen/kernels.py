@@ -82,6 +82,7 @@ class BoundKernel:
         self.signature = op.signature
         self._modules: dict[tuple, ResolvedModule] = {}
         self._lock = threading.Lock()
+        self._unavailable = op.unavailable(build.spec, build.backend)  # spec and backend are fixed
 
     # -- schedules and modules --------------------------------------------------------------
     def resolve(self, S: int | None = None, SKV: int | None = None, device_type: str = "cuda") -> ResolvedModule:
@@ -110,9 +111,8 @@ class BoundKernel:
     def __call__(self, *args, **kwargs):
         """Bind and check the arguments, then run through dsagen::<kernel> (or, with output buffers,
         dsagen::<kernel>_out, which writes them in place)."""
-        problem = self.op.unavailable(self.spec, self.backend)
-        if problem:
-            raise BackendError(problem)
+        if self._unavailable:
+            raise BackendError(self._unavailable)
         bound = self.signature.bind(self.name, args, kwargs)
         inputs, given = self.signature.inputs(bound), self.signature.given_buffers(bound)
         self.op.check_args(self.spec, **inputs, **given)

@@ -76,9 +76,9 @@ def _run_steps(kernels, steps, env: dict) -> None:
         env.update(zip(step.outputs, results))
 
 
-def _fused_selection(kernels) -> bool:
+def fused_selection(kernels) -> bool:
     """The spec asks for the fused indexer + top-k and this build offers it."""
-    return kernels.spec.topk.fused and "indexer_topk" in kernels.kernels()
+    return kernels.spec.topk.fused and kernels.kernel("indexer_topk").op.enabled(kernels.spec, kernels.backend)
 
 
 INDEX_INPUTS = ("index_q", "index_k", "index_k_scale", "index_weights", "ks", "ke")
@@ -87,7 +87,7 @@ DSA = Pipeline(
     "dsa",
     steps=(
         First((
-            (_fused_selection, (Call("indexer_topk", INDEX_INPUTS, ("indices",), no_grad=True),)),
+            (fused_selection, (Call("indexer_topk", INDEX_INPUTS, ("indices",), no_grad=True),)),
             (lambda kernels: True, (Call("indexer", INDEX_INPUTS, ("logits",), no_grad=True),
                                     Call("topk", ("logits", "ks", "ke"), ("indices",), no_grad=True))),
         )),

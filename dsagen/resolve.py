@@ -22,7 +22,7 @@ from .gpus import GPUS, cpu_type, get_gpu, gpu_type_from_device_name
 from .ops import Op, as_op, semantic_hash
 from .ops.base import Where
 from .plan import problem_symbols
-from .schedule import choose, load_space, pick_variant, split_variant
+from .schedule import choose, get_variant, load_space, recorded_schedule, split_variant
 from .spec import VARIANT_KEY, Spec
 
 log = logging.getLogger("dsagen")
@@ -160,13 +160,10 @@ class Resolver:
         """(variant, knobs) of a database entry (an older form upgraded by the op), or None where its
         variant is unknown or may not run on `where`."""
         try:
-            name, knobs = split_variant(op, self.backend, op.upgrade_schedule(entry.schedule))
-            variant = pick_variant(op, self.backend, name, None, "tuned schedule")
+            name, knobs = recorded_schedule(op, self.backend, entry.schedule)
         except ScheduleError:
             return None
-        if name is None and op.variants_for(self.backend)[0].name is not None:
-            name = variant.name  # an entry that names none: the first declared algorithm
-        return (name, knobs) if variant.may_run(where) else None
+        return (name, knobs) if get_variant(op, self.backend, name).may_run(where) else None
 
     def _lookup(self, op: Op, S: int, SKV: int, db_type: str, where: Where):
         """(entry found, its variant, its knobs) where the tuned schedule is legal for this spec

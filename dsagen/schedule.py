@@ -204,7 +204,7 @@ def pick_variant(op: Op, backend: str, name: str | None, where: Where | None, la
             cc = where.compute_capability
             on = f"compute capability {cc[0]}.{cc[1]}" if cc else "a GPU of unknown compute capability"
             raise ScheduleError(f"{label}.{VARIANT_KEY}={name!r} cannot run on {on}: it runs on {chosen.requirement()}")
-    runnable = [v for v in op.variants_for(backend) if where is None or v.may_run(where)]
+    runnable = op.variants_for(backend) if where is None else op.runnable_variants(backend, where)
     if not runnable:
         raise ScheduleError(f"no variant of {op.name} ({backend}) runs on {where}")
     return runnable[0]

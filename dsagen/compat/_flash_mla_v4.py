@@ -61,13 +61,6 @@ def apply_attn_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) ->
     return (out.float() * keep[..., None]).to(BF16)
 
 
-def no_key_outputs(q: torch.Tensor, d_v: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out 0 [b, s_q, h, d_v] bf16, lse +inf [b, s_q, h]): every query without a valid key."""
-    b, s_q, h = q.shape[:3]
-    return (torch.zeros((b, s_q, h, d_v), dtype=BF16, device=q.device),
-            torch.full((b, s_q, h), math.inf, dtype=torch.float32, device=q.device))
-
-
 def merged(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """One (out, lse) from partials over disjoint selections of the same queries: the single one
     as it is, several merged through their LSEs in fp32 (out fp32)."""

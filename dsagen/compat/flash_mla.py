@@ -14,8 +14,9 @@ import torch
 from ..backends import BACKENDS
 from ..cache_formats import MLA_FORMATS, MLABlockFormat, check_page_size
 from ._args import Args
+from ..distributed.attention import no_mass
 from ._builds import kernels_for_call
-from ._flash_mla_v4 import (Selection, apply_attn_sink, block_format_attention, cut_to_lengths, no_key_outputs,
+from ._flash_mla_v4 import (Selection, apply_attn_sink, block_format_attention, cut_to_lengths,
                             row_format_attention)
 
 BF16 = torch.bfloat16
@@ -228,10 +229,10 @@ def _decode(runs: list, fmt, q: torch.Tensor, selections: list[Selection], scale
     _decode_builds; out 0 and lse +inf where no slot can be valid."""
     if isinstance(fmt, MLABlockFormat):
         if runs[0] is None:
-            return no_key_outputs(q, HEAD_DIM_V)
+            return no_mass(q, HEAD_DIM_V)
         return block_format_attention(runs[0], q, selections, fmt, scale)
     live = [(kernels, s) for kernels, s in zip(runs, selections) if kernels is not None]
-    return row_format_attention(live, q, scale) if live else no_key_outputs(q, HEAD_DIM_V)
+    return row_format_attention(live, q, scale) if live else no_mass(q, HEAD_DIM_V)
 
 
 def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,

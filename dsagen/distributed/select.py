@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..pipelines import fused_selection
 from .comm import all_gather_rows, all_gather_stacked, group_rank
 from .sharding import Sharding
 
@@ -154,7 +155,7 @@ class RowSelection(NamedTuple):
 def select_rows(kernels, index_q, index_k, index_k_scale, weights, ks, ke) -> torch.Tensor:
     """indices [S, k] of one rank's query rows against the whole key set: the fused indexer + top-k
     when the spec asks for it and the backend has it (as dsa() chooses), else indexer then top-k."""
-    if kernels.spec.topk.fused and "indexer_topk" in kernels.kernels():
+    if fused_selection(kernels):
         return kernels.indexer_topk(index_q, index_k, index_k_scale, weights, ks, ke)
     return kernels.topk(kernels.indexer(index_q, index_k, index_k_scale, weights, ks, ke), ks, ke)
 
