@@ -162,11 +162,15 @@ def unpack_index_pages(cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor
     return keys, scales
 
 
+MAX_PAGE_SIZE = 1 << 20  # x 656 B (the widest token row) stays below 2**31: kernels offset within a page in int32
+
+
 def check_page_size(page_size: int) -> str | None:
-    """What is wrong with a page size, or None (a power of two from 1 to 1024: tiles index pages)."""
-    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1 or page_size > 1024 \
-            or page_size & (page_size - 1):
-        return "must be a power of two from 1 to 1024"
+    """What is wrong with a page size, or None: any int from 1 to MAX_PAGE_SIZE (a key block of a
+    kernel may straddle pages; the bound keeps a page's byte offsets inside int32)."""
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1 or page_size > MAX_PAGE_SIZE:
+        return (f"must be an int from 1 to {MAX_PAGE_SIZE} (the kernels address a page's bytes with int32 "
+                "offsets)")
     return None
 
 
@@ -296,8 +300,8 @@ def dequantize_mla_pages(cache: torch.Tensor, fmt: MLACacheFormat | MLABlockForm
     return torch.cat([latent, rope], dim=1)
 
 
-__all__ = ["FP8_MAX", "INDEX_FORMATS", "MLA_FORMATS", "UE8M0_BIAS", "UE8M0_NAN", "IndexCacheFormat", "MLABlockFormat",
-           "MLACacheFormat", "allocate_mla_cache", "block_regions", "check_mla_page_size", "check_page_size",
-           "dequantize_mla_pages", "dequantize_mla_rows", "mla_block_bytes", "pack_index_pages", "pow2_scale",
-           "quantize_block_rows", "quantize_mla_pages", "quantize_mla_rows", "ue8m0_exponents", "ue8m0_values",
-           "unpack_index_pages"]
+__all__ = ["FP8_MAX", "INDEX_FORMATS", "MAX_PAGE_SIZE", "MLA_FORMATS", "UE8M0_BIAS", "UE8M0_NAN", "IndexCacheFormat",
+           "MLABlockFormat", "MLACacheFormat", "allocate_mla_cache", "block_regions", "check_mla_page_size",
+           "check_page_size", "dequantize_mla_pages", "dequantize_mla_rows", "mla_block_bytes", "pack_index_pages",
+           "pow2_scale", "quantize_block_rows", "quantize_mla_pages", "quantize_mla_rows", "ue8m0_exponents",
+           "ue8m0_values", "unpack_index_pages"]

@@ -273,7 +273,7 @@ def test_a_bad_argument_is_named(device, kind, change, error, says):
     (dict(block_size=4, block_kv=4), TypeError, "pass block_size or block_kv (the same number), not both"),
     (dict(num_sms=4), TypeError, "missing block_size"),
     (dict(block_kv=4), TypeError, "missing num_sms"),
-    (dict(block_kv=48, num_sms=4), ValueError, "block_kv=48 must be a power of two"),
+    (dict(block_kv=2**20 + 1, num_sms=4), ValueError, "block_kv=1048577 must be an int from 1 to 1048576"),
     (dict(block_kv=0, num_sms=4), ValueError, "block_kv must be a positive int, got 0"),
     (dict(block_size=4, num_sms=4, indices=torch.zeros(3, dtype=I32)), ValueError, "indices must have shape [2]"),
 ])
