@@ -71,6 +71,7 @@ CASES = [
     ("v32", V32, "sparse_attention_bwd", {"deterministic_dkv": 1}),
     ("v32", V32, "sparse_attention_bwd", {"block_h": 16, "block_n": 16, "num_warps": 4, "num_stages": 2}),
     ("odd", ODD, "sparse_attention_bwd", {"deterministic_dkv": 1}),
+    ("v32", V32, "lse_merge", None),  # bf16 and fp32 partials, each without and with a sink
 ]
 
 

@@ -304,6 +304,14 @@ def scenario_decode(ctx: Rank):
     assert_close("sparse_decode.lse", res.lse.reshape(B * next_n, at.heads), ref_lse)
     assert (res.lse[1, 0] == math.inf).all() and (res.out[1, 0] == 0).all(), "an empty row: out 0, lse +inf"
     assert (res.positions[0] % ctx.world == 0).all(), "request 0 selects rank 0's tokens only"
+    # a sink applies once, after the merge: lse as without it, out scaled by sigmoid(lse - sink)
+    sink = torch.randn(at.heads, generator=g) * 2
+    sink[0] = math.inf
+    sinked = sharded_decode(K, q, l_mla, index_q, l_index, weights, lens, l_table, ctx.group, attn_sink=sink)
+    assert torch.equal(sinked.lse, res.lse), "the sink leaves the lse as it was"
+    kept = torch.sigmoid(torch.where(torch.isinf(ref_lse), 0.0, ref_lse) - sink.double())
+    assert_close("sparse_decode.out", sinked.out.reshape(B * next_n, at.heads, at.v_dim), ref_out * kept[..., None])
+    assert (sinked.out[..., 0, :] == 0).all(), "sink +inf: that head's out is 0"
     partial = sharded_decode(K, q, l_mla, index_q, l_index, weights, lens, l_table, ctx.group, merge=False)
     assert torch.equal(partial.slots, res.slots)
     local64 = dequantize_mla_rows(l_mla.reshape(-1, FMT.bytes_per_token), FMT)

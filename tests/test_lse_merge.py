@@ -156,3 +156,39 @@ def test_torch_merge_and_kernel_agree_on_conventions(kernels):
     t_out, t_lse = merge_in_torch(outs, lses)
     assert torch.allclose(k_out, t_out) and torch.allclose(k_lse, t_lse)
     assert torch.allclose(k_out, torch.tensor([[[2.5, 3.5]]])) and k_lse.item() == pytest.approx(math.log(4.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_lse_merge_applies_the_sink_once_after_the_merge(kernels, gen, dtype):
+    """attn_sink [H]: out *= 1 / (1 + exp(sink - lse)) with lse unchanged, against the float64
+    merge; sinks -inf (no effect), +inf (out 0), 0 and random; the row without mass keeps out 0 and
+    lse +inf; a NaN sink makes its head's out NaN wherever there is mass. Applied per partial
+    instead, the result would differ (the check below proves the test tells them apart)."""
+    P, N, H, dv = 3, 5, 5, 7
+    outs, lses = partials(gen, P, N, H, dv, dtype)
+    sink = torch.tensor([-math.inf, math.inf, 0.0, 0.0, 0.0])
+    sink[3:] = torch.randn(2, generator=gen) * 3
+    ref_out, ref_lse = reference_lse_merge(outs, lses, sink)
+    out = torch.full(outs.shape[1:], math.nan, dtype=dtype)
+    lse = torch.full(lses.shape[1:], math.nan)
+    got_out, got_lse = kernels.lse_merge(outs, lses, sink, out=out, lse=lse)
+    assert got_out is out and got_lse is lse
+    assert_merged(out, lse, ref_out, ref_lse, dtype)
+    plain_out, plain_lse = reference_lse_merge(outs, lses)
+    assert torch.equal(lse, kernels.lse_merge(outs, lses)[1]), "the sink leaves lse as it was"
+    assert torch.equal(out[:, 0], kernels.lse_merge(outs, lses)[0][:, 0]), "sink -inf: no effect"
+    assert (out[:, 1] == 0).all() and not torch.isnan(out[:, 1]).any(), "sink +inf: out 0"
+    assert (out[-1, -1] == 0).all() and lse[-1, -1] == math.inf, "no mass: out 0 whatever the sink"
+    assert not torch.allclose(ref_out[:, 2:].float(), plain_out[:, 2:].float(), atol=1e-2), "the sink must matter"
+    nan_sink = sink.clone()
+    nan_sink[2] = math.nan
+    nan_out, _ = kernels.lse_merge(outs, lses, nan_sink)
+    assert torch.isnan(nan_out[:-1, 2]).all() and not torch.isnan(nan_out[:, 3]).any()
+
+
+def test_lse_merge_refuses_a_bad_sink(kernels, gen):
+    outs, lses = partials(gen, 2, 3, 4, 5, torch.float32)
+    with pytest.raises(ValueError, match=r"attn_sink must have shape \[4\]"):
+        kernels.lse_merge(outs, lses, torch.zeros(3))
+    with pytest.raises(ValueError, match="attn_sink must have dtype torch.float32"):
+        kernels.lse_merge(outs, lses, torch.zeros(4, dtype=torch.bfloat16))

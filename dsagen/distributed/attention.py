@@ -10,15 +10,17 @@ from .comm import all_gather_stacked, group_rank
 from .merge import merge_attention
 
 
-def merge_attention_over_ranks(out: torch.Tensor, lse: torch.Tensor, group=None,
-                               kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_over_ranks(out: torch.Tensor, lse: torch.Tensor, group=None, kernels=None,
+                               attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the whole key set from this rank's partial: every rank's partials all-gathered
-    (out in its dtype and lse in fp32, per query and head) and merged by merge_attention. On one
-    rank the partial is the whole: it comes back as it is. kernels: the build whose lse_merge merges."""
+    (out in its dtype and lse in fp32, per query and head) and merged by merge_attention, the sink
+    (attn_sink [H]) applied once to the merged out. On one rank the partial is the whole: it comes
+    back as it is (with a sink, through the merge of that one partial). kernels: the build whose
+    lse_merge merges."""
     _, world = group_rank(group)
     if world == 1:
-        return out, lse
-    return merge_attention(all_gather_stacked(out, group), all_gather_stacked(lse, group), kernels)
+        return (out, lse) if attn_sink is None else merge_attention(out[None], lse[None], kernels, attn_sink)
+    return merge_attention(all_gather_stacked(out, group), all_gather_stacked(lse, group), kernels, attn_sink)
 
 
 def no_mass(q: torch.Tensor, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,7 +124,7 @@ def sharded_decode_select(kernels, index_q, index_cache, index_weights, context_
 
 def sharded_decode(kernels, q, mla_cache, index_q, index_cache, index_weights, context_lens, block_table,
                    group=None, sm_scale: float | None = None, merge: bool = True,
-                   positions: bool = True) -> ShardedDecodeOutput:
+                   positions: bool = True, attn_sink: torch.Tensor | None = None) -> ShardedDecodeOutput:
     """One decode step with the paged caches split round robin over the ranks of `group`.
 
     Arguments as DSAKernels.decode: q [B, s_q, H, qk_dim] bf16, index_q [B, s_q, Hi, Di] fp8,
@@ -132,6 +132,9 @@ def sharded_decode(kernels, q, mla_cache, index_q, index_cache, index_weights, c
     included) are the same on every rank; mla_cache, index_cache and block_table [B, max_blocks]
     are this rank's (its pages, indexed by local position t // W). merge=False returns this rank's
     partial (out, lse) instead of the merged one (merge_attention merges partials).
+    attn_sink [H] fp32 (DeepSeek-V4's sink per head) applies once, after the merge (out *= 1 / (1 +
+    exp(attn_sink[h] - lse)), lse unchanged); a partial returned with merge=False carries none (pass
+    the sink to merge_attention instead).
 
     On one rank the partial is the whole and nothing is exchanged or merged. positions=False (the
     field is then None) makes that the plain decode() step itself; positions=True costs one small
@@ -143,7 +146,7 @@ def sharded_decode(kernels, q, mla_cache, index_q, index_cache, index_weights, c
         raise ValueError(f"q [B, s_q, H, qk_dim] and index_q [B, s_q, Hi, Di] must agree on [B, s_q], got "
                          f"{list(q.shape)} and {list(index_q.shape)}")
     _, world = group_rank(group)
-    if world == 1 and not positions:  # the whole cache, no positions asked: the plain decode step
+    if world == 1 and not positions and attn_sink is None:  # the whole cache, no positions asked: the plain decode step
         out, lse, slots = kernels.decode(q, mla_cache, index_q, index_cache, index_weights, context_lens,
                                          block_table, sm_scale)
         return ShardedDecodeOutput(out, lse, None, slots)
@@ -151,5 +154,5 @@ def sharded_decode(kernels, q, mla_cache, index_q, index_cache, index_weights, c
                                           block_table, group)
     out, lse = kernels.sparse_decode(q, mla_cache, slots, sm_scale)
     if merge:
-        out, lse = merge_attention_over_ranks(out, lse, group, kernels)
+        out, lse = merge_attention_over_ranks(out, lse, group, kernels, attn_sink)
     return ShardedDecodeOutput(out, lse, chosen if positions else None, slots)

@@ -14,9 +14,12 @@ from .workload import Workload, generator
 WORKLOAD_PARTIALS = 8
 
 
-def reference_lse_merge(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_lse_merge(outs: torch.Tensor, lses: torch.Tensor,
+                        attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 (out [N, H, Dv], lse [N, H]) from outs [P, N, H, Dv] and lses [P, N, H]: the finite
-    lses carry mass, the rest none; no mass: out 0, lse +inf; a NaN lse: both NaN."""
+    lses carry mass, the rest none; no mass: out 0, lse +inf; a NaN lse: both NaN. attn_sink [H]:
+    the sink's exp(sink) joins the denominator, so out shrinks by exp(lse) / (exp(lse) + exp(sink))
+    where there is mass; lse is the partials' alone."""
     lse64, out64 = lses.detach().cpu().double(), outs.detach().cpu().double()
     finite = torch.isfinite(lse64)
     peak = torch.where(finite, lse64, -math.inf).amax(0)
@@ -26,6 +29,10 @@ def reference_lse_merge(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.T
     terms = torch.where(finite[..., None], weight[..., None] * out64, 0.0).sum(0)
     out = terms / torch.where(total > 0, total, 1.0)[..., None]
     lse = torch.where(total > 0, peak + torch.log(torch.where(total > 0, total, 1.0)), math.inf)
+    if attn_sink is not None:
+        sink = attn_sink.detach().cpu().double()
+        has_mass = (total > 0)[..., None]
+        out = torch.where(has_mass, out * torch.sigmoid(torch.where(has_mass[..., 0], lse, 0.0) - sink)[..., None], out)
     nan = torch.isnan(lse64).any(0)
     return torch.where(nan[..., None], math.nan, out), torch.where(nan, math.nan, lse)
 
