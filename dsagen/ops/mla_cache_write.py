@@ -11,6 +11,14 @@ holding NaN gets a NaN scale and NaN codes, one holding +-inf an inf scale (what
 gives on x86). The templates quantize with integer bit operations: exact in both Triton renderings
 and on both TVM targets (llvm, cuda).
 
+The spec's cache.mla_format picks the rendering. A row format (deepseek_v32_fp8) is the above. A
+block format (deepseek_v4_fp8, FlashMLA's MODEL1) takes rows [n, 512] (448 NoPE | 64 RoPE) and a
+cache whose [n_blocks, page_size, 1, 584] view has the padded block stride of
+`dsagen.cache_formats.allocate_mla_cache`: the token's data row [448 fp8 | 64 bf16] goes to its
+offset in the block's first region, its scale row [7 ue8m0 | 0] to the region after the page's data
+rows, bitwise as `dsagen.cache_formats.quantize_mla_pages`; a group holding NaN or +-inf gets the
+ue8m0 NaN byte 0xFF and NaN codes. The blocks' padding is never written.
+
 Workload (tuner, bench): S = B requests, each writing next_n = 2 new tokens (the last two of its
 SKV-token context) into a cache of B x SKV tokens whose pages are shuffled; about one row in eight
 is padding (slot -1). check_args reports (rows = B * next_n, the cache's tokens per request), so
@@ -23,7 +31,7 @@ import math
 import sympy as sp
 import torch
 
-from ..cache_formats import AMAX_FLOOR, FP8_MAX
+from ..cache_formats import AMAX_FLOOR, FP8_MAX, MLABlockFormat, MLACacheFormat, block_regions
 from ..plan import Cost, S, next_pow2
 from .base import DECODE_TUNING, Call, Op
 from .checks import check_tensor
@@ -33,9 +41,24 @@ from .signature import Signature, tensor
 SLOT_DTYPES = (torch.int32, torch.int64)
 
 
-def min_scale_exp() -> int:
-    """ceil(log2(1e-4 / 448)): the exponent of the smallest scale (amax is clamped at 1e-4)."""
+def min_scale_exp(fmt: MLACacheFormat | MLABlockFormat | None = None) -> int:
+    """The exponent of the format's smallest scale: ceil(log2(1e-4 / 448)) for the row formats (amax
+    is clamped at 1e-4), ceil(log2(scale_floor)) for the block formats (amax / 448 is)."""
+    if isinstance(fmt, MLABlockFormat):
+        return math.ceil(math.log2(fmt.scale_floor))
     return math.ceil(math.log2(AMAX_FLOOR / FP8_MAX))
+
+
+def format_layout(fmt: MLACacheFormat | MLABlockFormat) -> dict:
+    """Where a token's bytes go, as template numbers. A row format: one row of bytes_per_token
+    (codes | fp32 scales at scale_offset | rope at rope_offset). A block format: a data row of
+    data_row_bytes (codes | rope at rope_offset) in the block's first region, and a scale row of
+    scale_row_bytes (ue8m0 bytes, then zeros) in the region after the page's data rows."""
+    if isinstance(fmt, MLABlockFormat):
+        return {"block_format": True, "data_row_bytes": fmt.data_row_bytes, "scale_row_bytes": fmt.scale_row_bytes,
+                "scale_offset": 0, "rope_offset": fmt.latent_dim}
+    return {"block_format": False, "data_row_bytes": fmt.bytes_per_token, "scale_row_bytes": 4 * fmt.n_scales,
+            "scale_offset": fmt.scale_offset, "rope_offset": fmt.rope_offset}
 
 
 
@@ -44,9 +67,9 @@ class MLACacheWriteOp(Op):
     position = 50
     summary = "cache writer: bf16 rows + slot mapping -> the paged FP8 MLA cache (in place, exact quantization)"
     backends = ("triton", "tvm")
-    doc = ("Write bf16 rows [n, qk_dim] into the paged FP8 MLA cache at slot_mapping [n] (page *\n"
+    doc = ("Write bf16 rows [n, latent + rope] into the paged FP8 MLA cache at slot_mapping [n] (page *\n"
            "page_size + offset; negative or out-of-range slots are skipped), quantized exactly as\n"
-           "dsagen.cache_formats.quantize_mla_rows.")
+           "dsagen.cache_formats.quantize_mla_pages (V3.2 rows or V4 page blocks, by cache.mla_format).")
     needs_cache = True
     short_names = {"block_r": "r", "num_warps": "w"}
     signature = Signature((tensor("rows"), tensor("slot_mapping"), tensor("cache", mutated=True)), returns=())
@@ -60,17 +83,17 @@ class MLACacheWriteOp(Op):
     def template_fields(self, spec):
         fmt = mla_format(spec)
         return {"latent_dim": fmt.latent_dim, "rope_dim": fmt.rope_dim, "group": fmt.group,
-                "page_size": spec.cache.page_size}
+                "page_size": spec.cache.page_size, "block_format": isinstance(fmt, MLABlockFormat)}
 
     def module_stem(self, spec):
         f = self.template_fields(spec)
-        return f"mla_cache_write_l{f['latent_dim']}_r{f['rope_dim']}_g{f['group']}_p{f['page_size']}"
+        kind = "_blocks" if f["block_format"] else ""  # the V4 page blocks, else one row per token
+        return f"mla_cache_write{kind}_l{f['latent_dim']}_r{f['rope_dim']}_g{f['group']}_p{f['page_size']}"
 
     def derived(self, spec, point, backend):
         fmt = mla_format(spec)
         return {"n_scales": fmt.n_scales, "group_pad": next_pow2(fmt.group), "rope_pad": next_pow2(2 * fmt.rope_dim),
-                "scale_offset": fmt.scale_offset, "rope_offset": fmt.rope_offset,
-                "bytes_per_token": fmt.bytes_per_token, "min_scale_exp": min_scale_exp()}
+                "bytes_per_token": fmt.bytes_per_token, "min_scale_exp": min_scale_exp(fmt), **format_layout(fmt)}
 
     def problem_symbols(self, spec):
         fmt = mla_format(spec)
@@ -94,7 +117,9 @@ class MLACacheWriteOp(Op):
         page = spec.cache.page_size
         check_tensor("cache", cache, torch.uint8, (None, page, 1, fmt.bytes_per_token), dev)
         n_pages = cache.shape[0]
-        if n_pages and (cache.stride(1) < fmt.bytes_per_token
+        if isinstance(fmt, MLABlockFormat):
+            block_regions(cache, fmt)  # each block's page x bytes_per_token bytes packed
+        elif n_pages and (cache.stride(1) < fmt.bytes_per_token
                         or (n_pages > 1 and cache.stride(0) < page * cache.stride(1))):
             raise ValueError(f"cache must hold each token's {fmt.bytes_per_token} bytes apart from the others "
                              f"(token stride >= {fmt.bytes_per_token}, page stride >= page_size x token stride), "
