@@ -291,7 +291,12 @@ def dequantize_mla_pages(cache: torch.Tensor, fmt: MLACacheFormat | MLABlockForm
     if isinstance(fmt, MLACacheFormat):
         return dequantize_mla_rows(cache.reshape(-1, fmt.bytes_per_token), fmt)
     data, scales = block_regions(cache, fmt)
-    data, scales = data.reshape(-1, fmt.data_row_bytes), scales.reshape(-1, fmt.scale_row_bytes)
+    return dequantize_block_rows(data.reshape(-1, fmt.data_row_bytes), scales.reshape(-1, fmt.scale_row_bytes), fmt)
+
+
+def dequantize_block_rows(data: torch.Tensor, scales: torch.Tensor, fmt: MLABlockFormat) -> torch.Tensor:
+    """Data rows [n, data_row_bytes] and their scale rows [n, scale_row_bytes] (uint8) -> float64
+    [n, latent + rope]."""
     n = data.shape[0]
     codes = data[:, :fmt.latent_dim].contiguous().view(torch.float8_e4m3fn).double()
     scale = ue8m0_values(scales[:, :fmt.n_scales])
@@ -300,8 +305,19 @@ def dequantize_mla_pages(cache: torch.Tensor, fmt: MLACacheFormat | MLABlockForm
     return torch.cat([latent, rope], dim=1)
 
 
+def dequantize_mla_slots(cache: torch.Tensor, fmt: MLACacheFormat | MLABlockFormat, slots: torch.Tensor) -> torch.Tensor:
+    """Only the rows of `slots` (valid ones: block * page_size + offset, int64 [n]) of a cache of
+    either format, as float64 [n, latent + rope]: a reference reads what it needs, not the cache."""
+    block, offset = slots // cache.shape[1], slots % cache.shape[1]
+    if isinstance(fmt, MLACacheFormat):
+        return dequantize_mla_rows(cache[block, offset, 0], fmt)
+    data, scales = block_regions(cache, fmt)
+    return dequantize_block_rows(data[block, offset], scales[block, offset], fmt)
+
+
 __all__ = ["FP8_MAX", "INDEX_FORMATS", "MAX_PAGE_SIZE", "MLA_FORMATS", "UE8M0_BIAS", "UE8M0_NAN", "IndexCacheFormat",
            "MLABlockFormat", "MLACacheFormat", "allocate_mla_cache", "block_regions", "check_mla_page_size",
-           "check_page_size", "dequantize_mla_pages", "dequantize_mla_rows", "mla_block_bytes", "pack_index_pages",
+           "check_page_size", "dequantize_block_rows", "dequantize_mla_pages", "dequantize_mla_rows",
+           "dequantize_mla_slots", "mla_block_bytes", "pack_index_pages",
            "pow2_scale", "quantize_block_rows", "quantize_mla_pages", "quantize_mla_rows", "ue8m0_exponents",
            "ue8m0_values", "unpack_index_pages"]

@@ -165,21 +165,24 @@ def softmax_scale_value(value: Any) -> tuple[float | None, str | None]:
 
 
 def _validate_cache(spec: Spec) -> None:
-    from .cache_formats import INDEX_FORMATS, MLA_FORMATS, MLACacheFormat, check_page_size
+    from .cache_formats import INDEX_FORMATS, MLA_FORMATS, MLABlockFormat, check_mla_page_size
 
     c, at, ix = spec.cache, spec.attention, spec.indexer
     if not isinstance(c, CacheSpec):
         raise SpecError("cache must be a [cache] table")
-    if (problem := check_page_size(c.page_size)) is not None:
-        raise SpecError(f"cache.page_size={c.page_size!r} {problem}")
     _check_enum("cache.mla_format", c.mla_format, tuple(MLA_FORMATS))
     _check_enum("cache.index_format", c.index_format, tuple(INDEX_FORMATS))
     fmt = MLA_FORMATS[c.mla_format]
-    readable = [name for name, f in MLA_FORMATS.items() if isinstance(f, MLACacheFormat)]
-    if c.mla_format not in readable:
-        raise SpecError(f"cache.mla_format={c.mla_format!r}: dsagen's decode kernels read {', '.join(readable)} so far "
-                        f"(the {c.mla_format} cache is served by dsagen.compat.flash_mla and dsagen.cache_formats)")
-    if (at.v_dim, at.rope_dim) != (fmt.latent_dim, fmt.rope_dim):
+    if (problem := check_mla_page_size(fmt, c.page_size)) is not None:
+        raise SpecError(f"cache.page_size={c.page_size!r} {problem}")
+    if isinstance(fmt, MLABlockFormat):
+        # V is the whole dequantized row (latent and rope), as q is
+        width = fmt.latent_dim + fmt.rope_dim
+        if (at.qk_dim, at.v_dim) != (width, width):
+            raise SpecError(f"cache.mla_format={c.mla_format!r} holds {fmt.latent_dim} latent + {fmt.rope_dim} rope "
+                            f"values per token, all of them V: attention.qk_dim and attention.v_dim must both be "
+                            f"{width}, got qk_dim={at.qk_dim}, v_dim={at.v_dim}")
+    elif (at.v_dim, at.rope_dim) != (fmt.latent_dim, fmt.rope_dim):
         raise SpecError(f"cache.mla_format={c.mla_format!r} holds {fmt.latent_dim} latent + {fmt.rope_dim} rope "
                         f"values per token, but attention has v_dim={at.v_dim} and qk_dim - v_dim={at.rope_dim}")
     if ix.dtype != "fp8_e4m3":

@@ -259,7 +259,7 @@ def test_sparse_decode_default_scale_empty_batch_and_op_path(device, backend, ge
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fq, fc, fi = (mode.from_tensor(t) for t in (q, cache, idx))
-        fo, fl = torch.ops.dsagen.sparse_decode(fq, fc, fi, 0.5, kernels.handle)
+        fo, fl = torch.ops.dsagen.sparse_decode(fq, fc, fi, 0.5, None, None, None, None, None, kernels.handle)
     assert fo.shape == (2, 3, 2, 512) and fo.dtype == torch.bfloat16 and fl.shape == (2, 3, 2)
 
 

@@ -7,36 +7,57 @@ import math
 
 import torch
 
-from ..cache_formats import MLACacheFormat, dequantize_mla_rows
+from ..cache_formats import MLACacheFormat, dequantize_mla_slots
 from ..verify import assert_close
 from .checks import softmax_scale
 from .shared import WORKLOAD_NEXT_N, mla_format
+from .sparse_decode import value_dim
 from .workload import Workload, generator
 
 
-def _gather_rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """uint8 cache rows [n, bytes_per_token] of valid slots (no copy of the whole cache)."""
-    page_size = cache.shape[1]
-    return cache[slots // page_size, slots % page_size, 0]
+def _valid_slots(indices: torch.Tensor, n_slots: int, length) -> torch.Tensor:
+    """The valid entries (0 <= slot < n_slots) among the first `length` of a token's indices (all
+    of them for None; none for length <= 0)."""
+    idx = indices.long()
+    if length is not None:
+        idx = idx[:max(0, int(length))]
+    return idx[(idx >= 0) & (idx < n_slots)]
 
 
-def reference_sparse_decode(q, mla_cache, indices, sm_scale: float, fmt: MLACacheFormat):
-    """Float64 from the math: per token, dequantize its valid selected rows exactly (fp8 * scale,
-    rope as bf16) and take the softmax over them. Returns (out [B, s_q, H, latent], lse [B, s_q, H])."""
+def _selected_rows(cache, fmt, indices, length) -> torch.Tensor:
+    """float64 [n, latent + rope] on the host: the dequantized rows of a token's valid selected slots
+    (gathered where the cache is; nothing else of the cache is read)."""
+    slots = _valid_slots(indices.cpu(), cache.shape[0] * cache.shape[1], length)
+    return dequantize_mla_slots(cache, fmt, slots.to(cache.device)).cpu()
+
+
+def reference_sparse_decode(q, mla_cache, indices, sm_scale: float, fmt, attn_sink=None, topk_length=None,
+                            extra_cache=None, extra_indices=None, extra_topk_length=None):
+    """Float64 from the math: per token, dequantize its valid selected rows of both selections
+    exactly (fp8 * scale, rope as bf16; the codecs of dsagen.cache_formats) and take one softmax over
+    them; V is value_dim(fmt) columns of the rows. Request b's tokens use the first topk_length[b]
+    (extra_topk_length[b]) indices. The sink: out *= 1 / (1 + exp(sink[h] - lse)), lse unchanged.
+    Returns (out [B, s_q, H, v_dim], lse [B, s_q, H]); a token without a valid index: 0 and +inf."""
     B, s_q, heads, _ = q.shape
-    n_slots = mla_cache.shape[0] * mla_cache.shape[1]
-    out = torch.zeros(B, s_q, heads, fmt.latent_dim, dtype=torch.float64)
+    v_dim = value_dim(fmt)
+    selections = [(mla_cache, indices, topk_length)]
+    if extra_cache is not None:
+        selections.append((extra_cache, extra_indices, extra_topk_length))
+    out = torch.zeros(B, s_q, heads, v_dim, dtype=torch.float64)
     lse = torch.full((B, s_q, heads), math.inf, dtype=torch.float64)
     for b in range(B):
         for t in range(s_q):
-            idx = indices[b, t].long()
-            idx = idx[(idx >= 0) & (idx < n_slots)]
-            if idx.numel() == 0:
+            rows = torch.cat([_selected_rows(cache, fmt, idx[b, t], None if n is None else n[b])
+                              for cache, idx, n in selections])
+            if rows.shape[0] == 0:
                 continue
-            rows = dequantize_mla_rows(_gather_rows(mla_cache, idx).cpu(), fmt)  # [n, latent + rope]
             scores = sm_scale * (q[b, t].cpu().double() @ rows.T)  # [H, n]
             lse[b, t] = torch.logsumexp(scores, dim=-1)
-            out[b, t] = torch.softmax(scores, dim=-1) @ rows[:, :fmt.latent_dim]
+            out[b, t] = torch.softmax(scores, dim=-1) @ rows[:, :v_dim]
+    if attn_sink is not None:
+        sink = attn_sink.cpu().double()
+        weight = torch.where(lse == math.inf, 1.0, 1.0 / (1.0 + torch.exp(sink - lse)))
+        out *= weight[..., None]
     return out, lse
 
 
