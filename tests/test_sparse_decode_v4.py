@@ -209,3 +209,29 @@ def test_spec_takes_the_block_format_with_its_dims():
         validate(make_spec(V4, 3, 5, 0))
     with pytest.raises(SpecError, match="cache.page_size=0"):
         validate(make_spec(V32, 3, 5, 0))
+
+
+def test_compat_decode_reads_the_model1_cache_in_one_kernel(device, gen, monkeypatch):
+    """flash_mla_with_kvcache on the MODEL1 cache with a window cache, sinks and lengths: one
+    sparse_decode launch (no gathered rows through the prefill kernel), equal to the reference."""
+    from dsagen.compat import flash_mla
+    from dsagen.kernels import DSAKernels
+
+    launched = []
+    for name in ("sparse_decode", "sparse_attention"):
+        def spy(self, *args, _name=name, _run=getattr(DSAKernels, name), **kwargs):
+            launched.append(_name)
+            return _run(self, *args, **kwargs)
+        monkeypatch.setattr(DSAKernels, name, spy)
+    B, s_q, H, k, ps = 3, 2, 3, 5, 53
+    q, cache, idx = problem(gen, V4, B, s_q, H, k, ps)
+    x_cache, x_idx = make_cache(gen, V4, 2, 7, 14), make_indices(gen, B, s_q, 3, 14, 14)
+    sink, n, x_n = torch.randn(H, generator=gen), lengths(gen, B, k), torch.tensor([3, -1, 2], dtype=torch.int32)
+    moved = [t.to(device) for t in (q, cache, idx, sink, x_cache, x_idx, n, x_n)]
+    out, lse = flash_mla.flash_mla_with_kvcache(moved[0], moved[1], None, None, 512, flash_mla.get_mla_metadata()[0],
+                                                None, 0.0625, False, True, *moved[2:])
+    assert launched == ["sparse_decode"]
+    ref_out, ref_lse = reference_sparse_decode(q, cache, idx, 0.0625, V4, attn_sink=sink, topk_length=n,
+                                               extra_cache=x_cache, extra_indices=x_idx, extra_topk_length=x_n)
+    assert_close("sparse_decode.out", out, ref_out)
+    assert_close("sparse_decode.lse", lse, ref_lse.transpose(1, 2))

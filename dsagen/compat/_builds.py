@@ -19,10 +19,10 @@ _SPEC_FIELD = re.compile(r"\b(?:indexer|topk|attention|cache)\.[a-z_]+\b")
 @functools.lru_cache(maxsize=64)
 def kernels_for(index_heads: int = 64, index_dim: int = 128, index_dtype: str = "fp8_e4m3", topk: int = 2048,
                 heads: int = 128, qk_dim: int = 576, v_dim: int = 512, page_size: int | None = None,
-                backend: str = "triton") -> DSAKernels:
+                backend: str = "triton", mla_format: str = "deepseek_v32_fp8") -> DSAKernels:
     """The build (Triton unless `backend` says otherwise) of the spec these numbers describe (the
     fields a call does not fix keep the DeepSeek-V3.2 values; they are not part of the kernels it runs)."""
-    cache = CacheSpec(page_size=page_size) if page_size is not None else None
+    cache = CacheSpec(page_size=page_size, mla_format=mla_format) if page_size is not None else None
     spec = Spec(indexer=IndexerSpec(heads=index_heads, head_dim=index_dim, dtype=index_dtype),
                 topk=TopKSpec(k=topk), attention=AttentionSpec(heads=heads, qk_dim=qk_dim, v_dim=v_dim),
                 cache=cache, name="inferred from the call's tensors")

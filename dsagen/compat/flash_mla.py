@@ -16,8 +16,7 @@ from ..cache_formats import MLA_FORMATS, MLABlockFormat, check_page_size
 from ._args import Args
 from ..distributed.attention import no_mass
 from ._builds import kernels_for_call
-from ._flash_mla_v4 import (Selection, apply_attn_sink, block_format_attention, cut_to_lengths,
-                            row_format_attention)
+from ._flash_mla_v4 import Selection, apply_attn_sink, cut_to_lengths
 
 BF16 = torch.bfloat16
 FP8_CACHE = MLA_FORMATS["deepseek_v32_fp8"]  # 512 fp8 latent | 4 fp32 scales | 64 bf16 rope per token
@@ -136,12 +135,12 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table, 
       576] bf16, V = the 512 latent values. Runs the sparse decode kernel on the cache in place.
     - 584 B (DeepSeek-V4's MODEL1: per block, page_size rows [448 fp8 | 64 bf16], then page_size
       rows [7 ue8m0 scales | pad], blocks padded to 576 B): q [b, s_q, h_q, 512] bf16, V = the
-      whole 512-value row. Gathers and dequantizes (to bf16) only the selected rows and runs the
-      prefill sparse attention kernel over them: exact, but not the fast path.
+      whole 512-value row. Runs the sparse decode kernel on the cache in place.
     indices [b, s_q, topk] int32 cache slots (block * page_size + offset), -1 or out of range =
     invalid; topk_length [b] int32: only request i's first topk_length[i] slots count.
     extra_k_cache (the same format, its own page size) with extra_indices_in_kvcache [b, s_q,
     extra_topk] and extra_topk_length [b]: a second selection attended in the same softmax.
+    One kernel launch reads both caches, cuts the lengths and applies the sink, with no host sync.
     attn_sink [h_q] fp32: out *= 1 / (1 + exp(attn_sink[h] - lse)) (lse unchanged; -inf: no
     effect, +inf: out 0). A query with no valid slot in either selection gives out 0 and lse +inf.
     Only the sparse FP8 path is served (indices given, is_fp8_kvcache=True, causal=False), as in
@@ -187,52 +186,39 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table, 
     scale = q_dim ** -0.5 if scale is None else scale
     args.at_least_one("h_q (q.shape[2])", h_q)
     args.no_grad_needed({"q": q})
-    selections = [Selection(k_cache, indices)]
+    main, extra = Selection(k_cache, indices), None
     if extra_k_cache is not None:
-        selections.append(Selection(extra_k_cache, extra_indices_in_kvcache))
-    runs = _decode_builds(args, fmt, h_q, selections)
-    extra = selections[1] if len(selections) > 1 else None
+        extra = Selection(extra_k_cache, extra_indices_in_kvcache)
     _record_shapes(args, tile_scheduler_metadata, FlashMLASchedMeta.Config(
         b, s_q, h_q, k_cache.shape[1], 1, causal, is_fp8_kvcache, indices.shape[-1],
         extra.cache.shape[1] if extra else None, extra.width if extra else None))
-    cut = [Selection(s.cache, cut_to_lengths(s.slots, n)) for s, n in zip(selections, (topk_length, extra_topk_length))]
-    out, lse = _decode(runs, fmt, q, cut, scale)
-    if attn_sink is not None:
-        out = apply_attn_sink(out, lse, attn_sink)
-    return out.to(BF16), lse.transpose(1, 2).contiguous()
+    if extra is not None and extra.is_empty():
+        extra, extra_topk_length = None, None
+    if main.is_empty():
+        if extra is None:  # no slot can be valid
+            out, lse = no_mass(q, HEAD_DIM_V)
+            return out, lse.transpose(1, 2).contiguous()
+        main, topk_length = Selection(k_cache, indices.new_full((b, s_q, 1), -1)), None
+    kernels = _decode_build(args, fmt, h_q, main)
+    out, lse = kernels.sparse_decode(
+        q, main.cache, _unit_last(main.slots), scale, _unit_last(attn_sink), _unit_last(topk_length),
+        extra.cache if extra else None, _unit_last(extra.slots) if extra else None, _unit_last(extra_topk_length))
+    return out, lse.transpose(1, 2).contiguous()
 
 
-def _decode_builds(args: Args, fmt, h_q: int, selections: list[Selection]) -> list:
-    """The kernels each selection runs on (None: no slot can be valid), built before any launch:
-    V3.2, one sparse decode build per selection; MODEL1, one sparse attention build over all of
-    them side by side."""
-    said = {"heads": "h_q (q.shape[2])"}
-    names = ("topk (indices.shape[-1])", "extra_topk (extra_indices_in_kvcache.shape[-1])")
-    if isinstance(fmt, MLABlockFormat):
-        width = sum(s.width for s in selections)
-        if all(s.is_empty() for s in selections):
-            return [None]
-        rows = width * selections[0].slots.shape[0] * selections[0].slots.shape[1]
-        if rows > MAX_SLOTS:
-            raise args.fail(f"b * s_q * (topk + extra_topk) = {rows} gathered rows: int32 indices address at most "
-                            f"{MAX_SLOTS} (the MODEL1 path gathers every selected row)")
-        topk_said = names[0] if len(selections) == 1 else "topk + extra_topk"
-        d = fmt.latent_dim + fmt.rope_dim
-        return [kernels_for_call(args.fn, said | {"topk": topk_said}, heads=h_q, qk_dim=d, v_dim=d, topk=width)]
-    return [None if s.is_empty() else kernels_for_call(
-        args.fn, said | {"topk": name}, heads=h_q, qk_dim=fmt.latent_dim + fmt.rope_dim, v_dim=fmt.latent_dim,
-        topk=s.width, page_size=_build_page_size(s.cache.shape[1])) for s, name in zip(selections, names)]
+def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t with a unit stride in its last dimension (a copy only where it has none), or None."""
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _decode(runs: list, fmt, q: torch.Tensor, selections: list[Selection], scale: float):
-    """(out [b, s_q, h_q, 512], lse [b, s_q, h_q]) over the selections, on the builds of
-    _decode_builds; out 0 and lse +inf where no slot can be valid."""
-    if isinstance(fmt, MLABlockFormat):
-        if runs[0] is None:
-            return no_mass(q, HEAD_DIM_V)
-        return block_format_attention(runs[0], q, selections, fmt, scale)
-    live = [(kernels, s) for kernels, s in zip(runs, selections) if kernels is not None]
-    return row_format_attention(live, q, scale) if live else no_mass(q, HEAD_DIM_V)
+def _decode_build(args: Args, fmt, h_q: int, main: Selection):
+    """The sparse decode build of the cache format, the heads and the main selection's width (the
+    window selection's width is a run-time size of the kernel)."""
+    d_qk = fmt.latent_dim + fmt.rope_dim
+    v_dim = d_qk if isinstance(fmt, MLABlockFormat) else fmt.latent_dim
+    said = {"heads": "h_q (q.shape[2])", "topk": "topk (indices.shape[-1])"}
+    return kernels_for_call(args.fn, said, heads=h_q, qk_dim=d_qk, v_dim=v_dim, topk=main.width,
+                            page_size=_build_page_size(main.cache.shape[1]), mla_format=fmt.name)
 
 
 def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,
