@@ -288,19 +288,52 @@ class DSAKernels:
 
     # -- compositions -------------------------------------------------------------------------
     def dsa(self, q, kv, index_q, index_k, index_k_scale, index_weights, ks, ke,
-            sm_scale: float | None = None) -> DSAOutput:
+            sm_scale: float | None = None, attn_sink: torch.Tensor | None = None) -> DSAOutput:
         """Indexer -> top-k -> sparse attention for one flattened batch of S query tokens (see
-        dsagen.varlen for the windows of a batch of sequences)."""
+        dsagen.varlen for the windows of a batch of sequences). attn_sink [H] fp32: required when
+        the spec has attention.sink = true (out *= 1 / (1 + exp(sink - lse)), lse unchanged), refused
+        otherwise."""
+        self._check_sink(attn_sink)
         if isinstance(q, torch.Tensor) and isinstance(index_q, torch.Tensor) and q.shape[0] != index_q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens but index_q has {index_q.shape[0]}")
         if isinstance(kv, torch.Tensor) and isinstance(index_k, torch.Tensor) and kv.shape[0] != index_k.shape[0]:
             raise ValueError(f"kv has {kv.shape[0]} rows but index_k has {index_k.shape[0]}")
         values = dict(q=q, kv=kv, index_q=index_q, index_k=index_k, index_k_scale=index_k_scale,
-                      index_weights=index_weights, ks=ks, ke=ke, sm_scale=sm_scale)
+                      index_weights=index_weights, ks=ks, ke=ke, sm_scale=sm_scale, attn_sink=attn_sink)
         return DSAOutput(*run_pipeline(self, DSA, values))
 
+    def _check_sink(self, attn_sink) -> None:
+        """The spec says whether the model has a sink per head; a pipeline call follows it."""
+        if self.spec.attention.sink and attn_sink is None:
+            raise ValueError(f"attn_sink is required: spec {self.spec.name!r} has attention.sink = true "
+                             f"(a [{self.spec.attention.heads}] fp32 tensor, one sink per head)")
+        if not self.spec.attention.sink and attn_sink is not None:
+            raise ValueError(f"attn_sink was given, but spec {self.spec.name!r} has no sink (attention.sink = false)")
+
+    def _check_window(self, q, window_cache, window_indices, window_lengths) -> None:
+        """cache.window > 0: the window cache and its indices [B, s_q, window] come with every step;
+        without a window in the spec they are refused."""
+        window = self.spec.cache.window
+        given = [name for name, t in (("window_cache", window_cache), ("window_indices", window_indices),
+                                      ("window_lengths", window_lengths)) if t is not None]
+        if not window:
+            if given:
+                raise ValueError(f"{given[0]} was given, but spec {self.spec.name!r} has no window cache "
+                                 "(cache.window = 0)")
+            return
+        if window_cache is None or window_indices is None:
+            missing = "window_cache" if window_cache is None else "window_indices"
+            raise ValueError(f"{missing} is required: spec {self.spec.name!r} has cache.window = {window} "
+                             f"(the window cache and its slots [B, s_q, {window}] int32)")
+        if isinstance(q, torch.Tensor) and isinstance(window_indices, torch.Tensor) and (
+                window_indices.dim() != 3 or tuple(window_indices.shape) != (*q.shape[:2], window)):
+            raise ValueError(f"window_indices must have shape [B, s_q, window] = {[*q.shape[:2], window]}, "
+                             f"got {list(window_indices.shape)}")
+
     def decode(self, q, mla_cache, index_q, index_cache, index_weights, context_lens, block_table,
-               sm_scale: float | None = None) -> DecodeOutput:
+               sm_scale: float | None = None, attn_sink: torch.Tensor | None = None,
+               window_cache: torch.Tensor | None = None, window_indices: torch.Tensor | None = None,
+               window_lengths: torch.Tensor | None = None) -> DecodeOutput:
         """One decode step over the paged caches: paged indexer -> decode top-k of each query's
         visible prefix, emitted as cache slots -> sparse FP8 decode attention. No host
         sync and fixed shapes, so a CUDA graph captures it (call prepare() first).
@@ -308,14 +341,23 @@ class DSAKernels:
         q [B, s_q, H, qk_dim] bf16; mla_cache uint8 [pages, page_size, 1, bytes_per_token];
         index_q [B, s_q, Hi, Di] fp8; index_cache uint8 [pages, page_size, 1, Di + 4];
         index_weights [B * s_q, Hi] fp32; context_lens [B] int32 (the new tokens included);
-        block_table [B, max_blocks] int32."""
+        block_table [B, max_blocks] int32.
+
+        DeepSeek-V4 (the spec says which): attn_sink [H] fp32 when attention.sink = true; with
+        cache.window = W, window_cache (the sliding-window cache, its own pages, the same format)
+        and window_indices [B, s_q, W] int32 (its slots; negative or out of range: invalid), with
+        window_lengths [B] int32 optional (request b attends its first window_lengths[b] of them):
+        attended in the same softmax as the selected slots."""
         if self.spec.cache is None:
             raise ValueError("decode() needs a spec with a [cache] section (page size and cache formats)")
+        self._check_sink(attn_sink)
+        self._check_window(q, window_cache, window_indices, window_lengths)
         if isinstance(q, torch.Tensor) and isinstance(index_q, torch.Tensor) and q.shape[:2] != index_q.shape[:2]:
             raise ValueError(f"q is [B, s_q] = {list(q.shape[:2])} but index_q is {list(index_q.shape[:2])}")
         values = dict(q=q, mla_cache=mla_cache, index_q=index_q, index_cache=index_cache,
                       index_weights=index_weights, context_lens=context_lens, block_table=block_table,
-                      sm_scale=sm_scale)
+                      sm_scale=sm_scale, attn_sink=attn_sink, topk_length=None, window_cache=window_cache,
+                      window_indices=window_indices, window_lengths=window_lengths)
         return DecodeOutput(*run_pipeline(self, DECODE, values))
 
 

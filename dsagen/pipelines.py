@@ -91,7 +91,7 @@ DSA = Pipeline(
             (lambda kernels: True, (Call("indexer", INDEX_INPUTS, ("logits",), no_grad=True),
                                     Call("topk", ("logits", "ks", "ke"), ("indices",), no_grad=True))),
         )),
-        Call("sparse_attention", ("q", "kv", "indices", "sm_scale"), ("out", "lse")),
+        Call("sparse_attention", ("q", "kv", "indices", "sm_scale", "attn_sink"), ("out", "lse")),
     ),
     returns=("out", "lse", "indices"),
 )
@@ -111,7 +111,9 @@ DECODE = Pipeline(
         Call("paged_indexer", ("index_q", "index_cache", "index_weights", "context_lens", "block_table"), ("logits",)),
         Call("decode_topk", ("logits", "context_lens", "block_table"), ("slots",)),
         Apply(_slots_per_query, ("slots",)),
-        Call("sparse_decode", ("q", "mla_cache", "slots", "sm_scale"), ("out", "lse")),
+        # the window cache (cache.window > 0) is attended in the same softmax as the selection
+        Call("sparse_decode", ("q", "mla_cache", "slots", "sm_scale", "attn_sink", "topk_length", "window_cache",
+                               "window_indices", "window_lengths"), ("out", "lse")),
     ),
     returns=("out", "lse", "slots"),
 )

@@ -31,6 +31,7 @@ MAX_INDEXER_HEAD_DIM = 256  # one query head row and one key row are held whole 
 MAX_V_DIM = 512  # the output accumulator [heads, v_dim] lives in registers
 MAX_ROPE_DIM = 128  # qk_dim - v_dim: the extra (rope) part of each query/key row
 MAX_TOPK = 1 << 20
+MAX_WINDOW = 1 << 20  # tokens of a sliding-window cache (its indices are one more selection)
 
 # the kernel names a [schedule.<kernel>] table may use, as the op registry says when it is imported
 # (None: not told, so any name is kept until a build looks its kernel up)
@@ -84,6 +85,10 @@ class AttentionSpec:
     v_dim: int = 512
     dtype: str = "bf16"
     sm_scale: float | None = None
+    # a learned sink logit per head (DeepSeek-V4): the pipelines take attn_sink [heads] fp32 and
+    # give out *= 1 / (1 + exp(sink - lse)), lse unchanged. A run-time input of the kernels (a
+    # specialization chosen by the call), so not part of any hash.
+    sink: bool = False
 
     @property
     def rope_dim(self) -> int:
@@ -103,6 +108,9 @@ class CacheSpec:
     page_size: int = 64
     mla_format: str = "deepseek_v32_fp8"
     index_format: str = "deepgemm_fp8"
+    # tokens of the sliding-window cache attended in the same softmax as the selection (DeepSeek-V4:
+    # the last 128); 0: none. decode() then takes window_cache and window_indices [B, s_q, window].
+    window: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,8 @@ def validate(spec: Spec) -> None:
             f"qk_dim - v_dim must be <= {MAX_ROPE_DIM}"
         )
     _check_enum("attention.dtype", at.dtype, ATTENTION_DTYPES)
+    if not isinstance(at.sink, bool):
+        raise SpecError(f"attention.sink={at.sink!r} must be true or false")
     if at.sm_scale is not None:
         number, problem = softmax_scale_value(at.sm_scale)
         if problem:
@@ -217,6 +227,7 @@ def validate(spec: Spec) -> None:
         object.__setattr__(at, "sm_scale", number)  # a NumPy scalar becomes a plain float
     if spec.cache is not None:
         _validate_cache(spec)
+        _check_int("cache.window", spec.cache.window, 0, MAX_WINDOW, f"0 (no window cache) .. {MAX_WINDOW} tokens")
     if not isinstance(spec.name, str) or not spec.name:
         raise SpecError(f"name={spec.name!r} must be a non-empty string")
     if not isinstance(spec.schedule, Mapping):
@@ -257,10 +268,10 @@ _SECTIONS: dict[str, tuple[type, set[str], set[str]]] = {
     # section: (dataclass, required keys, optional keys)
     "indexer": (IndexerSpec, {"heads", "head_dim", "dtype"}, set()),
     "topk": (TopKSpec, {"k"}, {"fused"}),
-    "attention": (AttentionSpec, {"heads", "qk_dim", "v_dim", "dtype"}, {"sm_scale"}),
+    "attention": (AttentionSpec, {"heads", "qk_dim", "v_dim", "dtype"}, {"sm_scale", "sink"}),
 }
 _OPTIONAL_SECTIONS: dict[str, tuple[type, set[str], set[str]]] = {
-    "cache": (CacheSpec, set(), {"page_size", "mla_format", "index_format"}),
+    "cache": (CacheSpec, set(), {"page_size", "mla_format", "index_format", "window"}),
 }
 _TOP_LEVEL = {"name", "indexer", "topk", "attention", "cache", "schedule"}
 
