@@ -349,7 +349,7 @@ def test_out_of_range_values_stay_inside_the_tensors(case, backend, device, gen,
     case.corrupt(named)
     inputs = {n: Guarded.of(t, False, (0,) if n in case.packed else None)
               for n, t in named.items() if isinstance(t, torch.Tensor)}
-    args = [inputs[n].view if n in inputs else named[n] for n in names]
+    args = [inputs[n].view if n in inputs else named[n] for n in named]  # the optional inputs left out
     outputs = {n: Guarded.of(t, True) for n, t in workload(op).poisoned_outputs(spec, args).items()}
     kernels = dsagen.build(spec, backend=backend, deterministic=case.deterministic)
     result = kernels.run(case.kernel, *args, **{n: g.view for n, g in outputs.items()})

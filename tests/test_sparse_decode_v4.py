@@ -235,3 +235,22 @@ def test_compat_decode_reads_the_model1_cache_in_one_kernel(device, gen, monkeyp
                                                extra_cache=x_cache, extra_indices=x_idx, extra_topk_length=x_n)
     assert_close("sparse_decode.out", out, ref_out)
     assert_close("sparse_decode.lse", lse, ref_lse.transpose(1, 2))
+
+
+def test_sparse_decode_v4_workload(device, backend):
+    """The tuner's and bench's recipe on the MODEL1 cache (page size 53): a padded block cache, the
+    sampled check, the naive baseline against the reference."""
+    from dsagen.ops.sparse_decode import SPARSE_DECODE
+    from dsagen.workloads import workload
+
+    spec = make_spec(V4, 3, 37, 53)
+    kernels = dsagen.build(spec, backend=backend)
+    wl = workload(SPARSE_DECODE)
+    inputs = wl.inputs(spec, 2, 75, device, seed=1)
+    q, cache, idx, _ = inputs
+    assert q.shape == (2, 2, 3, 512) and cache.shape[1:] == (53, 1, 584) and cache.stride(0) == 54 * 576
+    result = kernels.sparse_decode(*inputs, **wl.poisoned_outputs(spec, inputs))
+    assert "RMS ratio" in wl.check(spec, inputs, result, torch.arange(2))
+    naive_out, _ = wl.naive(spec, inputs)()
+    ref_out, _ = wl.reference(spec, *inputs)
+    assert_close("sparse_decode.out", naive_out, ref_out)

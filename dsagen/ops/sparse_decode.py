@@ -2,21 +2,32 @@
 head count and any k).
 
 q [B, s_q, H, qk_dim] bf16 (s_q = next_n new tokens per request), mla_cache uint8
-[n_pages, page_size, 1, bytes_per_token] in the spec's cache format (dsagen/cache_formats.py: fp8
-latent | fp32 scales, one per group | bf16 rope; latent value = fp8 * scale), indices [B, s_q, k]
-int32 slots into the cache's token axis (slot = page * page_size + offset: the page table is
-already applied; invalid = negative or >= n_pages * page_size). out [B, s_q, H, latent] bf16 and
-lse [B, s_q, H] fp32 (natural log): out[b,t,h] = sum_i softmax_i(sm_scale * q[b,t,h] . row_i) *
-row_i[:latent] over the valid selected rows, row_i the dequantized row; a token with no valid
-index gives out 0 and lse +inf; NaN as the prefill sparse attention (docs/numerics.md).
+[n_pages, page_size, 1, bytes_per_token] in the spec's cache format (dsagen/cache_formats.py),
+indices [B, s_q, k] int32 slots into the cache's token axis (slot = page * page_size + offset: the
+page table is already applied; invalid = negative or >= n_pages * page_size). out [B, s_q, H,
+v_dim] bf16 and lse [B, s_q, H] fp32 (natural log): out[b,t,h] = sum_i softmax_i(sm_scale *
+q[b,t,h] . row_i) * V_i over the valid selected rows, row_i the dequantized row; a token with no
+valid index gives out 0 and lse +inf; NaN as the prefill sparse attention (docs/numerics.md).
 
-The page size is read from the tensor (any size; the spec's cache.page_size need not match):
-the kernel addresses slot // page_size and slot % page_size through the cache's strides, so
-padded page strides work too. Schedule: block_h heads x block_n gathered rows per step; k_split
-> 1 splits each token's k slots over programs whose partial softmaxes a second kernel merges
-exactly (for few query tokens: B * s_q small); the tuner picks it per (rows, context) bucket.
-The TVM templates (llvm, cuda) follow the same contract; their knobs are the same ideas per target
-(cpu_block_h / cpu_block_n / cpu_k_split, cuda_*), and they dequantize to fp32.
+Two kinds of format: V3.2's rows (fp8 latent | fp32 scales, one per group | bf16 rope; V = the
+latent values) and DeepSeek-V4's MODEL1 blocks (per block, the page's data rows [fp8 latent | bf16
+rope], then its scale rows of ue8m0 bytes, the block padded; V = the whole row, so qk_dim = v_dim).
+The page size is read from the tensor (any size; the spec's cache.page_size need not match) and
+the block stride from its stride(0), so padded page strides work too.
+
+Optional inputs (each a kernel specialization chosen only when given, no host sync): attn_sink [H]
+fp32 (out *= 1 / (1 + exp(sink[h] - lse)), lse unchanged; after the split-k combine), topk_length
+[B] int32 (request b's tokens read their first topk_length[b] indices: <= 0 none, > k all), and
+the window cache: extra_cache (the same format, its own page size and blocks), extra_indices [B,
+s_q, k2] (any k2 >= 1) and extra_topk_length [B], attended after the main selection in the same
+online softmax (one lse over both). The TVM templates take the sink and lengths on llvm and read
+one cache; their CUDA kernel reads V3.2's rows.
+
+Schedule: block_h heads x block_n gathered rows per step; k_split > 1 splits each token's k slots
+over programs whose partial softmaxes a second kernel merges exactly (for few query tokens: B * s_q
+small); the tuner picks it per (rows, context) bucket. The TVM templates (llvm, cuda) follow the
+same contract; their knobs are the same ideas per target (cpu_block_h / cpu_block_n / cpu_k_split,
+cuda_*), and they dequantize to fp32.
 
 Workload (tuner, bench): S = B requests, SKV = context length per request, next_n = 2 query tokens
 per request; each token selects k distinct random slots of its request's causal context (pages in

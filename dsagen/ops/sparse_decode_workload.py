@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from ..cache_formats import MLACacheFormat, dequantize_mla_slots
+from ..cache_formats import (UE8M0_BIAS, UE8M0_NAN, MLABlockFormat, MLACacheFormat, allocate_mla_cache,
+                             block_regions, dequantize_mla_slots)
 from ..verify import assert_close
 from .checks import softmax_scale
 from .shared import WORKLOAD_NEXT_N, mla_format
@@ -72,32 +73,51 @@ def dequantize_gathered(raw: torch.Tensor, fmt: MLACacheFormat) -> torch.Tensor:
     return torch.cat([latent.bfloat16(), rope], dim=1).reshape(*shape, -1)
 
 
-def naive_sparse_decode(q, mla_cache, indices, sm_scale: float, fmt: MLACacheFormat, chunk: int = 64):
+def gathered_block_rows(cache: torch.Tensor, slots: torch.Tensor, fmt: MLABlockFormat) -> torch.Tensor:
+    """The rows of valid slots [...] of a block-format cache -> bf16 [..., latent + rope] with torch
+    (naive baseline): fp8 * 2^(e - 127) in fp32, rounded once to bf16."""
+    data, scales = block_regions(cache, fmt)
+    block, offset = slots // cache.shape[1], slots % cache.shape[1]
+    raw, exponents = data[block, offset], scales[block, offset, :fmt.n_scales].float()
+    codes = raw[..., :fmt.latent_dim].contiguous().view(torch.float8_e4m3fn).float()
+    scale = torch.where(exponents == UE8M0_NAN, math.nan, torch.exp2(exponents - UE8M0_BIAS))
+    latent = (codes.unflatten(-1, (fmt.n_scales, fmt.group)) * scale[..., None]).flatten(-2)
+    return torch.cat([latent.bfloat16(), raw[..., fmt.latent_dim:].contiguous().view(torch.bfloat16)], dim=-1)
+
+
+def naive_sparse_decode(q, mla_cache, indices, sm_scale: float, fmt, chunk: int = 64):
     """Gather the selected cache rows, dequantize them with torch, dense bf16 attention over them,
     in chunks of query tokens."""
     B, s_q, heads, dqk = q.shape
     qf, idx = q.reshape(B * s_q, heads, dqk), indices.reshape(B * s_q, -1)
-    rows_u8 = mla_cache.reshape(-1, fmt.bytes_per_token)
-    n_slots = rows_u8.shape[0]
-    out = torch.empty(B * s_q, heads, fmt.latent_dim, dtype=q.dtype, device=q.device)
+    n_slots = mla_cache.shape[0] * mla_cache.shape[1]
+    if isinstance(fmt, MLABlockFormat):
+        gather = lambda slots: gathered_block_rows(mla_cache, slots, fmt)  # noqa: E731
+    else:
+        gather = lambda slots: dequantize_gathered(mla_cache.reshape(-1, fmt.bytes_per_token)[slots], fmt)  # noqa: E731
+    v_dim = value_dim(fmt)
+    out = torch.empty(B * s_q, heads, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * s_q, heads, dtype=torch.float32, device=q.device)
     for s0 in range(0, B * s_q, chunk):
         ix = idx[s0:s0 + chunk].long()
         valid = (ix >= 0) & (ix < n_slots)
-        rows = dequantize_gathered(rows_u8[ix.clamp(0, n_slots - 1)], fmt)  # [c, k, D]
+        rows = gather(ix.clamp(0, n_slots - 1))  # [c, k, D]
         scores = torch.einsum("chd,ckd->chk", qf[s0:s0 + chunk], rows).float() * sm_scale
         scores = scores.masked_fill(~valid[:, None, :], -math.inf)
         lse[s0:s0 + chunk] = torch.logsumexp(scores, -1)
         p = torch.softmax(scores, -1).nan_to_num(0.0).to(q.dtype)
-        out[s0:s0 + chunk] = torch.einsum("chk,ckd->chd", p, rows[..., :fmt.latent_dim])
+        out[s0:s0 + chunk] = torch.einsum("chk,ckd->chd", p, rows[..., :v_dim])
     return out.reshape(B, s_q, heads, -1), lse.reshape(B, s_q, heads)
 
 
-def random_mla_cache(n_slots: int, page_size: int, fmt: MLACacheFormat, g: torch.Generator, device,
+def random_mla_cache(n_slots: int, page_size: int, fmt, g: torch.Generator, device,
                      chunk: int = 1 << 20) -> torch.Tensor:
     """A filled cache [n_slots / page_size, page_size, 1, bytes_per_token]: fp8 codes of about 16 x
     N(0, 1), power-of-two scales 2^-5..2^-3 (values of about N(0, 1)), bf16 N(0, 1) rope; written
-    in chunks of slots so no float copy of the whole cache exists."""
+    in chunks of slots so no float copy of the whole cache exists. A block format's blocks are
+    padded (allocate_mla_cache)."""
+    if isinstance(fmt, MLABlockFormat):
+        return _random_block_cache(n_slots // page_size, page_size, fmt, g, device, max(1, chunk // page_size))
     cache = torch.empty(n_slots, fmt.bytes_per_token, dtype=torch.uint8, device=device)
     for s0 in range(0, n_slots, chunk):
         n = min(chunk, n_slots - s0)
@@ -110,6 +130,23 @@ def random_mla_cache(n_slots: int, page_size: int, fmt: MLACacheFormat, g: torch
     return cache.reshape(n_slots // page_size, page_size, 1, fmt.bytes_per_token)
 
 
+def _random_block_cache(n_blocks: int, page_size: int, fmt: MLABlockFormat, g: torch.Generator, device,
+                        chunk: int) -> torch.Tensor:
+    """random_mla_cache's values in a block-format cache, `chunk` blocks at a time."""
+    cache = allocate_mla_cache(fmt, n_blocks, page_size, device)
+    data, scales = block_regions(cache, fmt)
+    for b0 in range(0, n_blocks, chunk):
+        nb = min(chunk, n_blocks - b0)
+        n = nb * page_size
+        codes = (torch.randn(n, fmt.latent_dim, device=device, generator=g) * 16).to(torch.float8_e4m3fn)
+        exponents = torch.randint(UE8M0_BIAS - 5, UE8M0_BIAS - 2, (n, fmt.n_scales), device=device, generator=g)
+        rope = torch.randn(n, fmt.rope_dim, device=device, generator=g).bfloat16()
+        data[b0:b0 + nb, :, :fmt.latent_dim] = codes.view(torch.uint8).reshape(nb, page_size, -1)
+        data[b0:b0 + nb, :, fmt.latent_dim:] = rope.view(torch.uint8).reshape(nb, page_size, -1)
+        scales[b0:b0 + nb, :, :fmt.n_scales] = exponents.to(torch.uint8).reshape(nb, page_size, -1)
+    return cache
+
+
 class SparseDecodeWorkload(Workload):
     kernel = "sparse_decode"
     naive_name = "gather + torch dequantize + einsum + softmax (bf16, chunks of 64 tokens)"
@@ -119,9 +156,10 @@ class SparseDecodeWorkload(Workload):
     tolerances = {"out": 1e-2, "lse": 1e-4}
 
 
-    def reference(self, spec, q, mla_cache, indices, sm_scale=None):
+    def reference(self, spec, q, mla_cache, indices, sm_scale=None, **optional):
+        """The float64 reference of a call: the spec's cache format, the optional inputs by name."""
         scale = softmax_scale(spec, sm_scale)
-        return reference_sparse_decode(q, mla_cache, indices, scale, mla_format(spec))
+        return reference_sparse_decode(q, mla_cache, indices, scale, mla_format(spec), **optional)
 
     def inputs(self, spec, S_, SKV_, device, seed):
         """B = S_ requests of SKV_ tokens each in a shared cache of pages in a random order; q for
