@@ -188,6 +188,13 @@ def test_one_rank_decode_is_the_plain_decode_step(one_rank, kernels, gen):
     positions, slots = sharded_decode_select(K, index_q, index_cache, weights, lens, table)
     assert_equal(("positions", positions, want), ("slots", slots, plain.slots))
 
+    # a sink on one rank: the decode kernel applies it, with no merge launched
+    sink = torch.tensor([math.inf] + [0.5] * (K.spec.attention.heads - 1), device=q.device)
+    sinked, ops = logged(lambda: sharded_decode(K, *case, attn_sink=sink))
+    assert not [op for op in ops if "lse_merge" in op], ops
+    want_out, want_lse = K.sparse_decode(q, mla_cache, plain.slots, None, sink)
+    assert_equal(("out", sinked.out, want_out), ("lse", sinked.lse, plain.lse))
+
 
 def test_one_rank_training_is_the_plain_forward_and_backward(one_rank, kernels, gen):
     """sharded_sparse_attention and sharded_indexer_loss, forward and backward, dispatch what the

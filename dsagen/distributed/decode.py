@@ -152,7 +152,8 @@ def sharded_decode(kernels, q, mla_cache, index_q, index_cache, index_weights, c
         return ShardedDecodeOutput(out, lse, None, slots)
     chosen, slots = sharded_decode_select(kernels, index_q, index_cache, index_weights, context_lens,
                                           block_table, group)
-    out, lse = kernels.sparse_decode(q, mla_cache, slots, sm_scale)
+    one_rank = world == 1  # the partial is the whole: the decode kernel applies the sink itself
+    out, lse = kernels.sparse_decode(q, mla_cache, slots, sm_scale, attn_sink if one_rank and merge else None)
     if merge:
-        out, lse = merge_attention_over_ranks(out, lse, group, kernels, attn_sink)
+        out, lse = merge_attention_over_ranks(out, lse, group, kernels, None if one_rank else attn_sink)
     return ShardedDecodeOutput(out, lse, chosen if positions else None, slots)
