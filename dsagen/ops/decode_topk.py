@@ -1,11 +1,12 @@
 """Decode, the top-k selector with the page-table transform fused in: the k largest paged-indexer
 logits of each query row's visible prefix, emitted as cache slots.
 
-    logits [B * next_n, n_cols] fp32 (row r = b * next_n + j), context_lens [B] int32,
+    logits [B * next_n, n_cols] fp32 (row r = b * next_n + j), context_lens [B] or [B, next_n] int32,
     block_table [B, max_blocks] int32 -> slots [B, next_n, k] int32.
 
 next_n = rows / B (exactly). Row r sees the positions [0, visible) with visible =
-clamp(context_lens[b] - next_n + j + 1, 0, min(n_cols, max_blocks * page_size)): a position past
+clamp(context_lens[b] - next_n + j + 1, 0, min(n_cols, max_blocks * page_size)), or with lengths per
+row [B, next_n] clamp(context_lens[b, j], ...) (the rank decides; any page size): a position past
 the block table has no page, so it is not in the window; no column at or past it is read. Its k
 largest logits there are selected exactly: NaN ranks above +inf (docs/numerics.md), every NaN ties
 with every other and -0 with +0, and ties go to the LOWER position, so the selected set is unique.
@@ -49,6 +50,7 @@ import torch
 from ..plan import Cost, S, W, next_pow2
 from .base import DECODE_TUNING, Call, Op, Tuning
 from .checks import check_out, check_tensor
+from .paged_indexer import check_context_lens
 from .shared import WORKLOAD_NEXT_N
 from .signature import Signature, tensor
 
@@ -68,8 +70,9 @@ class DecodeTopKOp(Op):
                "(page table applied), -1 padded")
     backends = ("triton", "tvm")
     doc = ("slots [B, next_n, k] int32: the k largest logits of each query row's visible prefix\n"
-           "(row b * next_n + j sees positions < context_lens[b] - next_n + j + 1; ties to the lower\n"
-           "position), each turned into its cache slot through block_table, then -1 padding.")
+           "(row b * next_n + j sees positions < context_lens[b] - next_n + j + 1, or < context_lens[b, j]\n"
+           "for context_lens [B, next_n]; ties to the lower position), each turned into its cache slot\n"
+           "through block_table, then -1 padding.")
     needs_cache = True
     short_names = {"block_n": "n", "chunk": "c", "waves": "wv", "radix_bits": "r", "levels": "l",
                    "candidates": "cd", "sorted": "srt", "num_warps": "w"}
@@ -100,7 +103,8 @@ class DecodeTopKOp(Op):
         k = spec.topk.k
         check_tensor("logits", logits, torch.float32, (None, None))
         dev, (rows, n_cols) = logits.device, logits.shape
-        check_tensor("context_lens", context_lens, torch.int32, (None,), dev)
+        if not isinstance(context_lens, torch.Tensor) or context_lens.dim() != 2:
+            check_tensor("context_lens", context_lens, torch.int32, (None,), dev)
         n_req = context_lens.shape[0]
         if n_req == 0 and rows:
             raise ValueError(f"context_lens holds no request, but logits has {rows} rows")
@@ -110,6 +114,7 @@ class DecodeTopKOp(Op):
         if n_cols >= 2**30:
             raise ValueError(f"logits has {n_cols} columns: at most 2**30 - 1")
         next_n = request_rows(logits, context_lens, out)
+        check_context_lens(context_lens, n_req, next_n, dev)
         check_tensor("block_table", block_table, torch.int32, (n_req, None), dev)
         check_out("out", out, torch.int32, (n_req, next_n, k), dev)
         strides = {"logits": logits.stride()[:1], "block_table": block_table.stride()[:1],

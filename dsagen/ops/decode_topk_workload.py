@@ -14,10 +14,21 @@ from .shared import WORKLOAD_NEXT_N
 from .workload import Workload, few_keys_warning, generator
 
 
+def row_ends(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
+    """int64 [B * next_n]: row b * next_n + j sees the positions < this (>= 0, before any clamp to the
+    columns): max(len, 0) - next_n + j + 1 for lengths per request [B], lens[b, j] for lengths per
+    row [B, next_n]."""
+    lens = context_lens.long()
+    if lens.dim() == 2:
+        return lens.reshape(-1).clamp_min(0)
+    j = torch.arange(next_n, device=lens.device)
+    return (lens.clamp_min(0)[:, None] - next_n + 1 + j[None, :]).reshape(-1).clamp_min(0)
+
+
 def visible_lengths(context_lens: torch.Tensor, next_n: int, n_cols: int) -> torch.Tensor:
-    """int64 [B * next_n]: the positions row b * next_n + j sees, clamp(len - next_n + j + 1, 0, n_cols)."""
-    _, ke = decode_windows(context_lens.long().clamp_min(0), next_n)
-    return ke.long().clamp(0, n_cols)
+    """int64 [B * next_n]: the positions row b * next_n + j sees, clamp(len - next_n + j + 1, 0, n_cols)
+    (clamp(lens[b, j], 0, n_cols) for lengths per row)."""
+    return row_ends(context_lens, next_n).clamp_max(n_cols)
 
 
 def top_positions(window: torch.Tensor, k: int) -> torch.Tensor:
@@ -126,8 +137,7 @@ def naive_decode_topk(logits, context_lens, block_table, k: int, page_size: int)
     """torch: the windows masked to -inf, torch.topk over the rows, picks past the window made -1,
     then the page-table transform (dsagen.decode.positions_to_slots)."""
     next_n = request_rows(logits, context_lens)
-    _, ke = decode_windows(context_lens, next_n)
-    ke = ke.clamp_max(window_width(logits, block_table, page_size))
+    ke = row_ends(context_lens, next_n).clamp_max(window_width(logits, block_table, page_size))
     n_cols = logits.shape[1]
     cols = torch.arange(n_cols, device=logits.device)
     masked = logits.masked_fill(cols[None, :] >= ke[:, None], -math.inf)

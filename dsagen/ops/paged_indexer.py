@@ -3,10 +3,11 @@ contract, for any next_n >= 1 and any head count).
 
     q [B, next_n, H, D] fp8 e4m3, index_cache uint8 [n_pages, page_size, 1, D + 4] (per page: its
     page_size x D fp8 keys, then their page_size fp32 scales), weights [B * next_n, H] fp32 (q's scale
-    folded in), context_lens [B] int32, block_table [B, max_blocks] int32
+    folded in), context_lens [B] or [B, next_n] int32, block_table [B, max_blocks] int32
     -> logits [B * next_n, max_blocks * page_size] fp32.
 
 Row r = b * next_n + j is query j of request b; it sees the tokens s < context_lens[b] - next_n + j + 1
+(or, given lengths per row [B, next_n], s < context_lens[b, j]; the rank decides), any page size
 (token s lives in page block_table[b, s // page_size] at slot s % page_size) and gets
 logits[r, s] = k_scale[s] * sum_h weights[r, h] * relu(q[b, j, h] . k[s]) there, -inf in every other
 column (a visible length <= 0 gives an all -inf row). Table entries past a request's context are
@@ -30,13 +31,26 @@ from .shared import INDEXER_TRAINS_THROUGH_LOSS, WORKLOAD_NEXT_N
 from .signature import Signature, tensor
 
 
+def check_context_lens(context_lens, n_req: int, next_n: int, device) -> None:
+    """context_lens: int32 [B] (query j of request b sees s < len - next_n + j + 1) or [B, next_n]
+    (it sees s < lens[b, j]), any strides for the latter; ValueError naming it otherwise."""
+    if isinstance(context_lens, torch.Tensor) and context_lens.dim() == 2:
+        check_tensor("context_lens", context_lens, torch.int32, (n_req, next_n), device, contiguous_last=False)
+    elif isinstance(context_lens, torch.Tensor) and context_lens.dim() != 1:
+        raise ValueError(f"context_lens must have shape [B] or [B, next_n] = [{n_req}] or [{n_req}, {next_n}], "
+                         f"got {list(context_lens.shape)}")
+    else:
+        check_tensor("context_lens", context_lens, torch.int32, (n_req,), device)
+
+
 class PagedIndexerOp(Op):
     name = "paged_indexer"
     position = 60
     summary = "decode lightning indexer over the paged fp8 key cache: logits [B*next_n, max_blocks*page_size]"
     backends = ("triton", "tvm")
     doc = ("logits [B * next_n, max_blocks * page_size] fp32 over each request's paged keys; query j\n"
-           "of request b sees positions < context_lens[b] - next_n + j + 1, -inf elsewhere.")
+           "of request b sees positions < context_lens[b] - next_n + j + 1 (context_lens [B]) or\n"
+           "< context_lens[b, j] (context_lens [B, next_n]), -inf elsewhere.")
     needs_cache = True
     short_names = {"block_n": "n", "block_h": "hb", "key_blocks": "kb", "num_warps": "w", "num_stages": "s"}
     signature = Signature((tensor("q"), tensor("index_cache"), tensor("weights"), tensor("context_lens"),
@@ -87,7 +101,7 @@ class PagedIndexerOp(Op):
             raise ValueError(f"index_cache must be packed within each page (stride {ix.head_dim + 4} along "
                              f"dim 1), got strides {index_cache.stride()}")
         check_tensor("weights", weights, torch.float32, (n_req * next_n, ix.heads), dev)
-        check_tensor("context_lens", context_lens, torch.int32, (n_req,), dev)
+        check_context_lens(context_lens, n_req, next_n, dev)
         check_tensor("block_table", block_table, torch.int32, (n_req, None), dev)
         if index_cache.shape[0] >= 2**31:
             raise ValueError(f"index_cache has {index_cache.shape[0]} pages: block_table's int32 entries "

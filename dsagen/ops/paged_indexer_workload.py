@@ -8,24 +8,26 @@ import torch
 
 from ..cache_formats import pack_index_pages, pow2_scale, unpack_index_pages
 from ..verify import assert_close
+from .decode_topk_workload import row_ends
 from .shared import INDEXER_LOGITS_TOLERANCES, WORKLOAD_NEXT_N
 from .workload import Workload, generator
 
 
 def paged_indexer_reference(q, index_cache, weights, context_lens, block_table):
     """float64 logits written from the math: keys dequantized on the host, gathered through the
-    block table for the visible tokens only; a token whose entry names no page stays -inf."""
+    block table for the visible tokens only; a token whose entry names no page stays -inf.
+    context_lens: [B] (row j sees s < len - next_n + j + 1) or [B, next_n] (row j sees s < lens[b, j])."""
     n_req, next_n, heads, head_dim = q.shape
     n_pages, page_size = index_cache.shape[:2]
     n_cols = block_table.shape[1] * page_size
     keys, scales = unpack_index_pages(index_cache.cpu(), head_dim)
     q64, w64 = q.cpu().double(), weights.cpu().double().reshape(n_req, next_n, heads)
-    lens, table = context_lens.cpu().long(), block_table.cpu().long()
+    ends, table = row_ends(context_lens.cpu(), next_n).reshape(n_req, next_n), block_table.cpu().long()
     out = torch.full((n_req * next_n, n_cols), -math.inf, dtype=torch.float64)
     if n_pages == 0:  # no entry names a page
         return out
     for b in range(n_req):
-        n = min(int(lens[b]), n_cols)  # the last query row sees s < context_lens[b]
+        n = min(int(ends[b].max()), n_cols) if next_n else 0  # the keys some row of b sees
         if n <= 0:
             continue
         s = torch.arange(n)
@@ -37,7 +39,7 @@ def paged_indexer_reference(q, index_cache, weights, context_lens, block_table):
         logits = torch.einsum("jhs,jh->js", scores, w64[b]) * scales[token][None, :]
         logits = logits.masked_fill(~in_page[None, :], -math.inf)
         for j in range(next_n):
-            visible = min(int(lens[b]) - next_n + j + 1, n_cols)
+            visible = min(int(ends[b, j]), n_cols)
             if visible > 0:
                 out[b * next_n + j, :visible] = logits[j, :visible]
     return out
@@ -86,7 +88,7 @@ def naive_paged_indexer(q, index_cache, weights, context_lens, block_table, chun
         scores = torch.einsum("bjhd,bsd->bjhs", q[b0:b0 + chunk].to(torch.bfloat16), k).float().relu_()
         w = weights[b0 * next_n:(b0 + t.shape[0]) * next_n].reshape(t.shape[0], next_n, heads)
         logits = torch.einsum("bjhs,bjh->bjs", scores, w) * scales[t].reshape(t.shape[0], 1, n_cols)
-        visible = context_lens[b0:b0 + chunk, None].long() - next_n + 1 + torch.arange(next_n, device=q.device)
+        visible = row_ends(context_lens[b0:b0 + chunk], next_n).reshape(-1, next_n)
         logits = logits.masked_fill(cols[None, None, :] >= visible[..., None], -math.inf)
         logits = logits.masked_fill(no_page[b0:b0 + chunk, None, :], -math.inf)
         out[b0 * next_n:(b0 + t.shape[0]) * next_n] = logits.reshape(-1, n_cols)
