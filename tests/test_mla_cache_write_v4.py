@@ -28,13 +28,9 @@ SCHEDULES = {"triton": [None, {"block_r": 1, "num_warps": 1}, {"block_r": 16, "n
 
 
 def v4_spec(page_size: int) -> dsagen.Spec:
-    """A spec with V4's attention dims (q and the whole row 512 wide) naming the MODEL1 cache. Built
-    without the [cache] table, which is then set on the checked spec: the writer needs only
-    cache.page_size and cache.mla_format, whatever attention kernels the spec validation admits."""
-    spec = dsagen.Spec(attention=dsagen.AttentionSpec(heads=64, qk_dim=WIDTH, v_dim=WIDTH))
-    cache = dsagen.CacheSpec(page_size=page_size, mla_format="deepseek_v4_fp8")
-    object.__setattr__(spec, "cache", cache)
-    return spec
+    """A spec with V4's attention dims (q and V the whole 512-value row) naming the MODEL1 cache."""
+    return dsagen.Spec(attention=dsagen.AttentionSpec(heads=64, qk_dim=WIDTH, v_dim=WIDTH),
+                       cache=dsagen.CacheSpec(page_size=page_size, mla_format="deepseek_v4_fp8"))
 
 
 def v4_rows(gen, n: int) -> torch.Tensor:
