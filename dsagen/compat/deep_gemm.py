@@ -206,21 +206,11 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_size: int | 
     return torch.zeros(num_sms + 1, 2, dtype=torch.int32, device=context_lens.device)
 
 
-def per_request_lens(context_lens: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """[B] lengths under which the kernel's query j (seeing s < len - next_n + j + 1) sees at least
-    context_lens[b, j] keys: max_j (context_lens[b, j] - j) + next_n - 1, capped where every row
-    sees all n_cols columns (so it fits int32). Device ops only."""
-    next_n = context_lens.shape[1]
-    offsets = torch.arange(next_n, device=context_lens.device)
-    lens = (context_lens.long() - offsets).amax(1) + next_n - 1
-    return lens.clamp(max=n_cols + next_n - 1).to(torch.int32)
-
-
 def _paged_logits(args: Args, q_name: str, q: Any, kv_cache: Any, weights: Any, context_lens: Any,
                   block_table: Any, schedule_meta: Any, meta_name: str, max_context_len: Any, clean_logits: Any,
                   indices: Any, logits_dtype: torch.dtype) -> torch.Tensor:
-    """Both decode names: the checks in the caller's words, the kernel (per-token lengths through
-    per_request_lens, then masked), the width max_context_len and the dtype asked for."""
+    """Both decode names: the checks in the caller's words, the kernel (it takes [B] and per-token
+    [B, next_n] lengths alike), the width max_context_len and the dtype asked for."""
     args.tensor(q_name, q, FP8, "[B, next_n, H, D] fp8_e4m3fn", (None, None, None, None))
     (B, next_n, H, D), dev = q.shape, q.device
     args.tensor("kv_cache", kv_cache, torch.uint8, "[blocks, block_size, 1, D + 4] uint8, D = q.shape[3]",
@@ -243,12 +233,7 @@ def _paged_logits(args: Args, q_name: str, q: Any, kv_cache: Any, weights: Any, 
     said = {"index_heads": "H (q.shape[2])", "index_dim": "D (q.shape[3])",
             "page_size": "block_size (kv_cache.shape[1])"}
     kernels = kernels_for_call(args.fn, said, index_heads=H, index_dim=D, page_size=block_size)
-    n_cols = block_table.shape[1] * block_size
-    lens = per_request_lens(context_lens, n_cols) if context_lens.dim() == 2 else context_lens
-    logits = kernels.paged_indexer(q, kv_cache, weights, lens, block_table)
-    if context_lens.dim() == 2:
-        cols = torch.arange(n_cols, device=dev)
-        logits = logits.masked_fill(cols[None, :] >= context_lens.reshape(-1, 1), -math.inf)
+    logits = kernels.paged_indexer(q, kv_cache, weights, context_lens, block_table)
     return _to_width(logits, max_context_len).to(logits_dtype)
 
 
