@@ -166,8 +166,6 @@ def test_sparse_decode_v4_window_cache(device, backend, gen):
     """extra_cache (its own page size and block count) with extra_indices of any width k2, cut by
     extra_topk_length: one softmax over both selections, sinks after it; an empty main selection
     leaves the window alone."""
-    if backend == "tvm":
-        pytest.skip("the TVM sparse decode reads one cache (extra_cache: Triton)")
     H, k, ps = 3, 37, 61
     q, cache, idx = problem(gen, V4, 3, 2, H, k, ps)
     x_cache = make_cache(gen, V4, 3, 7, 19)

@@ -20,8 +20,8 @@ fp32 (out *= 1 / (1 + exp(sink[h] - lse)), lse unchanged; after the split-k comb
 [B] int32 (request b's tokens read their first topk_length[b] indices: <= 0 none, > k all), and
 the window cache: extra_cache (the same format, its own page size and blocks), extra_indices [B,
 s_q, k2] (any k2 >= 1) and extra_topk_length [B], attended after the main selection in the same
-online softmax (one lse over both). The TVM templates take the sink and lengths on llvm and read
-one cache; their CUDA kernel reads V3.2's rows.
+online softmax (one lse over both). The TVM templates take them all on llvm (an absent one as its
+neutral value); their CUDA kernel reads V3.2's rows, without them.
 
 Schedule: block_h heads x block_n gathered rows per step; k_split > 1 splits each token's k slots
 over programs whose partial softmaxes a second kernel merges exactly (for few query tokens: B * s_q
