@@ -170,13 +170,14 @@ def test_the_page_functions_serve_the_v32_rows_too(gen):
     assert torch.equal(dequantize_mla_pages(cache, v32), dequantize_mla_rows(cache.reshape(32, 656), v32))
 
 
-@pytest.mark.parametrize("qk_dim, v_dim", [(576, 512), (512, 512), (512, 448)], ids=["v32-dims", "v4-dims", "latent-448"])
-def test_a_spec_cannot_name_the_v4_cache_until_the_decode_kernels_read_it(qk_dim, v_dim):
-    """Whatever the dims (448 + 64 would match the rows), a spec naming the MODEL1 cache gets one
-    line naming what the decode kernels read, never a build that fails later."""
+@pytest.mark.parametrize("qk_dim, v_dim", [(576, 512), (512, 448)], ids=["v32-dims", "latent-448"])
+def test_a_spec_naming_the_v4_cache_has_its_whole_row_as_q_and_v(qk_dim, v_dim):
+    """The MODEL1 cache's V is the whole dequantized row (448 + 64): other dims get one line naming
+    them, never a build that fails later; qk_dim = v_dim = 512 is accepted."""
     data = {"indexer": {"heads": 64, "head_dim": 128, "dtype": "fp8_e4m3"}, "topk": {"k": 2048},
             "attention": {"heads": 128, "qk_dim": qk_dim, "v_dim": v_dim, "dtype": "bf16"},
-            "cache": {"mla_format": "deepseek_v4_fp8"}}
-    with pytest.raises(dsagen.SpecError, match="cache.mla_format='deepseek_v4_fp8': dsagen's decode kernels read "
-                                               "deepseek_v32_fp8 so far"):
+            "cache": {"mla_format": "deepseek_v4_fp8", "page_size": 53}}
+    with pytest.raises(dsagen.SpecError, match="attention.qk_dim and attention.v_dim must both be 512"):
         dsagen.spec_from_dict(data)
+    data["attention"].update(qk_dim=512, v_dim=512)
+    assert dsagen.spec_from_dict(data).cache.mla_format == "deepseek_v4_fp8"
