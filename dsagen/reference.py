@@ -62,12 +62,15 @@ def _valid(row_indices, skv: int):
     return idx[(idx >= 0) & (idx < skv)]
 
 
-def sparse_attention(q, kv, indices, sm_scale: float, v_dim: int):
+def sparse_attention(q, kv, indices, sm_scale: float, v_dim: int, attn_sink=None, topk_length=None):
     """out[t, h] = sum_i softmax_i(sm_scale * q[t,h] . kv[idx_i]) * kv[idx_i, :v_dim] over valid idx_i.
 
     Valid: 0 <= idx < SKV. A row with no valid index gives out = 0 and lse = +inf. LSE is natural log.
     A NaN score (a NaN in q[t, h] or anywhere in a selected kv row) makes out[t, h] and lse[t, h]
     NaN: logsumexp and softmax propagate it.
+    topk_length [S] (optional): row t reads only its first topk_length[t] slots (none for <= 0).
+    attn_sink [H] (optional): out[t, h] *= 1 / (1 + exp(attn_sink[h] - lse[t, h])) (lse unchanged), the
+    softmax with one more logit per head that has no value; a row with no valid index keeps out 0.
     """
     n_tokens, heads, _ = q.shape
     skv = kv.shape[0]
@@ -75,13 +78,16 @@ def sparse_attention(q, kv, indices, sm_scale: float, v_dim: int):
     lse = torch.full((n_tokens, heads), math.inf, dtype=torch.float64, device=q.device)
     kv64 = kv.double()
     for t in range(n_tokens):
-        idx = _valid(indices[t], skv)
+        slots = indices[t] if topk_length is None else indices[t, :max(int(topk_length[t]), 0)]
+        idx = _valid(slots, skv)
         if idx.numel() == 0:
             continue
         rows = kv64[idx]  # [n, Dqk]
         scores = sm_scale * (q[t].double() @ rows.T)  # [H, n]
         lse[t] = torch.logsumexp(scores, dim=-1)
         out[t] = torch.softmax(scores, dim=-1) @ rows[:, :v_dim]
+        if attn_sink is not None:
+            out[t] /= (1 + torch.exp(attn_sink.double().to(q.device) - lse[t]))[:, None]
     return out, lse
 
 

@@ -318,7 +318,8 @@ def test_every_kernel_is_a_method_with_its_signature_and_docstring():
         params = list(inspect.signature(method).parameters.values())
         assert [p.name for p in params] == [*op.signature.names, *op.signature.buffers], op.name
         assert all(p.kind is p.KEYWORD_ONLY for p in params[len(op.signature.names):]), op.name
-    assert "sm_scale=None, *, out=None, lse=None, max_logits=None" in str(inspect.signature(kernels.sparse_attention))
+    assert ("sm_scale=None, attn_sink=None, topk_length=None, *, out=None, lse=None, max_logits=None"
+            in str(inspect.signature(kernels.sparse_attention)))
 
 
 def test_output_buffers_go_through_the_mutating_torch_op(gen, device):

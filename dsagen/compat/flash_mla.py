@@ -260,7 +260,6 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     args.at_least_one("h_q (q.shape[1])", h_q)
     args.no_grad_needed({"q": q, "kv": kv})
     topk = indices.shape[2]
-    idx = cut_to_lengths(indices[:, 0, :], topk_length)
     if topk == 0 or kv.shape[0] == 0:  # no index can be valid
         out = torch.zeros((s_q, h_q, d_v), dtype=q.dtype, device=q.device)
         return (out, torch.full((s_q, h_q), -math.inf, dtype=torch.float32, device=q.device),
@@ -268,12 +267,13 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     q2 = q if q.stride(-1) == 1 else q.contiguous()
     kv2 = kv[:, 0, :]
     kv2 = kv2 if kv2.stride(-1) == 1 else kv2.contiguous()
+    idx = indices[:, 0, :]
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    lengths = topk_length if topk_length is None or topk_length.stride(-1) == 1 else topk_length.contiguous()
     said = {"heads": "h_q (q.shape[1])", "topk": "topk (indices.shape[-1])", "qk_dim": "d_qk (q.shape[-1])",
             "v_dim": "d_v"}
     kernels = kernels_for_call(args.fn, said, heads=h_q, qk_dim=d_qk, v_dim=d_v, topk=topk, backend=backend)
     max_logits = torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
-    out, lse = kernels.sparse_attention(q2, kv2, idx, sm_scale, max_logits=max_logits)
-    if attn_sink is not None:
-        out = apply_attn_sink(out, lse, attn_sink)
+    # the kernel masks each query's slots past its length and applies the sink (lse unchanged)
+    out, lse = kernels.sparse_attention(q2, kv2, idx, sm_scale, attn_sink, lengths, max_logits=max_logits)
     return out, max_logits, lse

@@ -3,7 +3,14 @@ rows. out[t, h] = sum_i softmax_i(sm_scale * q[t, h] . kv[idx_i]) * kv[idx_i, :v
 idx_i (0 <= idx < SKV), lse in natural log; a row with no valid index gives out 0, lse +inf.
 An optional max_logits [S, H] fp32 output (a buffer given by keyword, written in place) also
 receives each row's largest scaled score sm_scale * q[t, h] . kv[idx_i] (-inf for a row with no
-valid index)."""
+valid index).
+
+Two optional inputs (DeepSeek-V4), applied inside the kernels:
+- attn_sink [H] fp32: a per-head sink logit that takes its share of the softmax mass without a
+  value, out[t, h] *= 1 / (1 + exp(attn_sink[h] - lse[t, h])), lse unchanged (-inf: no effect,
+  +inf: out 0, NaN: out NaN; a row with no valid index keeps out 0 whatever the sink);
+- topk_length [S] int32: row t reads only its first topk_length[t] indices (the rest count as
+  invalid; <= 0: none, > k: all k)."""
 from __future__ import annotations
 
 import sympy as sp
@@ -13,7 +20,7 @@ from ..plan import SKV, Cost, S, next_pow2
 from .base import Call, Gradient, Op, Variant
 from .checks import check_out, check_tensor, softmax_scale
 from .shared import SM_SCALE, TORCH_DTYPES
-from .signature import Signature, tensor
+from .signature import Arg, Signature, tensor
 
 class SparseAttentionFamily(Op):
     """What the forward and the backward of sparse attention share: the fields their math reads
@@ -50,6 +57,9 @@ GLUON = Variant("gluon", "sparse_attention_gluon", "sparse_attention_gluon",
                 min_capability=(9, 0), max_capability=(9, 0), interpreter=False)
 GLUON_SPLIT = Variant("gluon_split", "sparse_attention_gluon_split", "sparse_attention_gluon_split",
                       min_capability=(9, 0), max_capability=(9, 0), interpreter=False)
+# DeepSeek-V4's optional inputs: per-head sink logits and per-row counts of the indices to read
+ATTN_SINK = Arg("attn_sink", "Tensor?", default=None)
+TOPK_LENGTH = Arg("topk_length", "Tensor?", default=None)
 # the knob that chose the algorithm before each had its own template (0, 1, 2), and the knobs the
 # Gluon kernels tune (the others were pinned to the values their templates now write out)
 LEGACY_ALGORITHM_KNOB = "gluon"
@@ -73,13 +83,16 @@ class SparseAttentionOp(SparseAttentionFamily):
     doc = ("(out [S, H, Dv] bf16, lse [S, H] fp32): softmax over each query's valid selected kv rows.\n"
            "sm_scale: None uses the spec's. Differentiable: out carries gradients to q and kv (the\n"
            "sparse_attention_bwd kernel); lse carries none. max_logits: an optional [S, H] fp32 buffer\n"
-           "that also receives each row's largest scaled score (-inf where no index is valid).")
+           "that also receives each row's largest scaled score (-inf where no index is valid).\n"
+           "attn_sink: optional [H] fp32 sink logits, out *= 1 / (1 + exp(attn_sink[h] - lse)), lse\n"
+           "unchanged. topk_length: optional [S] int32, row t reads only its first topk_length[t]\n"
+           "indices (<= 0: none, > k: all).")
     stage = True
     short_names = {"block_h": "bh", "block_n": "n", "v_split": "vs", "num_warps": "w", "num_stages": "s",
                    "index_prefetch": "ip"}
     variants = (TL, GLUON, GLUON_SPLIT)
-    signature = Signature((tensor("q"), tensor("kv"), tensor("indices"), SM_SCALE), returns=("out", "lse"),
-                          extra_outputs=("max_logits",))
+    signature = Signature((tensor("q"), tensor("kv"), tensor("indices"), SM_SCALE, ATTN_SINK, TOPK_LENGTH),
+                          returns=("out", "lse"), extra_outputs=("max_logits",))
     # gradients flow to q and kv through out; the lse is a statistic (the indexer loss reads it
     # detached), so it carries none
     gradient = Gradient("sparse_attention_bwd", ("lse",), attention_backward_args, attention_input_gradients)
@@ -112,7 +125,8 @@ class SparseAttentionOp(SparseAttentionFamily):
                   + S * at.heads * at.v_dim * 2 + S * at.heads * 4)  # out, lse
         return Cost(self.name, flops, nbytes, "bf16")
 
-    def check_args(self, spec, q, kv, indices, sm_scale=None, out=None, lse=None, max_logits=None):
+    def check_args(self, spec, q, kv, indices, sm_scale=None, attn_sink=None, topk_length=None, out=None, lse=None,
+                   max_logits=None):
         at = spec.attention
         dtype = TORCH_DTYPES[at.dtype]
         check_tensor("q", q, dtype, (None, at.heads, at.qk_dim))
@@ -120,6 +134,8 @@ class SparseAttentionOp(SparseAttentionFamily):
         check_tensor("kv", kv, dtype, (None, at.qk_dim), dev)
         check_tensor("indices", indices, torch.int32, (n_q, spec.topk.k), dev)
         softmax_scale(spec, sm_scale)
+        check_out("attn_sink", attn_sink, torch.float32, (at.heads,), dev)
+        check_out("topk_length", topk_length, torch.int32, (n_q,), dev)
         check_out("out", out, dtype, (n_q, at.heads, at.v_dim), dev)
         check_out("lse", lse, torch.float32, (n_q, at.heads), dev)
         check_out("max_logits", max_logits, torch.float32, (n_q, at.heads), dev)
@@ -127,7 +143,7 @@ class SparseAttentionOp(SparseAttentionFamily):
             raise ValueError(f"kv has {kv.shape[0]} rows: int32 indices address at most 2**31 - 2")
         return Call(dev, n_q, kv.shape[0])
 
-    def fake(self, spec, q, kv, indices, sm_scale):
+    def fake(self, spec, q, kv, indices, sm_scale, attn_sink=None, topk_length=None):
         at = spec.attention
         return (q.new_empty((q.shape[0], at.heads, at.v_dim)),
                 q.new_empty((q.shape[0], at.heads), dtype=torch.float32))

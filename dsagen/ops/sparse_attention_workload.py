@@ -1,5 +1,6 @@
 """Sparse attention's workload: per query, k random distinct causal keys padded with the invalid
-index SKV, checked against the float64 reference; gather + einsum + softmax is the baseline."""
+index SKV, checked against the float64 reference (which also takes the optional attention sink and
+top-k lengths); gather + einsum + softmax is the baseline."""
 from __future__ import annotations
 
 import math
@@ -45,12 +46,13 @@ class SparseAttentionWorkload(Workload):
     # P and the output are rounded to bf16 (2**-8 relative each); the lse stays fp32
     tolerances = {"out": 1e-2, "lse": 1e-4}
 
-    def reference(self, spec, q, kv, indices, sm_scale=None):
+    def reference(self, spec, q, kv, indices, sm_scale=None, attn_sink=None, topk_length=None):
         scale = softmax_scale(spec, sm_scale)
-        return reference.sparse_attention(q, kv, indices, scale, spec.attention.v_dim)
+        return reference.sparse_attention(q, kv, indices, scale, spec.attention.v_dim, attn_sink, topk_length)
 
     def inputs(self, spec, S_, SKV_, device, seed):
-        return attention_inputs(spec, S_, SKV_, device, seed)
+        """The plain attention's arguments: no sink, every index of a row read (no topk_length)."""
+        return (*attention_inputs(spec, S_, SKV_, device, seed), None, None)
 
     def poisoned_outputs(self, spec, inputs):
         q = inputs[0]
@@ -59,16 +61,18 @@ class SparseAttentionWorkload(Workload):
                 "lse": torch.full((q.shape[0], at.heads), math.nan, device=q.device)}
 
     def check(self, spec, inputs, result, rows):
-        q, kv, idx, sm_scale = inputs
+        q, kv, idx, sm_scale, attn_sink, topk_length = inputs
         out, lse = result
         r = rows.to(q.device)
-        ref_out, ref_lse = reference.sparse_attention(q[r], kv, idx[r], sm_scale, spec.attention.v_dim)
+        lengths = None if topk_length is None else topk_length[r]
+        ref_out, ref_lse = reference.sparse_attention(q[r], kv, idx[r], sm_scale, spec.attention.v_dim, attn_sink,
+                                                      lengths)
         r1 = assert_close("sparse_attention.out", out[r], ref_out, self.tolerance("out"))
         r2 = assert_close("sparse_attention.lse", lse[r], ref_lse, self.tolerance("lse"))
         return f"float64 reference on {len(rows)} rows, RMS ratio out {r1:.2e}, lse {r2:.2e}"
 
     def naive(self, spec, inputs):
-        return lambda: naive_sparse_attention(*inputs, spec.attention.v_dim)
+        return lambda: naive_sparse_attention(*inputs[:4], spec.attention.v_dim)  # the inputs have no sink or lengths
 
     def shape_info(self, spec, S_, SKV_):
         at = spec.attention
