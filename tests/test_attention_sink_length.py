@@ -75,15 +75,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("S,SKV,H,K,DQK,DV", CASES, ids=[f"S{c[0]}-H{c[2]}-K{c[3]}-DQK{c[4]}" for c in CASES])
-def test_sink_and_length_match_reference(device, backend, gen, S, SKV, H, K, DQK, DV):
-    kernels = dsagen.build(attention_spec(H, K, DQK, DV), backend=backend)
-    q, kv, idx = problem(gen, device, S, SKV, H, K, DQK)
-    sink, length = sinks(gen, H).to(device), lengths(gen, S, K).to(device)
-    scale = kernels.spec.attention.softmax_scale
+def check_sink_and_length(kernels, gen, device, S: int, SKV: int) -> None:
+    """The sink, the lengths and both against the float64 reference, on fresh random inputs."""
+    at, K = kernels.spec.attention, kernels.spec.topk.k
+    q, kv, idx = problem(gen, device, S, SKV, at.heads, K, at.qk_dim)
+    sink, length = sinks(gen, at.heads).to(device), lengths(gen, S, K).to(device)
     for optional in ({"attn_sink": sink}, {"topk_length": length}, {"attn_sink": sink, "topk_length": length}):
         out, lse = run(kernels, q, kv, idx, **optional)
-        ref_out, ref_lse = reference.sparse_attention(q.cpu(), kv.cpu(), idx.cpu(), scale, DV,
+        ref_out, ref_lse = reference.sparse_attention(q.cpu(), kv.cpu(), idx.cpu(), at.softmax_scale, at.v_dim,
                                                       **{k: v.cpu() for k, v in optional.items()})
         assert_close("sparse_attention.out", out, ref_out)
         assert_close("sparse_attention.lse", lse, ref_lse)
@@ -94,9 +93,24 @@ def test_sink_and_length_match_reference(device, backend, gen, S, SKV, H, K, DQK
             _, plain_lse = run(kernels, q, kv, idx, topk_length=optional.get("topk_length"))
             assert torch.equal(lse, plain_lse), "the sink leaves lse as it is"
         if "topk_length" in optional:
-            short = (length <= 0).cpu()
+            short = (length <= 0).to(device)
             assert short[:2].all() and short[5], "lengths 0, -5 and -2**31 are among the rows"
             assert torch.all(out[short] == 0) and torch.all(torch.isposinf(lse[short])), "a length <= 0 reads nothing"
+
+
+@pytest.mark.parametrize("S,SKV,H,K,DQK,DV", CASES, ids=[f"S{c[0]}-H{c[2]}-K{c[3]}-DQK{c[4]}" for c in CASES])
+def test_sink_and_length_match_reference(device, backend, gen, S, SKV, H, K, DQK, DV):
+    check_sink_and_length(dsagen.build(attention_spec(H, K, DQK, DV), backend=backend), gen, device, S, SKV)
+
+
+@pytest.mark.parametrize("variant", ["gluon", "gluon_split"])
+def test_gluon_sink_and_length_match_reference(device, gen, variant):
+    """On an sm_90 GPU (skipped elsewhere): both Gluon variants, two blocks of 64 heads."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        pytest.skip("the Gluon kernels run on sm_90 GPUs only")
+    kernels = dsagen.build(attention_spec(96, 100, 576, 512), schedules={"sparse_attention": {"variant": variant}})
+    assert kernels.resolve("sparse_attention", 9, 700, "cuda").variant == variant
+    check_sink_and_length(kernels, gen, device, 9, 700)
 
 
 @pytest.mark.parametrize("S,SKV,H,K", [(9, 41, 3, 5), (8, 90, 10, 37)])
