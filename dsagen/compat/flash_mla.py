@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -16,7 +17,6 @@ from ..cache_formats import MLA_FORMATS, MLABlockFormat, check_page_size
 from ._args import Args
 from ..distributed.attention import no_mass
 from ._builds import kernels_for_call
-from ._flash_mla_v4 import Selection, apply_attn_sink, cut_to_lengths
 
 BF16 = torch.bfloat16
 FP8_CACHE = MLA_FORMATS["deepseek_v32_fp8"]  # 512 fp8 latent | 4 fp32 scales | 64 bf16 rope per token
@@ -24,6 +24,25 @@ MODEL1_CACHE = MLA_FORMATS["deepseek_v4_fp8"]  # per block: [448 fp8 | 64 bf16] 
 HEAD_DIM_V = 512  # both caches: V is 512 wide (V3.2: the latent; MODEL1: the whole row)
 CACHE_NAMES = {FP8_CACHE.name: "DeepSeek-V3.2's FP8 cache", MODEL1_CACHE.name: "DeepSeek-V4's MODEL1 cache"}
 MAX_SLOTS = 2**31 - 2  # int32 slots
+
+
+class Selection(NamedTuple):
+    """One cache and the slots [b, s_q, k] a query token selects in it (block * page + offset)."""
+
+    cache: torch.Tensor  # [blocks, page_size, 1, bytes_per_token] uint8
+    slots: torch.Tensor  # [b, s_q, k] int32
+
+    @property
+    def n_slots(self) -> int:
+        return self.cache.shape[0] * self.cache.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.slots.shape[-1]
+
+    def is_empty(self) -> bool:
+        """No slot can be valid: no column, or a cache without tokens."""
+        return self.width == 0 or self.n_slots == 0
 
 
 @dataclass
@@ -114,8 +133,8 @@ def _check_sink(args: Args, attn_sink, h_q: int, device) -> None:
 
 
 def _build_page_size(page: int) -> int:
-    """The page size of the build's spec: the cache's where the spec takes it (a power of two up
-    to 1024), else the default. The decode kernel reads the page size from the cache tensor."""
+    """The page size of the build's spec: the cache's where the spec takes it (1 to 2**20), else the
+    default. The decode kernel reads the page size from the cache tensor either way."""
     return page if check_page_size(page) is None else 64
 
 
