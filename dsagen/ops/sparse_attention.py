@@ -66,14 +66,22 @@ LEGACY_ALGORITHM_KNOB = "gluon"
 GLUON_KNOBS = ("block_n", "num_stages")
 
 
-def attention_backward_args(inputs, outputs, grads) -> tuple:
-    return (inputs["q"], inputs["kv"], inputs["indices"], outputs["out"], outputs["lse"], grads["out"],
-            inputs["sm_scale"])
+def attention_backward_args(inputs, outputs, grads):
+    """sparse_attention_bwd's arguments in order; with a sink, by name with the output buffers, so
+    that its extra output dsink (the sink's gradient) is written too."""
+    q, kv, sink = inputs["q"], inputs["kv"], inputs["attn_sink"]
+    args = {"q": q, "kv": kv, "indices": inputs["indices"], "out": outputs["out"], "lse": outputs["lse"],
+            "d_out": grads["out"], "sm_scale": inputs["sm_scale"], "attn_sink": sink,
+            "topk_length": inputs["topk_length"]}
+    if sink is None:
+        return tuple(args.values())
+    return args | {"dq": q.new_empty(q.shape), "dkv": kv.new_empty(kv.shape), "dsink": sink.new_empty(sink.shape)}
 
 
 def attention_input_gradients(bwd_outputs) -> dict:
-    dq, dkv = bwd_outputs
-    return {"q": dq, "kv": dkv}
+    """dq and dkv, and dsink where the forward had a sink (topk_length carries none)."""
+    dq, dkv, *dsink = bwd_outputs
+    return {"q": dq, "kv": dkv} | ({"attn_sink": dsink[0]} if dsink else {})
 
 
 class SparseAttentionOp(SparseAttentionFamily):
@@ -93,8 +101,8 @@ class SparseAttentionOp(SparseAttentionFamily):
     variants = (TL, GLUON, GLUON_SPLIT)
     signature = Signature((tensor("q"), tensor("kv"), tensor("indices"), SM_SCALE, ATTN_SINK, TOPK_LENGTH),
                           returns=("out", "lse"), extra_outputs=("max_logits",))
-    # gradients flow to q and kv through out; the lse is a statistic (the indexer loss reads it
-    # detached), so it carries none
+    # gradients flow to q, kv and attn_sink through out; the lse is a statistic (the indexer loss
+    # reads it detached), so it carries none
     gradient = Gradient("sparse_attention_bwd", ("lse",), attention_backward_args, attention_input_gradients)
 
     def derived(self, spec, point, backend):

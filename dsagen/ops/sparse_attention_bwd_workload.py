@@ -41,13 +41,33 @@ def naive_sparse_attention_bwd(q, kv, idx, out, lse, d_out, sm_scale: float, v_d
     return dq, dkv.to(q.dtype)
 
 
+def sink_and_length_bwd(q, kv, indices, out, lse, d_out, sm_scale: float, v_dim: int, attn_sink=None,
+                        topk_length=None):
+    """The float64 backward with the forward's optional sink and lengths: slots past a row's length
+    become invalid; the sink is a softmax logit without a value, so P is normalized by
+    lse_s = log(exp(lse) + exp(sink)) (+inf where lse is), and dsink[h] = -sum_t (1 - sigma) Delta
+    with 1 - sigma = 1 / (1 + exp(lse - sink)) (0 for a row with no valid index)."""
+    if topk_length is not None:
+        past = torch.arange(indices.shape[1], device=indices.device)[None, :] >= topk_length.long()[:, None]
+        indices = indices.masked_fill(past, -1)
+    if attn_sink is None:
+        return reference.sparse_attention_bwd(q, kv, indices, out, lse, d_out, sm_scale, v_dim)
+    lse64, sink64 = lse.double(), attn_sink.double()[None, :]
+    no_valid = lse64 == math.inf
+    lse_s = torch.where(no_valid, lse64, torch.logaddexp(lse64, sink64))
+    dq, dkv = reference.sparse_attention_bwd(q, kv, indices, out, lse_s, d_out, sm_scale, v_dim)
+    delta = (d_out.double() * out.double()).sum(-1)
+    sink_weight = torch.where(no_valid, 0.0, torch.sigmoid(sink64 - lse64))
+    return dq, dkv, -(sink_weight * delta).sum(0)
+
+
 def backward_inputs(spec, q, kv, idx, sm_scale: float, seed: int) -> tuple:
     """The backward's arguments for given forward inputs: out and lse from the float64 reference
-    forward (rounded as the forward kernel stores them), a random d_out."""
+    forward (rounded as the forward kernel stores them), a random d_out; no sink, no lengths."""
     out, lse = reference.sparse_attention(q, kv, idx, sm_scale, spec.attention.v_dim)
     g = generator(q.device, seed + 1)
     d_out = torch.randn(out.shape, device=q.device, generator=g).to(q.dtype)
-    return (q, kv, idx, out.to(q.dtype), lse.float(), d_out, sm_scale)
+    return (q, kv, idx, out.to(q.dtype), lse.float(), d_out, sm_scale, None, None)
 
 
 class SparseAttentionBwdWorkload(Workload):
@@ -55,11 +75,13 @@ class SparseAttentionBwdWorkload(Workload):
     naive_name = "gather + einsum formulas + index_add_ (bf16 products, chunks of 64)"
     # gradients come from bf16 inputs through fp32 accumulators: dS = P (dP - Delta) cancels, so a
     # looser bound than the forward's
-    tolerances = {"dq": 2e-2, "dkv": 2e-2}
+    tolerances = {"dq": 2e-2, "dkv": 2e-2, "dsink": 2e-2}
 
-    def reference(self, spec, q, kv, indices, out, lse, d_out, sm_scale=None):
+    def reference(self, spec, q, kv, indices, out, lse, d_out, sm_scale=None, attn_sink=None, topk_length=None):
+        """(dq, dkv), and dsink where a sink is given."""
         scale = softmax_scale(spec, sm_scale)
-        return reference.sparse_attention_bwd(q, kv, indices, out, lse, d_out, scale, spec.attention.v_dim)
+        return sink_and_length_bwd(q, kv, indices, out, lse, d_out, scale, spec.attention.v_dim, attn_sink,
+                                   topk_length)
 
     def inputs(self, spec, S_, SKV_, device, seed):
         """The forward's workload (k distinct causal keys per query, padded with SKV), its float64
@@ -77,20 +99,25 @@ class SparseAttentionBwdWorkload(Workload):
         """dq on the sampled queries; dkv on up to CHECKED_KV_ROWS rows they select, against a
         reference fed every (query, slot) of the whole batch that selects one of those rows (dkv
         of a row depends on nothing else: P uses the saved lse), and on rows nobody selects (0)."""
-        q, kv, idx, out, lse, d_out, sm_scale = inputs
+        q, kv, idx, out, lse, d_out, sm_scale, sink, lengths = (*inputs, None, None)[:9]
         dq, dkv = result
         v_dim = spec.attention.v_dim
         r = rows.to(q.device)
         if torch.isnan(dkv).any():
             raise Mismatch("sparse_attention_bwd.dkv: NaN values (unwritten or broken)")
-        ref_dq, _ = reference.sparse_attention_bwd(q[r], kv, idx[r], out[r], lse[r], d_out[r], sm_scale, v_dim)
+        if lengths is not None:  # slots past a row's length select nothing
+            idx = idx.masked_fill(torch.arange(idx.shape[1], device=idx.device)[None, :] >= lengths[:, None], -1)
+
+        def ref(sel, indices):
+            return sink_and_length_bwd(q[sel], kv, indices, out[sel], lse[sel], d_out[sel], sm_scale, v_dim, sink)
+
+        ref_dq = ref(r, idx[r])[0]
         r1 = assert_close("sparse_attention_bwd.dq", dq[r], ref_dq, self.tolerance("dq"))
         picked = checked_kv_rows(idx, kv.shape[0], r)
         keep = torch.isin(idx, picked)
         users = keep.any(1).nonzero().flatten()
         only = torch.where(keep, idx, -1)[users]
-        _, ref_dkv = reference.sparse_attention_bwd(q[users], kv, only, out[users], lse[users], d_out[users],
-                                                    sm_scale, v_dim)
+        ref_dkv = ref(users, only)[1]
         r2 = assert_close("sparse_attention_bwd.dkv", dkv[picked], ref_dkv[picked], self.tolerance("dkv"))
         unused = unselected_rows(idx, kv.shape[0])
         if (dkv[unused] != 0).any():
@@ -99,7 +126,7 @@ class SparseAttentionBwdWorkload(Workload):
                 f"rows (RMS ratio {r2:.2e}) and {len(unused)} unselected ones (exactly 0)")
 
     def naive(self, spec, inputs):
-        return lambda: naive_sparse_attention_bwd(*inputs, spec.attention.v_dim)
+        return lambda: naive_sparse_attention_bwd(*inputs[:7], spec.attention.v_dim)
 
     def shape_info(self, spec, S_, SKV_):
         at = spec.attention
