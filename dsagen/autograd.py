@@ -56,24 +56,24 @@ def register(op, library, namespace: str, call) -> None:
         outputs = dict(zip(returns, saved[k:]))
         wanted = {n: g.contiguous() for n, g in zip(returns, grads) if n not in grad.non_differentiable}
         args = grad.backward_args(inputs, outputs, wanted)
-        by_name = grad.input_gradients(_run_backward(grad.backward, args, ctx.handle, call))
+        by_name = grad.input_gradients(_run_backward(grad.backward, args, ctx.handle, call, namespace))
         return (*(by_name.get(n) if ctx.needs_input_grad[i] else None for i, n in enumerate(names)), None)
 
     torch.library.register_autograd(f"{namespace}::{kernel}", backward, setup_context=setup_context, lib=library)
 
 
-def _run_backward(kernel: str, args, handle: str, call) -> tuple:
+def _run_backward(kernel: str, args, handle: str, call, namespace: str) -> tuple:
     """The backward op's outputs, as a tuple. `args`: its arguments in signature order (a tuple), or
     by name with a buffer for each returned output and for the extra outputs wanted (a mapping; say,
     the sink's gradient, which sparse_attention_bwd writes only into a buffer given): those run
-    through dsagen::<kernel>_out and come back as the returned outputs, then the extra ones given."""
+    through namespace::<kernel>_out and come back as the returned outputs, then the extra ones given."""
     if not isinstance(args, Mapping):
         result = call(kernel, tuple(args), handle)
         return result if isinstance(result, tuple) else (result,)
-    from .torch_ops import call_out  # torch_ops imports this module: imported when first needed
     signature = get_op(kernel).signature
     buffers = tuple(args.get(name) for name in signature.buffers)
-    call_out(kernel, tuple(args[name] for name in signature.names), buffers, handle)
+    write = getattr(getattr(torch.ops, namespace), f"{kernel}_out")
+    write(*(args[name] for name in signature.names), *buffers, handle)
     return tuple(b for b in buffers if b is not None)
 
 
