@@ -1,10 +1,13 @@
 """Every generated Triton kernel compiles for the H200 (sm_90) on this machine, GPU or not.
 
 Covers each kernel family for the V3.2 spec, an odd-shaped spec (3 heads, dims that are no power
-of two, no rope part) and the knob values the CPU tests do not reach by default (v_split, radix,
+of two, no rope part), DeepSeek-V4 at TP8 (the MODEL1 cache; the sink, length and window
+specializations) and the knob values the CPU tests do not reach by default (v_split, radix,
 index prefetch, bracket sizes, multi-row fused selection, the decode orientations and orders).
 """
 from __future__ import annotations
+
+import types
 
 import pytest
 
@@ -22,6 +25,8 @@ ODD = dsagen.Spec(
 
 V32_H64 = dsagen.Spec(topk=V32.topk, attention=dsagen.AttentionSpec(heads=64, sm_scale=V32.attention.sm_scale))
 V32_H40 = dsagen.Spec(topk=V32.topk, attention=dsagen.AttentionSpec(heads=40, sm_scale=V32.attention.sm_scale))
+
+V4_TP8 = dsagen.load_spec("specs/deepseek_v4_flash_tp8.toml")  # 8 heads, top-k 512, the MODEL1 cache, sinks, a window
 
 PAGED_V32 = dsagen.Spec(indexer=V32.indexer, cache=dsagen.CacheSpec())  # pages of 64 tokens
 PAGED_ODD = dsagen.Spec(indexer=dsagen.IndexerSpec(heads=3, head_dim=50), cache=dsagen.CacheSpec(page_size=16))
@@ -72,7 +77,23 @@ CASES = [
     ("v32", V32, "sparse_attention_bwd", {"block_h": 16, "block_n": 16, "num_warps": 4, "num_stages": 2}),
     ("odd", ODD, "sparse_attention_bwd", {"deterministic_dkv": 1}),
     ("v32", V32, "lse_merge", None),  # bf16 and fp32 partials, each without and with a sink
+    ("v4", V4_TP8, "sparse_decode", None),
+    ("v4", V4_TP8, "sparse_decode", {"block_h": 16, "block_n": 32, "k_split": 4, "num_warps": 4, "num_stages": 2}),
+    ("v4", V4_TP8, "mla_cache_write", None),
+    ("v4", V4_TP8, "sparse_attention", None),
+    ("v4", V4_TP8, "sparse_attention_bwd", None),
 ]
+
+
+def v4_launches(module, kernel: str) -> list:
+    """The plain launches and those of a DeepSeek-V4 step: the sink, the lengths and, in decode,
+    the window cache (with its own lengths)."""
+    plain = module.compile_signature()
+    if kernel == "sparse_decode":
+        return plain + module.compile_signature(attn_sink=True, topk_length=True, extra=True, extra_topk_length=True)
+    if kernel in ("sparse_attention", "sparse_attention_bwd"):
+        return plain + module.compile_signature(attn_sink=True, topk_length=True)
+    return plain
 
 
 @pytest.mark.parametrize("name,spec,kernel,override", CASES,
@@ -80,7 +101,11 @@ CASES = [
 def test_compiles_for_sm90(name, spec, kernel, override):
     src = resolve_kernel(spec, kernel, "triton", "nvidia-h200", override)
     module = triton_backend.load(triton_backend.materialize(src.generated), interpret=False)
-    for compiled in triton_backend.compile_for(module, arch=90):
+    launches = v4_launches(module, kernel) if name == "v4" else module.compile_signature()
+    if name == "v4" and kernel != "mla_cache_write":
+        assert len(launches) > len(module.compile_signature()), "the V4 specializations are compiled too"
+    shim = types.SimpleNamespace(compile_signature=lambda: launches)
+    for compiled in triton_backend.compile_for(shim, arch=90):
         assert compiled.asm.get("cubin"), "no sm_90 machine code produced"
         assert ".target sm_90" in compiled.asm["ptx"]
         assert compiled.metadata.shared <= get_gpu("nvidia-h200").smem_per_block
