@@ -118,7 +118,9 @@ class Gradient:
 
     backward: str | None = None
     non_differentiable: tuple[str, ...] = ()
-    backward_args: Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]], tuple] | None = None
+    # the backward's arguments: a tuple (positional), or a mapping by name (buffers included)
+    backward_args: Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
+                            tuple | Mapping[str, Any]] | None = None
     input_gradients: Callable[[tuple], dict[str, Any]] | None = None
     hint: str = ""
 
