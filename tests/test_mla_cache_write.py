@@ -194,19 +194,25 @@ def test_no_rows_all_invalid_rows_and_an_empty_cache(device, backend, gen):
     kernels.mla_cache_write(rows, slots, torch.empty(0, 16, 1, BPT, dtype=torch.uint8, device=device))
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
-                    reason="the host codec's NaN signs are those of x86 floating point")
-def test_non_finite_groups_follow_the_host_codec(device, backend, gen):
-    """A NaN in a group: scale NaN, codes NaN; +-inf in a group: scale inf, finite values +-0."""
-    spec = cache_spec(4)
-    kernels = dsagen.build(spec, backend=backend)
-    rows = special_rows(gen, 4)
+def plant_non_finite(rows: torch.Tensor) -> torch.Tensor:
+    """rows (4 or more, 401 or more columns) with NaN of both signs, +-inf, and a group holding
+    both -inf and NaN, in place; returned for chaining."""
     nan, inf = float("nan"), float("inf")
     bits = rows.view(torch.int16)  # a bf16 -NaN needs its bits: float -> bf16 makes every NaN 0x7FC0
     rows[0, 3], bits[0, 200] = nan, 0xFFC0 - (1 << 16)
     rows[1, 130], rows[1, 5] = inf, -inf
     rows[2, 260], rows[2, 261] = -inf, nan
     bits[3, 400] = 0xFFC0 - (1 << 16)
+    return rows
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="the host codec's NaN signs are those of x86 floating point")
+def test_non_finite_groups_follow_the_host_codec(device, backend, gen):
+    """A NaN in a group: scale NaN, codes NaN; +-inf in a group: scale inf, finite values +-0."""
+    spec = cache_spec(4)
+    kernels = dsagen.build(spec, backend=backend)
+    rows = plant_non_finite(special_rows(gen, 4))
     slots = torch.tensor([3, 0, 6, 1], dtype=torch.int64)
     assert_written(kernels, spec, rows.to(device), slots.to(device), mcw.poison_pattern(2, 4, BPT, device))
 

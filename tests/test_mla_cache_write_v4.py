@@ -18,7 +18,7 @@ from dsagen.ops import get_op
 from dsagen.verify import Mismatch
 from dsagen.workloads import workload
 
-from test_mla_cache_write import random_slots
+from test_mla_cache_write import plant_non_finite, random_slots
 
 V4 = MLA_FORMATS["deepseek_v4_fp8"]
 WIDTH = V4.latent_dim + V4.rope_dim  # 512: 448 NoPE | 64 RoPE
@@ -100,13 +100,7 @@ def test_v4_non_finite_groups_follow_the_host_codec(device, backend, gen):
     """A NaN or +-inf in a group: the ue8m0 NaN byte, NaN codes (a NaN value keeps its sign)."""
     spec = v4_spec(4)
     kernels = dsagen.build(spec, backend=backend)
-    rows = v4_rows(gen, 4)
-    nan, inf = float("nan"), float("inf")
-    bits = rows.view(torch.int16)  # a bf16 -NaN needs its bits: float -> bf16 makes every NaN 0x7FC0
-    rows[0, 3], bits[0, 200] = nan, 0xFFC0 - (1 << 16)
-    rows[1, 130], rows[1, 5] = inf, -inf
-    rows[2, 260], rows[2, 261] = -inf, nan
-    bits[3, 400] = 0xFFC0 - (1 << 16)
+    rows = plant_non_finite(v4_rows(gen, 4))
     slots = torch.tensor([3, 0, 6, 1], dtype=torch.int64)
     want = assert_storage_written(kernels, spec, rows.to(device), slots.to(device), mcw.poisoned_cache(spec, 2, device))
     assert (want == 0xFF).any()
