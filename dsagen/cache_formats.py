@@ -47,6 +47,15 @@ class MLACacheFormat:
         return self.latent_dim // self.group
 
     @property
+    def qk_dim(self) -> int:
+        return self.latent_dim + self.rope_dim
+
+    @property
+    def v_dim(self) -> int:
+        """V (and the attention's out) is the latent part; the rope part enters the scores only."""
+        return self.latent_dim
+
+    @property
     def bytes_per_token(self) -> int:
         return self.latent_dim + 4 * self.n_scales + 2 * self.rope_dim
 
@@ -90,6 +99,15 @@ class MLABlockFormat:
     @property
     def n_scales(self) -> int:
         return self.latent_dim // self.group
+
+    @property
+    def qk_dim(self) -> int:
+        return self.latent_dim + self.rope_dim
+
+    @property
+    def v_dim(self) -> int:
+        """V (and the attention's out) is the whole dequantized row, rope part included."""
+        return self.qk_dim
 
     @property
     def data_row_bytes(self) -> int:
@@ -260,7 +278,7 @@ def quantize_block_rows(rows: torch.Tensor, fmt: MLABlockFormat) -> tuple[torch.
 
 def _check_rows(rows: torch.Tensor, fmt, page_size: int) -> int:
     """The number of blocks the rows fill (ValueError unless they fill whole blocks)."""
-    width = fmt.latent_dim + fmt.rope_dim
+    width = fmt.qk_dim
     if rows.dim() != 2 or rows.shape[1] != width:
         raise ValueError(f"rows must be [n_blocks * page_size, {width}] ({fmt.name}), got {list(rows.shape)}")
     if isinstance(fmt, MLABlockFormat) and rows.dtype != torch.bfloat16:

@@ -185,8 +185,8 @@ def _validate_cache(spec: Spec) -> None:
         raise SpecError(f"cache.page_size={c.page_size!r} {problem}")
     if isinstance(fmt, MLABlockFormat):
         # V is the whole dequantized row (latent and rope), as q is
-        width = fmt.latent_dim + fmt.rope_dim
-        if (at.qk_dim, at.v_dim) != (width, width):
+        width = fmt.v_dim
+        if (at.qk_dim, at.v_dim) != (fmt.qk_dim, width):
             raise SpecError(f"cache.mla_format={c.mla_format!r} holds {fmt.latent_dim} latent + {fmt.rope_dim} rope "
                             f"values per token, all of them V: attention.qk_dim and attention.v_dim must both be "
                             f"{width}, got qk_dim={at.qk_dim}, v_dim={at.v_dim}")

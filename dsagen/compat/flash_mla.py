@@ -181,7 +181,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table, 
     args.optional_tensor("block_table", block_table, unread)
     args.optional_tensor("cache_seqlens", cache_seqlens, unread)
     fmt = _cache_format(k_cache)
-    d_qk = fmt.latent_dim + fmt.rope_dim
+    d_qk = fmt.qk_dim
     args.tensor("q", q, BF16, f"[b, s_q, h_q, {d_qk}] bf16", (None, None, None, None))
     (b, s_q, h_q, q_dim), dev = q.shape, q.device
     if q_dim != d_qk:
@@ -233,8 +233,7 @@ def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
 def _decode_build(args: Args, fmt, h_q: int, main: Selection):
     """The sparse decode build of the cache format, the heads and the main selection's width (the
     window selection's width is a run-time size of the kernel)."""
-    d_qk = fmt.latent_dim + fmt.rope_dim
-    v_dim = d_qk if isinstance(fmt, MLABlockFormat) else fmt.latent_dim
+    d_qk, v_dim = fmt.qk_dim, fmt.v_dim
     said = {"heads": "h_q (q.shape[2])", "topk": "topk (indices.shape[-1])"}
     return kernels_for_call(args.fn, said, heads=h_q, qk_dim=d_qk, v_dim=v_dim, topk=main.width,
                             page_size=_build_page_size(main.cache.shape[1]), mla_format=fmt.name)

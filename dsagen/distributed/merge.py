@@ -26,6 +26,7 @@ import torch
 
 from ..backends.tvm import available as tvm_problem
 from ..kernels import DSAKernels, build
+from ..ops.checks import check_tensor
 from ..ops.lse_merge import MERGE_DTYPES
 from ..spec import Spec
 
@@ -63,15 +64,9 @@ def merge_attention(outs, lses, kernels: DSAKernels | None = None,
 
 
 def _check_sink(attn_sink, lses: torch.Tensor) -> None:
-    if attn_sink is None:
-        return
-    heads = lses.shape[-1] if lses.dim() > 1 else 1
-    if not isinstance(attn_sink, torch.Tensor) or attn_sink.dtype != torch.float32 or attn_sink.dim() != 1 \
-            or attn_sink.shape[0] != heads or attn_sink.device != lses.device:
-        got = f"{attn_sink.dtype} {list(attn_sink.shape)} on {attn_sink.device}" if isinstance(
-            attn_sink, torch.Tensor) else type(attn_sink).__name__
-        raise ValueError(f"attn_sink must be a float32 tensor [{heads}] (one per head, the last dimension of lses) "
-                         f"on {lses.device}, got {got}")
+    """attn_sink: None, or fp32 [H] on lses' device, H the last leading dimension (one per head)."""
+    if attn_sink is not None:
+        check_tensor("attn_sink", attn_sink, torch.float32, (lses.shape[-1] if lses.dim() > 1 else 1,), lses.device)
 
 
 def kernel_merges(outs: torch.Tensor, lses: torch.Tensor, attn_sink: torch.Tensor | None = None) -> bool:

@@ -103,12 +103,12 @@ class MLACacheWriteOp(Op):
     def cost(self, spec):
         fmt = mla_format(spec)
         n = WORKLOAD_NEXT_N * S  # rows written per step
-        nbytes = n * (2 * (fmt.latent_dim + fmt.rope_dim) + 4 + fmt.bytes_per_token)  # rows, slots, cache rows
+        nbytes = n * (2 * fmt.qk_dim + 4 + fmt.bytes_per_token)  # rows, slots, cache rows
         return Cost(self.name, sp.Integer(0), nbytes, "none")
 
     def check_args(self, spec, rows, slot_mapping, cache):
         fmt = mla_format(spec)
-        check_tensor("rows", rows, torch.bfloat16, (None, fmt.latent_dim + fmt.rope_dim))
+        check_tensor("rows", rows, torch.bfloat16, (None, fmt.qk_dim))
         dev, n = rows.device, rows.shape[0]
         if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in SLOT_DTYPES:
             got = slot_mapping.dtype if isinstance(slot_mapping, torch.Tensor) else type(slot_mapping).__name__

@@ -103,7 +103,7 @@ class MLACacheWriteWorkload(Workload):
         slots = torch.where(pad, -1, slots).reshape(-1).to(torch.int32)
         n = slots.numel()
         mag = torch.exp2(torch.randint(-30, 30, (n, 1), device=device, generator=g).float())
-        rows = (torch.randn(n, fmt.latent_dim + fmt.rope_dim, device=device, generator=g) * mag).bfloat16()
+        rows = (torch.randn(n, fmt.qk_dim, device=device, generator=g) * mag).bfloat16()
         return (rows, slots, poisoned_cache(spec, n_pages, device))
 
     def poisoned_outputs(self, spec, inputs):

@@ -81,16 +81,15 @@ class SparseDecodeOp(Op):
 
     def derived(self, spec, point, backend):
         fmt = mla_format(spec)
-        v_dim = value_dim(fmt)
         return {"group_pad": next_pow2(fmt.group, 16), "rope_pad": next_pow2(fmt.rope_dim, 16),
-                "latent_pad": next_pow2(fmt.latent_dim), "v_pad": next_pow2(v_dim), "topk": spec.topk.k}
+                "latent_pad": next_pow2(fmt.latent_dim), "v_pad": next_pow2(fmt.v_dim), "topk": spec.topk.k}
 
     def problem_symbols(self, spec):
         fmt = mla_format(spec)
         return {"heads": spec.attention.heads, "heads_pad": next_pow2(spec.attention.heads), "topk": spec.topk.k,
                 "latent_dim": fmt.latent_dim, "rope_pad": next_pow2(fmt.rope_dim, 16),
-                "bytes_per_token": fmt.bytes_per_token, "qk_dim": fmt.latent_dim + fmt.rope_dim,
-                "v_dim": value_dim(fmt), "n_scales": fmt.n_scales}
+                "bytes_per_token": fmt.bytes_per_token, "qk_dim": fmt.qk_dim,
+                "v_dim": fmt.v_dim, "n_scales": fmt.n_scales}
 
     def cost(self, spec):
         at, k, fmt = spec.attention, spec.topk.k, mla_format(spec)
@@ -136,11 +135,6 @@ class SparseDecodeOp(Op):
         return (q.new_empty((B, s_q, at.heads, at.v_dim)), q.new_empty((B, s_q, at.heads), dtype=torch.float32))
 
 
-def value_dim(fmt) -> int:
-    """The width of V (and out): the latent values (V3.2's rows), or the whole row (a block format's)."""
-    return fmt.latent_dim + fmt.rope_dim if isinstance(fmt, MLABlockFormat) else fmt.latent_dim
-
-
 def format_fields(fmt) -> dict:
     """The cache layout numbers the templates read. A row format: one row of bytes_per_token per
     token, fp32 scales at scale_offset, rope at rope_offset. A block format: data rows of
@@ -148,7 +142,7 @@ def format_fields(fmt) -> dict:
     scale_row_bytes (one ue8m0 byte per group at scale_offset within them)."""
     block = isinstance(fmt, MLABlockFormat)
     return {"block_format": int(block), "latent_dim": fmt.latent_dim, "rope_dim": fmt.rope_dim, "group": fmt.group,
-            "n_scales": fmt.n_scales, "v_dim": value_dim(fmt),
+            "n_scales": fmt.n_scales, "v_dim": fmt.v_dim,
             "scale_offset": 0 if block else fmt.scale_offset,
             "rope_offset": fmt.latent_dim if block else fmt.rope_offset,
             "bytes_per_token": fmt.bytes_per_token,

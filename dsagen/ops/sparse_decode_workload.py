@@ -12,7 +12,6 @@ from ..cache_formats import (UE8M0_BIAS, UE8M0_NAN, MLABlockFormat, MLACacheForm
 from ..verify import assert_close
 from .checks import softmax_scale
 from .shared import WORKLOAD_NEXT_N, mla_format
-from .sparse_decode import value_dim
 from .workload import Workload, generator
 
 
@@ -36,11 +35,11 @@ def reference_sparse_decode(q, mla_cache, indices, sm_scale: float, fmt, attn_si
                             extra_cache=None, extra_indices=None, extra_topk_length=None):
     """Float64 from the math: per token, dequantize its valid selected rows of both selections
     exactly (fp8 * scale, rope as bf16; the codecs of dsagen.cache_formats) and take one softmax over
-    them; V is value_dim(fmt) columns of the rows. Request b's tokens use the first topk_length[b]
+    them; V is fmt.v_dim columns of the rows. Request b's tokens use the first topk_length[b]
     (extra_topk_length[b]) indices. The sink: out *= 1 / (1 + exp(sink[h] - lse)), lse unchanged.
     Returns (out [B, s_q, H, v_dim], lse [B, s_q, H]); a token without a valid index: 0 and +inf."""
     B, s_q, heads, _ = q.shape
-    v_dim = value_dim(fmt)
+    v_dim = fmt.v_dim
     selections = [(mla_cache, indices, topk_length)]
     if extra_cache is not None:
         selections.append((extra_cache, extra_indices, extra_topk_length))
@@ -95,7 +94,7 @@ def naive_sparse_decode(q, mla_cache, indices, sm_scale: float, fmt, chunk: int 
         gather = lambda slots: gathered_block_rows(mla_cache, slots, fmt)  # noqa: E731
     else:
         gather = lambda slots: dequantize_gathered(mla_cache.reshape(-1, fmt.bytes_per_token)[slots], fmt)  # noqa: E731
-    v_dim = value_dim(fmt)
+    v_dim = fmt.v_dim
     out = torch.empty(B * s_q, heads, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * s_q, heads, dtype=torch.float32, device=q.device)
     for s0 in range(0, B * s_q, chunk):
